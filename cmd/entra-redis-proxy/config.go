@@ -1,0 +1,207 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/kelseyhightower/envconfig"
+)
+
+// envPrefix is the prefix of every setting's environment variable.
+const envPrefix = "ENTRA_REDIS_PROXY"
+
+// Config is every setting of the proxy. Each field is read from the environment variable
+// ENTRA_REDIS_PROXY_<envconfig tag>; `entra-redis-proxy --help` prints this table.
+type Config struct {
+	Upstream      string        `envconfig:"UPSTREAM" required:"true" desc:"Azure Cache for Redis host[:port]; the port defaults to 6380 (Azure Managed Redis listens on 10000)"`
+	Listen        string        `envconfig:"LISTEN" default:"127.0.0.1:6379" desc:"where apps connect: host:port on loopback, or unix:/path/to/socket (created with mode 0600)"`
+	HTTPListen    string        `envconfig:"HTTP_LISTEN" default:"127.0.0.1:9090" desc:"host:port for /metrics, /startup, /liveness, /readiness; empty turns the HTTP server off"`
+	Credential    string        `envconfig:"CREDENTIAL" default:"default" desc:"how to get Entra tokens: default, managed-identity, workload-identity, azure-cli, client-secret, client-certificate (azidentity's AZURE_* variables apply)"`
+	MIClientID    string        `envconfig:"MANAGED_IDENTITY_CLIENT_ID" desc:"client ID of a user-assigned managed identity (credential managed-identity or default)"`
+	MIResourceID  string        `envconfig:"MANAGED_IDENTITY_RESOURCE_ID" desc:"resource ID of a user-assigned managed identity (credential managed-identity); excludes MANAGED_IDENTITY_CLIENT_ID"`
+	Scope         string        `envconfig:"SCOPE" default:"https://redis.azure.com/.default" desc:"OAuth scope of the tokens"`
+	Username      string        `envconfig:"USERNAME" desc:"AUTH username; empty means the oid claim of each token (the identity's object ID)"`
+	TLSCAFile     string        `envconfig:"TLS_CA_FILE" desc:"PEM file of CA certificates trusted in addition to the system roots"`
+	TLSServerName string        `envconfig:"TLS_SERVER_NAME" desc:"name to verify in the upstream certificate and send as SNI; defaults to the upstream host (set it when you connect through a private endpoint IP)"`
+	DialTimeout   time.Duration `envconfig:"DIAL_TIMEOUT" default:"10s" desc:"limit for connecting to, handshaking with and authenticating to the upstream"`
+	IdlePing      time.Duration `envconfig:"UPSTREAM_IDLE_PING" default:"2m" desc:"PING an idle upstream this often so Azure does not close it (Azure closes after ~10m idle); 0 turns it off"`
+
+	MaxConnections    int           `envconfig:"MAX_CONNECTIONS" default:"0" desc:"most client connections at once; 0 means unlimited"`
+	MinSigtermDelay   time.Duration `envconfig:"MIN_SIGTERM_DELAY" default:"0s" desc:"after SIGTERM, keep accepting new connections this long"`
+	MaxSigtermDelay   time.Duration `envconfig:"MAX_SIGTERM_DELAY" default:"30s" desc:"after SIGTERM (and MIN_SIGTERM_DELAY), wait this long for open connections to finish before closing them"`
+	ExitZeroOnSigterm bool          `envconfig:"EXIT_ZERO_ON_SIGTERM" default:"false" desc:"exit 0 even when connections had to be cut at shutdown (for Kubernetes Jobs)"`
+	QuitQuitQuit      bool          `envconfig:"QUITQUITQUIT" default:"false" desc:"serve POST /quitquitquit, which starts the same shutdown as SIGTERM"`
+	LogFormat         string        `envconfig:"LOG_FORMAT" default:"text" desc:"text or json"`
+	LogLevel          string        `envconfig:"LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
+	Pprof             bool          `envconfig:"PPROF" default:"false" desc:"serve /debug/pprof on HTTP_LISTEN"`
+
+	PoolSize         int      `envconfig:"POOL_SIZE" default:"2" desc:"authenticated upstream connections kept ready for new clients; 0 turns the pool off"`
+	MaxBulkBytes     ByteSize `envconfig:"MAX_BULK_BYTES" default:"512MiB" desc:"largest bulk string a client may send (like redis proto-max-bulk-len)"`
+	MaxClientBuffer  ByteSize `envconfig:"MAX_CLIENT_BUFFER" default:"64MiB" desc:"replies buffered for a client that does not read them before it is disconnected"`
+	AllowNonLoopback bool     `envconfig:"ALLOW_NON_LOOPBACK" default:"false" desc:"allow LISTEN on a non-loopback address (every process that can reach it can use your identity)"`
+	LocalPassword    string   `envconfig:"LOCAL_PASSWORD" desc:"if set, clients must AUTH with this password before other commands"`
+}
+
+// ByteSize is a size in bytes read from strings like 512MiB, 64KB or 1048576.
+type ByteSize int64
+
+// Decode implements envconfig.Decoder.
+func (b *ByteSize) Decode(s string) error {
+	s = strings.TrimSpace(s)
+	units := []struct {
+		suffix string
+		mult   int64
+	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"B", 1}}
+	mult := int64(1)
+	for _, u := range units {
+		if strings.HasSuffix(s, u.suffix) {
+			s, mult = strings.TrimSpace(strings.TrimSuffix(s, u.suffix)), u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n < 0 || n > (1<<62)/mult {
+		return fmt.Errorf("%q is not a size (use bytes or a unit such as 64MiB)", s)
+	}
+	*b = ByteSize(n * mult)
+	return nil
+}
+
+// loadConfig reads the configuration from the environment and validates it.
+func loadConfig() (*Config, error) {
+	var c Config
+	if err := envconfig.Process(envPrefix, &c); err != nil {
+		return nil, configError(err)
+	}
+	if err := c.validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// configError rewrites envconfig's errors so that they name the full variable.
+func configError(err error) error {
+	var pe *envconfig.ParseError
+	if errors.As(err, &pe) {
+		return fmt.Errorf("%s: invalid value %q: %v", pe.KeyName, pe.Value, pe.Err)
+	}
+	return err
+}
+
+var credentials = []string{"default", "managed-identity", "workload-identity", "azure-cli", "client-secret", "client-certificate"}
+
+func (c *Config) validate() error {
+	v := func(name string) string { return envPrefix + "_" + name }
+	host, port, err := splitUpstream(c.Upstream)
+	if err != nil {
+		return fmt.Errorf("%s: %v", v("UPSTREAM"), err)
+	}
+	c.Upstream = net.JoinHostPort(host, port)
+	if err := c.validateListen(); err != nil {
+		return fmt.Errorf("%s: %v", v("LISTEN"), err)
+	}
+	if c.HTTPListen != "" {
+		if _, _, err := net.SplitHostPort(c.HTTPListen); err != nil {
+			return fmt.Errorf("%s: %q is not host:port", v("HTTP_LISTEN"), c.HTTPListen)
+		}
+	}
+	known := false
+	for _, k := range credentials {
+		known = known || c.Credential == k
+	}
+	if !known {
+		return fmt.Errorf("%s: %q is not one of %s", v("CREDENTIAL"), c.Credential, strings.Join(credentials, ", "))
+	}
+	if c.MIClientID != "" && c.MIResourceID != "" {
+		return fmt.Errorf("%s and %s: set one, not both", v("MANAGED_IDENTITY_CLIENT_ID"), v("MANAGED_IDENTITY_RESOURCE_ID"))
+	}
+	if c.MIResourceID != "" && c.Credential != "managed-identity" {
+		return fmt.Errorf("%s: needs %s=managed-identity", v("MANAGED_IDENTITY_RESOURCE_ID"), v("CREDENTIAL"))
+	}
+	if c.Scope == "" {
+		return fmt.Errorf("%s: must not be empty", v("SCOPE"))
+	}
+	if strings.ContainsAny(c.Username, " \r\n") {
+		return fmt.Errorf("%s: must not contain spaces or line breaks", v("USERNAME"))
+	}
+	for _, d := range []struct {
+		name string
+		d    time.Duration
+		min  time.Duration
+	}{{"DIAL_TIMEOUT", c.DialTimeout, time.Millisecond}, {"UPSTREAM_IDLE_PING", c.IdlePing, 0},
+		{"MIN_SIGTERM_DELAY", c.MinSigtermDelay, 0}, {"MAX_SIGTERM_DELAY", c.MaxSigtermDelay, 0}} {
+		if d.d < d.min {
+			return fmt.Errorf("%s: %v is too small (at least %v)", v(d.name), d.d, d.min)
+		}
+	}
+	if c.IdlePing >= 10*time.Minute {
+		return fmt.Errorf("%s: %v is not below Azure's 10 minute idle timeout", v("UPSTREAM_IDLE_PING"), c.IdlePing)
+	}
+	if c.MaxConnections < 0 {
+		return fmt.Errorf("%s: must be 0 (unlimited) or more", v("MAX_CONNECTIONS"))
+	}
+	if c.PoolSize < 0 {
+		return fmt.Errorf("%s: must be 0 (off) or more", v("POOL_SIZE"))
+	}
+	if c.LogFormat != "text" && c.LogFormat != "json" {
+		return fmt.Errorf("%s: %q is not text or json", v("LOG_FORMAT"), c.LogFormat)
+	}
+	if _, err := parseLevel(c.LogLevel); err != nil {
+		return fmt.Errorf("%s: %v", v("LOG_LEVEL"), err)
+	}
+	if c.MaxBulkBytes < 1 || c.MaxBulkBytes > 1<<40 {
+		return fmt.Errorf("%s: must be between 1B and 1TiB", v("MAX_BULK_BYTES"))
+	}
+	if c.MaxClientBuffer < 64<<10 {
+		return fmt.Errorf("%s: must be at least 64KiB", v("MAX_CLIENT_BUFFER"))
+	}
+	return nil
+}
+
+// splitUpstream splits host[:port], defaulting the port to Azure Cache for Redis's TLS port.
+func splitUpstream(s string) (host, port string, err error) {
+	if s == "" {
+		return "", "", errors.New("required (host[:port] of the cache)")
+	}
+	host, port, err = net.SplitHostPort(s)
+	if err != nil {
+		// No port: the whole string is the host (bracketed IPv6 or a name).
+		host, port = strings.TrimSuffix(strings.TrimPrefix(s, "["), "]"), "6380"
+	}
+	if host == "" || strings.ContainsAny(host, "/ ") {
+		return "", "", fmt.Errorf("%q is not host[:port]", s)
+	}
+	if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 {
+		return "", "", fmt.Errorf("%q has an invalid port", s)
+	}
+	return host, port, nil
+}
+
+func (c *Config) validateListen() error {
+	if path, ok := strings.CutPrefix(c.Listen, "unix:"); ok {
+		if path == "" {
+			return errors.New("unix: needs a socket path")
+		}
+		return nil
+	}
+	host, _, err := net.SplitHostPort(c.Listen)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port or unix:/path", c.Listen)
+	}
+	if c.AllowNonLoopback {
+		return nil
+	}
+	if host == "localhost" {
+		return nil
+	}
+	addr, err := netip.ParseAddr(host)
+	if err != nil || !addr.IsLoopback() {
+		return fmt.Errorf("%q is not a loopback address; every process that can reach it could use this identity. Set %s_ALLOW_NON_LOOPBACK=true to allow it", host, envPrefix)
+	}
+	return nil
+}

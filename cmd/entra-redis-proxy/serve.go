@@ -1,0 +1,239 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/pprof"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/entra-redis-proxy/entra-redis-proxy/internal/health"
+	"github.com/entra-redis-proxy/entra-redis-proxy/metrics"
+	"github.com/entra-redis-proxy/entra-redis-proxy/proxy"
+	"github.com/entra-redis-proxy/entra-redis-proxy/tokensource"
+)
+
+func parseLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return 0, fmt.Errorf("%q is not debug, info, warn or error", s)
+	}
+	return l, nil
+}
+
+func newLogger(cfg *Config, w io.Writer) (*slog.Logger, error) {
+	level, err := parseLevel(cfg.LogLevel)
+	if err != nil {
+		return nil, err
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	if cfg.LogFormat == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return slog.New(slog.NewTextHandler(w, opts)), nil
+}
+
+// tlsConfig returns the upstream TLS settings: system roots plus TLS_CA_FILE, the verified name and SNI.
+func tlsConfig(cfg *Config) (*tls.Config, error) {
+	host, _, _ := net.SplitHostPort(cfg.Upstream)
+	name := cfg.TLSServerName
+	if name == "" {
+		name = host
+	}
+	c := &tls.Config{ServerName: name, MinVersion: tls.VersionTLS12}
+	if cfg.TLSCAFile != "" {
+		pem, err := os.ReadFile(cfg.TLSCAFile)
+		if err != nil {
+			return nil, fmt.Errorf("%s_TLS_CA_FILE: %w", envPrefix, err)
+		}
+		pool, err := x509.SystemCertPool()
+		if err != nil {
+			pool = x509.NewCertPool()
+		}
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("%s_TLS_CA_FILE: %s holds no PEM certificate", envPrefix, cfg.TLSCAFile)
+		}
+		c.RootCAs = pool
+	}
+	return c, nil
+}
+
+// tokens adapts the token source to what the proxy needs.
+type tokens struct{ *tokensource.Source }
+
+func (t tokens) Current() (proxy.Token, <-chan struct{}) {
+	tok, ch := t.Source.Current()
+	return proxy.Token(tok), ch
+}
+
+func (t tokens) Refresh(ctx context.Context) (proxy.Token, error) {
+	tok, err := t.Source.Refresh(ctx)
+	return proxy.Token(tok), err
+}
+
+func newTokenSource(cfg *Config, log *slog.Logger, onRefresh func(string, time.Time)) (*tokensource.Source, error) {
+	newCred := func() (azcore.TokenCredential, error) {
+		return tokensource.NewCredential(cfg.Credential, cfg.MIClientID, cfg.MIResourceID)
+	}
+	if _, err := newCred(); err != nil {
+		return nil, fmt.Errorf("%s_CREDENTIAL=%s: %w", envPrefix, cfg.Credential, err)
+	}
+	return tokensource.New(newCred, tokensource.Options{
+		Scope: cfg.Scope, Username: cfg.Username, Logger: log.With("component", "tokensource"), OnRefresh: onRefresh,
+	})
+}
+
+// listen opens the client listener: TCP, or a unix socket that only this user may use.
+func listen(addr string) (net.Listener, func(), error) {
+	path, ok := strings.CutPrefix(addr, "unix:")
+	if !ok {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return nil, nil, fmt.Errorf("%s_LISTEN: %w", envPrefix, err)
+		}
+		return ln, func() {}, nil
+	}
+	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
+		os.Remove(path) // a stale socket of an earlier run
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s_LISTEN: %w", envPrefix, err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(true)
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, nil, fmt.Errorf("%s_LISTEN: %w", envPrefix, err)
+	}
+	return ln, func() { os.Remove(path) }, nil
+}
+
+// serve runs the proxy until ctx is done (a signal) or /quitquitquit, then shuts down gracefully.
+func serve(ctx context.Context, cfg *Config, log *slog.Logger) int {
+	reg := prometheus.NewRegistry()
+	m := metrics.New(reg)
+	m.SetMaxConnections(cfg.MaxConnections)
+
+	src, err := newTokenSource(cfg, log, m.TokenRefresh)
+	if err != nil {
+		log.Error("cannot get Entra tokens", "err", err)
+		return exitConfig
+	}
+	tc, err := tlsConfig(cfg)
+	if err != nil {
+		log.Error("invalid TLS settings", "err", err)
+		return exitConfig
+	}
+	srv, err := proxy.New(proxy.Options{
+		Tokens: tokens{src}, Dialer: &proxy.TLSDialer{Addr: cfg.Upstream, Config: tc},
+		Logger: log, Observer: m, MaxConnections: cfg.MaxConnections, DialTimeout: cfg.DialTimeout,
+		IdlePing: cfg.IdlePing, MaxBulk: int64(cfg.MaxBulkBytes),
+	})
+	if err != nil {
+		log.Error("cannot start", "err", err)
+		return exitConfig
+	}
+	ln, cleanup, err := listen(cfg.Listen)
+	if err != nil {
+		log.Error("cannot listen", "err", err)
+		srv.Close(context.Background())
+		return exitConfig
+	}
+	defer cleanup()
+
+	check := health.New(src.Valid, srv.AtLimit)
+	quit := make(chan struct{})
+	var quitOnce sync.Once
+	var quitFn func()
+	if cfg.QuitQuitQuit {
+		quitFn = func() { quitOnce.Do(func() { close(quit) }) }
+	}
+	var httpSrv *http.Server
+	if cfg.HTTPListen != "" {
+		mux := http.NewServeMux()
+		check.Register(mux, quitFn)
+		mux.Handle("/metrics", m.Handler())
+		if cfg.Pprof {
+			mux.HandleFunc("/debug/pprof/", pprof.Index)
+			mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+			mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+			mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		}
+		hln, err := net.Listen("tcp", cfg.HTTPListen)
+		if err != nil {
+			log.Error("cannot listen for HTTP", "err", fmt.Errorf("%s_HTTP_LISTEN: %w", envPrefix, err))
+			ln.Close()
+			srv.Close(context.Background())
+			return exitConfig
+		}
+		httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go httpSrv.Serve(hln)
+	}
+
+	tsCtx, stopTokens := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); src.Run(tsCtx) }()
+	serveDone := make(chan error, 1)
+	go func() { defer wg.Done(); serveDone <- srv.Serve(ln) }()
+
+	log.Info("entra-redis-proxy started", "version", version, "listen", cfg.Listen, "upstream", cfg.Upstream,
+		"credential", cfg.Credential, "http", cfg.HTTPListen)
+	go func() {
+		select {
+		case <-src.Ready():
+			check.NotifyStarted()
+			log.Info("ready: holding an Entra token")
+		case <-tsCtx.Done():
+		}
+	}()
+
+	select {
+	case <-ctx.Done():
+		log.Info("shutdown signal received")
+	case <-quit:
+		log.Info("shutdown requested on /quitquitquit")
+	case err := <-serveDone:
+		log.Error("listener failed", "err", err)
+	}
+	check.NotifyStopping()
+	if cfg.MinSigtermDelay > 0 {
+		log.Info("still accepting connections during the minimum shutdown delay", "delay", cfg.MinSigtermDelay.String())
+		time.Sleep(cfg.MinSigtermDelay)
+	}
+	ln.Close()
+	log.Info("waiting for open connections to finish", "connections", srv.Clients(), "max_wait", cfg.MaxSigtermDelay.String())
+	drainCtx, cancel := context.WithTimeout(context.Background(), cfg.MaxSigtermDelay)
+	cut := srv.Close(drainCtx)
+	cancel()
+	stopTokens()
+	wg.Wait()
+	if httpSrv != nil {
+		shCtx, cancel := context.WithTimeout(context.Background(), time.Second)
+		httpSrv.Shutdown(shCtx)
+		cancel()
+	}
+	if cut > 0 {
+		log.Warn("shut down; open connections were cut", "cut", cut)
+		if !cfg.ExitZeroOnSigterm {
+			return exitRuntime
+		}
+		return exitOK
+	}
+	log.Info("shut down cleanly")
+	return exitOK
+}
+
+var _ = errors.New

@@ -1,0 +1,104 @@
+// Package health provides the proxy's HTTP health endpoints, with the semantics of the
+// Cloud SQL Auth Proxy v2 so that operators' probes and habits carry over:
+//
+//   - /startup is 200 once the proxy has started (listening and holding a token), 503 before;
+//   - /liveness is 200 whenever the process serves HTTP;
+//   - /readiness is 503 while starting, after shutdown began, when no valid token is held,
+//     or at the connection limit, and 200 otherwise;
+//   - POST /quitquitquit, when enabled, starts the same shutdown as SIGTERM.
+//
+// Every response is a short plain-text body saying why.
+package health
+
+import (
+	"net/http"
+	"sync"
+	"sync/atomic"
+)
+
+// Paths served by Register.
+const (
+	StartupPath   = "/startup"
+	LivenessPath  = "/liveness"
+	ReadinessPath = "/readiness"
+	QuitPath      = "/quitquitquit"
+)
+
+// Check holds the state the endpoints report. Its methods are safe for concurrent use.
+type Check struct {
+	started    atomic.Bool
+	stopping   atomic.Bool
+	tokenValid func() bool
+	atLimit    func() bool
+}
+
+// New returns a Check in the starting state. tokenValid reports whether the proxy holds a
+// token Azure still accepts; atLimit reports whether the client connection limit is reached.
+// Both are called on every /readiness request, so they must be cheap; nil means "valid"
+// and "not at the limit".
+func New(tokenValid, atLimit func() bool) *Check {
+	if tokenValid == nil {
+		tokenValid = func() bool { return true }
+	}
+	if atLimit == nil {
+		atLimit = func() bool { return false }
+	}
+	return &Check{tokenValid: tokenValid, atLimit: atLimit}
+}
+
+// NotifyStarted marks the proxy as started: call it once the client listener is open and
+// the first token has been fetched.
+func (c *Check) NotifyStarted() { c.started.Store(true) }
+
+// NotifyStopping marks the proxy as shutting down (after SIGTERM or /quitquitquit), so
+// readiness turns 503 for good.
+func (c *Check) NotifyStopping() { c.stopping.Store(true) }
+
+// Register adds the health endpoints to mux. quit, when not nil, is called once by the first
+// POST to QuitPath (later ones are answered without calling it again); when nil, QuitPath
+// is not served (404).
+func (c *Check) Register(mux *http.ServeMux, quit func()) {
+	// "GET /x" patterns also match HEAD; other methods get 405 from the mux.
+	mux.HandleFunc("GET "+StartupPath, c.startup)
+	mux.HandleFunc("GET "+LivenessPath, func(w http.ResponseWriter, _ *http.Request) {
+		reply(w, http.StatusOK, "ok")
+	})
+	mux.HandleFunc("GET "+ReadinessPath, c.readiness)
+	if quit != nil {
+		var once sync.Once
+		mux.HandleFunc("POST "+QuitPath, func(w http.ResponseWriter, _ *http.Request) {
+			once.Do(quit)
+			reply(w, http.StatusOK, "shutting down")
+		})
+	}
+}
+
+func (c *Check) startup(w http.ResponseWriter, _ *http.Request) {
+	if !c.started.Load() {
+		reply(w, http.StatusServiceUnavailable, "starting")
+		return
+	}
+	reply(w, http.StatusOK, "ok")
+}
+
+func (c *Check) readiness(w http.ResponseWriter, _ *http.Request) {
+	switch {
+	case c.stopping.Load():
+		reply(w, http.StatusServiceUnavailable, "shutting down")
+	case !c.started.Load():
+		reply(w, http.StatusServiceUnavailable, "starting")
+	case !c.tokenValid():
+		reply(w, http.StatusServiceUnavailable, "no valid Entra token: the last token expired and no new one could be fetched")
+	case c.atLimit():
+		reply(w, http.StatusServiceUnavailable, "at the client connection limit (ENTRA_REDIS_PROXY_MAX_CONNECTIONS)")
+	default:
+		reply(w, http.StatusOK, "ok")
+	}
+}
+
+func reply(w http.ResponseWriter, code int, body string) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(code)
+	_, _ = w.Write([]byte(body + "\n"))
+}

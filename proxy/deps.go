@@ -1,0 +1,61 @@
+package proxy
+
+import (
+	"context"
+	"net"
+	"time"
+)
+
+// Token is what the proxy needs of an Entra access token.
+type Token struct {
+	Username  string    // AUTH username: the token's oid claim, or the configured override
+	Secret    string    // the access token, sent as the AUTH password; never logged
+	ExpiresOn time.Time // when Azure stops accepting it
+}
+
+// TokenSource hands out the current token.
+type TokenSource interface {
+	// Current returns the newest token and a channel that is closed when a newer token
+	// replaces it. Before the first token, Secret is empty.
+	Current() (Token, <-chan struct{})
+	// Refresh fetches a token now (after Azure refused the current one) and returns it.
+	Refresh(ctx context.Context) (Token, error)
+}
+
+// Dialer opens an authenticated-ready (TLS, not yet AUTHed) connection to the upstream.
+type Dialer interface {
+	DialContext(ctx context.Context) (net.Conn, error)
+}
+
+// Observer receives the proxy's events, for metrics. Methods must be cheap and safe for
+// concurrent use. Label values passed in are from small fixed sets.
+type Observer interface {
+	ClientOpened()
+	ClientClosed()
+	ClientRejected(reason string) // "max_connections", "shutting_down", "local_auth"
+	UpstreamOpened(dial time.Duration)
+	UpstreamClosed()
+	UpstreamError(kind string) // "dial", "tls", "auth", "closed", "protocol"
+	// CommandDone reports one command's time from being read to its reply being written.
+	// name is a lower-case command name from CommandNames, or "other".
+	CommandDone(name string, d time.Duration)
+	BytesIn(n int)         // bytes from clients to the upstream
+	BytesOut(n int)        // bytes from the upstream to clients
+	ReAuth(result string)  // "ok", "error"
+	Mechanism(name string) // "handover", "unblock_reissue", "tx_replay", "tx_abort", "idle_ping", "pool_reuse"
+}
+
+// NopObserver ignores every event.
+type NopObserver struct{}
+
+func (NopObserver) ClientOpened()                     {}
+func (NopObserver) ClientClosed()                     {}
+func (NopObserver) ClientRejected(string)             {}
+func (NopObserver) UpstreamOpened(time.Duration)      {}
+func (NopObserver) UpstreamClosed()                   {}
+func (NopObserver) UpstreamError(string)              {}
+func (NopObserver) CommandDone(string, time.Duration) {}
+func (NopObserver) BytesIn(int)                       {}
+func (NopObserver) BytesOut(int)                      {}
+func (NopObserver) ReAuth(string)                     {}
+func (NopObserver) Mechanism(string)                  {}

@@ -1,0 +1,506 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/entra-redis-proxy/entra-redis-proxy/resp"
+)
+
+// Pokes other goroutines hand to a session's client loop, which owns the upstream's write side.
+const (
+	pokeReauth uint32 = 1 << iota // a newer token should be sent
+	pokePing                      // the upstream has been idle: keep it alive
+)
+
+const (
+	maxInlineBuf   = 128 << 10 // an inline command (at most 64 KiB in redis) must be buffered whole
+	maxHeadBuf     = 1 << 20   // a reply's head (e.g. a pub/sub channel name) must be buffered whole
+	drainOnEOF     = 5 * time.Second
+	writeTimeout   = 60 * time.Second
+	upstreamOKWait = 10 * time.Second
+)
+
+var (
+	pokeTime = time.Unix(1, 0) // a read deadline in the past wakes a blocked Read at once
+	crlf     = []byte("\r\n")
+)
+
+// session is one client connection and its own upstream connection.
+//
+// Two goroutines run it. The client loop reads commands from the client and is the only writer to the
+// upstream: it forwards commands, rewrites the few that touch authentication, and injects AUTH and PING where
+// the connection's state allows. The reply loop reads the upstream and is the only writer to the client: it
+// matches every reply with the entry the client loop queued for it (pending), passes the client's replies on
+// and consumes the proxy's own. Other goroutines hand work to the client loop through pokes.
+type session struct {
+	id     uint64
+	srv    *Server
+	log    *slog.Logger
+	client net.Conn
+	up     net.Conn
+	upID   int64 // upstream CLIENT ID; 0 when unknown
+	opened time.Time
+	pend   pending
+
+	pokes    atomic.Uint32
+	lastSent atomic.Int64 // when the client loop last wrote upstream (server clock)
+	resp2Sub atomic.Bool  // RESP2 subscribed mode, where redis refuses AUTH (set by the reply loop)
+	bytesIn  atomic.Int64
+	bytesOut atomic.Int64
+
+	// Owned by the client loop: what the commands sent so far did to the connection.
+	inMulti       bool   // MULTI sent, EXEC/DISCARD not yet: an AUTH would be queued
+	skipNext      bool   // CLIENT REPLY SKIP sent: the next command gets no reply
+	replyOff      bool   // CLIENT REPLY OFF: no command gets a reply
+	streaming     bool   // in the middle of forwarding a command too large to buffer
+	streamDiscard bool   // ... which is answered by the proxy, not forwarded
+	wantAuth      bool   // a re-AUTH is due at the next safe point
+	wantPing      bool   // an idle PING is due at the next safe point
+	sentSecret    string // the token last sent upstream
+	out           []byte // commands to write upstream
+	entries       []entry
+	parser        resp.CommandParser
+	cmdScan       resp.Scanner
+
+	// Owned by the reply loop: the connection's state as the replies show it.
+	proto       int
+	monitor     bool
+	subs        [3]map[string]struct{} // per family: what the client is subscribed to
+	cur         entry                  // the entry of the frame being passed
+	curFwd      bool                   // whether the frame being passed goes to the client
+	curReply    bool                   // whether the frame is a reply (not a push or monitor line)
+	outv        [][]byte               // what to write to the client after this read
+	wbuf        net.Buffers
+	quitting    bool        // a local error was sent: close once written
+	authRetried bool        // a refused token was already retried with a fresh one
+	forceAuth   atomic.Bool // send the token even if it was sent before (the retry after WRONGPASS)
+
+	closeOnce sync.Once
+	closeErr  error // the first cause of the close
+}
+
+// run serves the client until either side closes. It owns the session's goroutines and waits for them.
+func (s *session) run(ctx context.Context) {
+	s.pend.init()
+	s.proto = 2
+	s.log.Info("client connected", "client", s.client.RemoteAddr().String())
+
+	if err := s.connect(ctx); err != nil {
+		s.refuse(err)
+		s.finish()
+		return
+	}
+	if !s.srv.track(s) {
+		s.close(errors.New("proxy shutting down"))
+		s.finish()
+		return
+	}
+	defer s.srv.untrack(s)
+
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		s.close(s.replyLoop())
+	}()
+	s.close(s.clientLoop())
+	wg.Wait()
+	s.finish()
+}
+
+// finish logs the connection's end and releases what it held.
+func (s *session) finish() {
+	cause := "client closed"
+	if s.closeErr != nil && !errors.Is(s.closeErr, io.EOF) && !errors.Is(s.closeErr, errClientQuit) {
+		cause = s.closeErr.Error()
+	}
+	s.log.Info("client disconnected", "duration", time.Since(s.opened).Round(time.Millisecond).String(),
+		"bytes_in", s.bytesIn.Load(), "bytes_out", s.bytesOut.Load(), "upstream_client_id", s.upID, "cause", cause)
+}
+
+var (
+	errClientQuit   = errors.New("client closed the connection")
+	errUpstreamGone = errors.New("upstream closed the connection")
+)
+
+// close closes both connections once, keeping the first cause; both loops then return.
+func (s *session) close(cause error) {
+	s.closeOnce.Do(func() {
+		s.closeErr = cause
+		s.pend.close()
+		s.client.Close()
+		if s.up != nil {
+			s.up.Close()
+			s.srv.obs.UpstreamClosed()
+		}
+	})
+}
+
+// poke hands work to the client loop: it wakes up from its Read, sees the bits and acts at a safe point.
+func (s *session) poke(bits uint32) {
+	s.pokes.Or(bits)
+	s.client.SetReadDeadline(pokeTime)
+}
+
+// connect dials and authenticates the upstream.
+func (s *session) connect(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, s.srv.opts.DialTimeout)
+	defer cancel()
+	tok, err := s.srv.waitToken(ctx)
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	up, err := s.srv.opts.Dialer.DialContext(ctx)
+	if err != nil {
+		var de *DialError
+		kind := "dial"
+		if errors.As(err, &de) {
+			kind = de.Stage
+		}
+		s.srv.obs.UpstreamError(kind)
+		return err
+	}
+	id, tok, err := handshake(ctx, up, tok, s.srv.opts.Tokens)
+	if err != nil {
+		up.Close()
+		s.srv.obs.UpstreamError("auth")
+		return err
+	}
+	s.srv.obs.UpstreamOpened(time.Since(start))
+	s.up, s.upID, s.sentSecret = up, id, tok.Secret
+	s.lastSent.Store(s.srv.now())
+	s.log = s.log.With("upstream_client_id", id)
+	s.log.Debug("upstream authenticated", "username", tok.Username, "dial", time.Since(start).String())
+	return nil
+}
+
+// refuse tells a client whose upstream could not be set up why, as the reply to its first command.
+func (s *session) refuse(err error) {
+	s.log.Error("cannot serve client", "err", err, "remedy", Remedy(err))
+	s.client.SetDeadline(time.Now().Add(5 * time.Second))
+	var b [512]byte
+	s.client.Read(b[:]) // the client's first command, so the error is its reply rather than a reset
+	s.client.Write(resp.AppendError(nil, clientMessage(err)))
+	s.close(err)
+}
+
+// clientLoop reads the client's commands and writes them upstream until either side fails.
+func (s *session) clientLoop() error {
+	var b readBuf
+	defer b.release()
+	s.cmdScan = resp.Scanner{Commands: true, MaxBulk: s.srv.opts.MaxBulk, MaxDepth: 1}
+	s.parser.MaxBulk = s.srv.opts.MaxBulk
+	for {
+		if b.full() && !s.streaming {
+			if !s.startStream(&b) {
+				return errors.New("client command does not fit the buffer")
+			}
+		}
+		n, err := b.readFrom(s.client)
+		if n > 0 {
+			s.bytesIn.Add(int64(n))
+			s.srv.obs.BytesIn(n)
+		}
+		if perr := s.handleCommands(&b); perr != nil {
+			return perr
+		}
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				s.client.SetReadDeadline(time.Time{})
+				s.takePokes()
+			} else {
+				if errors.Is(err, io.EOF) {
+					// A client that half-closed still gets the replies to what it sent.
+					s.pend.waitEmpty(drainOnEOF)
+					return errClientQuit
+				}
+				return fmt.Errorf("read client: %w", err)
+			}
+		}
+		if s.wantAuth || s.wantPing {
+			s.inject()
+		}
+		if err := s.flush(); err != nil {
+			return err
+		}
+	}
+}
+
+// takePokes moves work handed over by other goroutines into the client loop's own state.
+func (s *session) takePokes() {
+	p := s.pokes.Swap(0)
+	s.wantAuth = s.wantAuth || p&pokeReauth != 0
+	s.wantPing = s.wantPing || p&pokePing != 0
+}
+
+// inject adds the proxy's own AUTH or PING to the commands going upstream, where that is safe: not inside
+// MULTI (it would be queued), not after CLIENT REPLY SKIP (it would take the client's skip), not inside a
+// command being streamed. Under CLIENT REPLY OFF it is sent without expecting a reply.
+func (s *session) inject() {
+	if s.inMulti || s.skipNext || s.streaming {
+		return
+	}
+	now := s.srv.now()
+	if s.wantAuth && !s.resp2Sub.Load() {
+		s.wantAuth = false
+		force := s.forceAuth.Swap(false)
+		if tok, _ := s.srv.opts.Tokens.Current(); tok.Secret != "" && (tok.Secret != s.sentSecret || force) {
+			s.out = resp.AppendCommand(s.out, "AUTH", tok.Username, tok.Secret)
+			s.expect(entry{act: actAuth, cmd: cmdOther, start: now, text: tok.Secret})
+			s.sentSecret = tok.Secret
+		}
+	}
+	if s.wantPing {
+		s.wantPing = false
+		if len(s.out) == 0 && now-s.lastSent.Load() >= int64(s.srv.opts.IdlePing) {
+			s.out = resp.AppendCommand(s.out, "PING")
+			s.expect(entry{act: actDrop, cmd: cmdOther, start: now})
+			s.srv.obs.Mechanism("idle_ping")
+		}
+	}
+}
+
+// expect queues the entry for the next command's reply, unless CLIENT REPLY OFF/SKIP means none comes.
+func (s *session) expect(e entry) {
+	if s.replyOff {
+		return
+	}
+	if s.skipNext {
+		s.skipNext = false
+		return
+	}
+	s.entries = append(s.entries, e)
+}
+
+// flush queues the expected replies, then writes the commands upstream in one write.
+func (s *session) flush() error {
+	if len(s.out) == 0 {
+		return nil
+	}
+	if len(s.entries) > 0 {
+		if !s.pend.push(s.entries) {
+			return errUpstreamGone
+		}
+		clear(s.entries)
+		s.entries = s.entries[:0]
+	}
+	err := s.writeUp(s.out)
+	if cap(s.out) > 4*bigBufSize {
+		s.out = nil // a burst's large batch is not kept by an idle connection
+	} else {
+		s.out = s.out[:0]
+	}
+	return err
+}
+
+func (s *session) writeUp(p []byte) error {
+	s.up.SetWriteDeadline(time.Now().Add(writeTimeout))
+	if _, err := s.up.Write(p); err != nil {
+		return fmt.Errorf("write upstream: %w", err)
+	}
+	s.lastSent.Store(s.srv.now())
+	return nil
+}
+
+// handleCommands handles every complete command in b, and streams a command too large to buffer.
+func (s *session) handleCommands(b *readBuf) error {
+	now := s.srv.now()
+	for b.r < b.w {
+		if s.streaming {
+			if err := s.continueStream(b); err != nil {
+				return err
+			}
+			continue
+		}
+		cmd, n, err := s.parser.Parse(b.buf[b.r:b.w])
+		if errors.Is(err, resp.ErrIncomplete) {
+			if b.full() && b.buf[b.r] != '*' && !b.grow(maxInlineBuf) {
+				err = &resp.ProtocolError{Msg: "too big inline request"}
+			} else {
+				return nil
+			}
+		}
+		if err != nil {
+			var pe *resp.ProtocolError
+			if !errors.As(err, &pe) {
+				return err
+			}
+			// Like redis: the replies to the commands before it, then the error, then close.
+			s.out = resp.AppendCommand(s.out, "PING")
+			s.entries = append(s.entries, entry{act: actFail, cmd: cmdOther, start: now, text: "ERR " + pe.Error()})
+			b.r = b.w
+			if ferr := s.flush(); ferr != nil {
+				return ferr
+			}
+			s.pend.waitEmpty(writeTimeout)
+			return fmt.Errorf("client protocol error: %w", err)
+		}
+		b.r += n
+		if len(cmd.Args) > 0 {
+			s.handleCommand(cmd, now)
+		}
+	}
+	return nil
+}
+
+// handleCommand forwards one complete command, tracking what it does to the connection's state.
+func (s *session) handleCommand(cmd resp.Command, now int64) {
+	args := cmd.Args
+	info := lookup(args[0])
+	e := entry{act: actForward, cmd: info.idx, start: now}
+	switch info.sp {
+	case spAuth:
+		if len(args) == 2 || len(args) == 3 {
+			// The client's credentials never reach Azure: a PING holds the reply's place.
+			s.out = resp.AppendCommand(s.out, "PING")
+			e.act, e.text = actReplace, "+OK\r\n"
+			s.expect(e)
+			return
+		}
+	case spHello:
+		e.act, e.arg = actHello, int32(helloProto(args))
+		s.out = appendHello(s.out, args)
+		s.expect(e)
+		return
+	case spReset:
+		// RESET turns replies back on before it answers.
+		s.inMulti, s.skipNext, s.replyOff = false, false, false
+		s.out = append(s.out, cmd.Raw...)
+		e.act = actReset
+		s.expect(e)
+		// RESET logs the connection out: authenticate again before anything else runs.
+		if tok, _ := s.srv.opts.Tokens.Current(); tok.Secret != "" {
+			s.out = resp.AppendCommand(s.out, "AUTH", tok.Username, tok.Secret)
+			s.expect(entry{act: actAuth, cmd: cmdOther, start: now, text: tok.Secret})
+			s.sentSecret = tok.Secret
+		}
+		return
+	case spMulti:
+		s.inMulti = s.inMulti || len(args) == 1
+	case spExec:
+		s.inMulti = false
+	case spClient:
+		if len(args) == 3 && equalFold(args[1], "reply") {
+			s.out = append(s.out, cmd.Raw...)
+			switch {
+			case equalFold(args[2], "on"):
+				s.replyOff, s.skipNext = false, false
+				s.entries = append(s.entries, e) // ON is answered even when replies were off
+			case equalFold(args[2], "off"):
+				s.replyOff = true
+			case equalFold(args[2], "skip"):
+				if !s.replyOff {
+					s.skipNext = true // the SKIP itself gets no reply either
+				}
+			default:
+				s.expect(e) // an error
+			}
+			return
+		}
+	case spSub, spUnsub:
+		e.act, e.fam, e.arg = actSubscribe, info.fam, int32(len(args)-1)
+		if info.sp == spUnsub && len(args) == 1 {
+			e.arg = -1 // one confirmation per current subscription, counted when the reply comes
+		}
+	case spMonitor:
+		e.act = actMonitor
+	}
+	s.out = append(s.out, cmd.Raw...)
+	s.expect(e)
+}
+
+// helloProto returns the protocol HELLO asks for, or 0 when it keeps the current one (or errs).
+func helloProto(args [][]byte) int {
+	if len(args) < 2 {
+		return 0
+	}
+	p, err := strconv.Atoi(string(args[1]))
+	if err != nil {
+		return 0
+	}
+	return p
+}
+
+// appendHello appends HELLO without its AUTH option: the proxy authenticates the upstream, and the client's
+// credentials never reach it.
+func appendHello(dst []byte, args [][]byte) []byte {
+	kept := make([]string, 0, len(args))
+	for i := 0; i < len(args); i++ {
+		if i >= 2 && equalFold(args[i], "auth") && i+2 < len(args) {
+			i += 2
+			continue
+		}
+		kept = append(kept, string(args[i]))
+	}
+	return resp.AppendCommand(dst, kept...)
+}
+
+// startStream begins forwarding a command too large for the buffer, as it arrives.
+func (s *session) startStream(b *readBuf) bool {
+	p := b.buf[b.r:b.w]
+	name, ok := resp.CommandName(p)
+	if !ok {
+		return false
+	}
+	info := lookup(name)
+	e := entry{act: actForward, cmd: info.idx, start: s.srv.now()}
+	switch info.sp {
+	case spAuth, spHello:
+		// Credentials are never forwarded, and no real AUTH or HELLO is this long: answer, don't forward.
+		e.act, e.text = actReplace, "-ERR entra-redis-proxy: "+string(name)+" command too long\r\n"
+		s.out = resp.AppendCommand(s.out, "PING")
+		s.streamDiscard = true
+	case spSub, spUnsub:
+		e.act, e.fam = actSubscribe, info.fam
+		e.arg = int32(multibulkCount(p) - 1)
+	case spMulti:
+		s.inMulti = true
+	case spExec:
+		s.inMulti = false
+	}
+	s.expect(e)
+	if err := s.flush(); err != nil {
+		return false
+	}
+	s.streaming = true
+	s.cmdScan.Reset()
+	return true
+}
+
+// continueStream forwards the next part of a command being streamed.
+func (s *session) continueStream(b *readBuf) error {
+	n, done, err := s.cmdScan.Scan(b.buf[b.r:b.w])
+	if err != nil {
+		return fmt.Errorf("client protocol error: %w", err)
+	}
+	if !s.streamDiscard {
+		if err := s.writeUp(b.buf[b.r : b.r+n]); err != nil {
+			return err
+		}
+	}
+	b.r += n
+	if done {
+		s.streaming, s.streamDiscard = false, false
+	}
+	return nil
+}
+
+// multibulkCount reads N from a "*N\r\n" header.
+func multibulkCount(p []byte) int {
+	n := 0
+	for i := 1; i < len(p) && p[i] >= '0' && p[i] <= '9' && n < 1<<30; i++ {
+		n = n*10 + int(p[i]-'0')
+	}
+	return n
+}
