@@ -18,6 +18,7 @@ const (
 	actSubscribe               // pass arg confirmations of family fam (arg < 0: one per current subscription)
 	actMonitor                 // pass the reply; on +OK the connection streams monitor lines
 	actReset                   // pass the reply; on +RESET the connection state is back to defaults
+	actMarker                  // the handover marker's (un)subscription: consume the confirmation
 )
 
 // entry is one expected reply (or group of pub/sub confirmations), queued before its command is written.
@@ -131,8 +132,9 @@ func (p *pending) len() int {
 	return p.n
 }
 
-// waitEmpty waits until no reply is expected, the queue is closed, or d has passed.
-func (p *pending) waitEmpty(d time.Duration) {
+// waitEmpty waits until no reply is expected, the queue is closed, or d has passed; it reports whether no
+// reply is expected.
+func (p *pending) waitEmpty(d time.Duration) bool {
 	t := time.AfterFunc(d, func() {
 		p.mu.Lock()
 		p.empty.Broadcast()
@@ -145,6 +147,7 @@ func (p *pending) waitEmpty(d time.Duration) {
 	for p.n > 0 && !p.closed && time.Now().Before(deadline) {
 		p.empty.Wait()
 	}
+	return p.n == 0
 }
 
 // close wakes every waiter; later pushes fail.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"strings"
 	"time"
 
@@ -17,23 +18,28 @@ var queued = []byte("+QUEUED\r")
 // pubsubMessages are the first elements of pub/sub messages: pushed by the server, never replies.
 var pubsubMessages = []string{"message", "pmessage", "smessage"}
 
-// replyLoop reads the upstream and passes replies to the client until either side fails.
-func (s *session) replyLoop() error {
-	var b readBuf
-	defer b.release()
+// replyLoop reads the upstream up and passes replies to the client until either side fails.
+func (s *session) replyLoop(up net.Conn) error {
+	b := &readBuf{}
+	defer func() { b.release() }()
 	sc := resp.Scanner{MaxBulk: 1 << 40, MaxDepth: 128}
 	var h resp.Head
-	inFrame := false
+	inFrame, switched := false, false
 	for {
 		if b.full() && !inFrame && !b.grow(maxHeadBuf) {
 			s.srv.obs.UpstreamError("protocol")
 			return errors.New("upstream reply head too large")
 		}
-		n, rerr := b.readFrom(s.up)
-		if n > 0 {
-			s.bytesOut.Add(int64(n))
-			s.srv.obs.BytesOut(n)
+		var rerr error
+		if !switched { // after a handover, first handle what the new upstream already sent
+			var n int
+			n, rerr = b.readFrom(up)
+			if n > 0 {
+				s.bytesOut.Add(int64(n))
+				s.srv.obs.BytesOut(n)
+			}
 		}
+		switched = false
 		for b.r < b.w {
 			if !inFrame {
 				ok, err := s.classify(b.buf[b.r:b.w], &h)
@@ -59,6 +65,17 @@ func (s *session) replyLoop() error {
 			if done {
 				inFrame = false
 				s.frameDone()
+				if s.markerSeen {
+					s.markerSeen = false
+					if s.skipToMarker {
+						s.skipToMarker = false // N's copy: what follows is new
+					} else if n, nb := s.switchUpstream(); n != nil {
+						// O's copy: everything O sent before it was passed; continue on N after N's copy.
+						b.release()
+						up, b, rerr, switched, s.skipToMarker = n, nb, nil, true, true
+						break
+					}
+				}
 			}
 		}
 		if err := s.writeClient(); err != nil {
@@ -78,6 +95,22 @@ func (s *session) replyLoop() error {
 }
 
 var errClientProtocol = errors.New("closed after a client protocol error")
+
+// switchUpstream waits for the handover's new connection and takes it over, with the bytes it already sent.
+func (s *session) switchUpstream() (net.Conn, *readBuf) {
+	cut := s.cut.Load()
+	defer close(cut.done)
+	select {
+	case <-cut.ready:
+	case <-time.After(handoverTimeout):
+		return nil, nil
+	}
+	if cut.failed {
+		return nil, nil
+	}
+	cut.switched = true
+	return cut.conn, cut.buf
+}
 
 // emit queues p for the client, merging it with the previous piece when they are adjacent in the buffer.
 func (s *session) emit(p []byte) {
@@ -132,6 +165,12 @@ func (s *session) classify(p []byte, h *resp.Head) (bool, error) {
 			return ok, err
 		}
 		if len(h.Elems) == 1 && oneOf(h.Elems[0], pubsubMessages) {
+			if cut := s.cut.Load(); cut != nil && s.markerChan == "" {
+				s.markerChan = cut.marker
+			}
+			if s.markerChan != "" {
+				return s.handoverMessage(p, h)
+			}
 			return true, nil
 		}
 	case t == '+' && s.monitor:
@@ -176,6 +215,18 @@ func (s *session) classify(p []byte, h *resp.Head) (bool, error) {
 		} else {
 			s.curFwd = false
 		}
+	case actMarker:
+		if ok, err := resp.PeekHead(p, 1, h); !ok || err != nil {
+			return ok, err
+		}
+		s.curFwd = false
+		if len(h.Elems) == 1 && equalFold(h.Elems[0], "subscribe") {
+			if cut := s.cut.Load(); cut != nil {
+				close(cut.subscribed)
+			}
+		} else {
+			s.markerChan = "" // the marker is unsubscribed: no copy of it can follow
+		}
 	case actHello, actMonitor, actReset:
 		if ok, err := resp.PeekHead(p, 0, h); !ok || err != nil {
 			return ok, err
@@ -184,6 +235,27 @@ func (s *session) classify(p []byte, h *resp.Head) (bool, error) {
 	}
 	s.pend.pop()
 	s.cur, s.curReply = e, true
+	return true, nil
+}
+
+// handoverMessage classifies a message while a handover's marker is subscribed: the marker's copies are
+// hidden, the one sent to the marker channel by name is the cut point, and on the new connection everything
+// before the cut point is dropped (the old connection delivered it).
+func (s *session) handoverMessage(p []byte, h *resp.Head) (bool, error) {
+	isPattern := equalFold(h.Elems[0], "pmessage")
+	want := 2
+	if isPattern {
+		want = 3
+	}
+	if ok, err := resp.PeekHead(p, want, h); !ok || err != nil {
+		return ok, err
+	}
+	if len(h.Elems) == want && string(h.Elems[want-1]) == s.markerChan {
+		s.curFwd = false
+		s.markerSeen = s.markerSeen || !isPattern
+		return true, nil
+	}
+	s.curFwd = !s.skipToMarker
 	return true, nil
 }
 
@@ -197,6 +269,8 @@ func (s *session) confirm(p []byte, h *resp.Head, e entry) (bool, error) {
 		remaining = int32(max(1, len(s.subs[e.fam])))
 	}
 	if len(h.Elems) >= 2 && h.Elems[1] != nil {
+		s.subsMu.Lock()
+		defer s.subsMu.Unlock()
 		if equalFold(h.Elems[0], confirmKinds[e.fam][1]) {
 			delete(s.subs[e.fam], string(h.Elems[1]))
 		} else {
@@ -283,7 +357,9 @@ func (s *session) stateReply(h *resp.Head, e entry) {
 	case actReset:
 		if h.Type == '+' {
 			s.proto, s.monitor = 2, false
+			s.subsMu.Lock()
 			s.subs = [3]map[string]struct{}{}
+			s.subsMu.Unlock()
 			s.updateSubscribed()
 		}
 	}

@@ -47,8 +47,8 @@ type session struct {
 	srv    *Server
 	log    *slog.Logger
 	client net.Conn
-	up     net.Conn
-	upID   int64 // upstream CLIENT ID; 0 when unknown
+	up     net.Conn // the upstream the client loop writes to; replaced by a handover
+	upID   int64    // upstream CLIENT ID; 0 when unknown
 	opened time.Time
 	pend   pending
 
@@ -73,20 +73,52 @@ type session struct {
 	cmdScan       resp.Scanner
 
 	// Owned by the reply loop: the connection's state as the replies show it.
-	proto       int
-	monitor     bool
-	subs        [3]map[string]struct{} // per family: what the client is subscribed to
-	cur         entry                  // the entry of the frame being passed
-	curFwd      bool                   // whether the frame being passed goes to the client
-	curReply    bool                   // whether the frame is a reply (not a push or monitor line)
-	outv        [][]byte               // what to write to the client after this read
-	wbuf        net.Buffers
-	quitting    bool        // a local error was sent: close once written
-	authRetried bool        // a refused token was already retried with a fresh one
-	forceAuth   atomic.Bool // send the token even if it was sent before (the retry after WRONGPASS)
+	proto        int
+	monitor      bool
+	subs         [3]map[string]struct{} // per family: what the client is subscribed to
+	cur          entry                  // the entry of the frame being passed
+	curFwd       bool                   // whether the frame being passed goes to the client
+	curReply     bool                   // whether the frame is a reply (not a push or monitor line)
+	outv         [][]byte               // what to write to the client after this read
+	wbuf         net.Buffers
+	quitting     bool        // a local error was sent: close once written
+	markerSeen   bool        // the frame just passed was a handover's marker, sent to it by name
+	markerChan   string      // a handover's marker channel, while subscribed: its messages are hidden
+	skipToMarker bool        // on a new connection after a handover: drop messages up to the marker        // the frame just passed was a handover\'s marker
+	authRetried  bool        // a refused token was already retried with a fresh one
+	forceAuth    atomic.Bool // send the token even if it was sent before (the retry after WRONGPASS)
 
+	// Shared by both loops.
+	cut    atomic.Pointer[cutover] // a pub/sub handover in progress
+	subsMu sync.Mutex              // guards subs: the reply loop writes, a handover reads
+
+	connMu    sync.Mutex
+	conns     []net.Conn // upstream connections to close with the session
+	closed    bool
 	closeOnce sync.Once
 	closeErr  error // the first cause of the close
+}
+
+// addConn registers an upstream connection to be closed with the session; false if it is closed already.
+func (s *session) addConn(c net.Conn) bool {
+	s.connMu.Lock()
+	defer s.connMu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.conns = append(s.conns, c)
+	return true
+}
+
+func (s *session) dropConn(c net.Conn) {
+	s.connMu.Lock()
+	defer s.connMu.Unlock()
+	for i, x := range s.conns {
+		if x == c {
+			s.conns = append(s.conns[:i], s.conns[i+1:]...)
+			return
+		}
+	}
 }
 
 // run serves the client until either side closes. It owns the session's goroutines and waits for them.
@@ -111,7 +143,7 @@ func (s *session) run(ctx context.Context) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		s.close(s.replyLoop())
+		s.close(s.replyLoop(s.up))
 	}()
 	s.close(s.clientLoop())
 	wg.Wait()
@@ -139,8 +171,12 @@ func (s *session) close(cause error) {
 		s.closeErr = cause
 		s.pend.close()
 		s.client.Close()
-		if s.up != nil {
-			s.up.Close()
+		s.connMu.Lock()
+		s.closed = true
+		conns := s.conns
+		s.connMu.Unlock()
+		for _, c := range conns {
+			c.Close()
 			s.srv.obs.UpstreamClosed()
 		}
 	})
@@ -178,6 +214,10 @@ func (s *session) connect(ctx context.Context) error {
 		return err
 	}
 	s.srv.obs.UpstreamOpened(time.Since(start))
+	if !s.addConn(up) {
+		up.Close()
+		return errors.New("proxy shutting down")
+	}
 	s.up, s.upID, s.sentSecret = up, id, tok.Secret
 	s.lastSent.Store(s.srv.now())
 	s.log = s.log.With("upstream_client_id", id)
@@ -229,7 +269,9 @@ func (s *session) clientLoop() error {
 			}
 		}
 		if s.wantAuth || s.wantPing {
-			s.inject()
+			if err := s.inject(); err != nil {
+				return err
+			}
 		}
 		if err := s.flush(); err != nil {
 			return err
@@ -247,15 +289,26 @@ func (s *session) takePokes() {
 // inject adds the proxy's own AUTH or PING to the commands going upstream, where that is safe: not inside
 // MULTI (it would be queued), not after CLIENT REPLY SKIP (it would take the client's skip), not inside a
 // command being streamed. Under CLIENT REPLY OFF it is sent without expecting a reply.
-func (s *session) inject() {
+func (s *session) inject() error {
 	if s.inMulti || s.skipNext || s.streaming {
-		return
+		return nil
 	}
 	now := s.srv.now()
-	if s.wantAuth && !s.resp2Sub.Load() {
+	if s.wantAuth {
 		s.wantAuth = false
 		force := s.forceAuth.Swap(false)
-		if tok, _ := s.srv.opts.Tokens.Current(); tok.Secret != "" && (tok.Secret != s.sentSecret || force) {
+		tok, _ := s.srv.opts.Tokens.Current()
+		switch {
+		case tok.Secret == "" || (tok.Secret == s.sentSecret && !force):
+		case s.resp2Sub.Load():
+			// RESP2 subscribed mode refuses AUTH: move to a new connection instead.
+			if err := s.flush(); err != nil {
+				return err
+			}
+			if err := s.handover(tok); err != nil {
+				return err
+			}
+		default:
 			s.out = resp.AppendCommand(s.out, "AUTH", tok.Username, tok.Secret)
 			s.expect(entry{act: actAuth, cmd: cmdOther, start: now, text: tok.Secret})
 			s.sentSecret = tok.Secret
@@ -269,6 +322,7 @@ func (s *session) inject() {
 			s.srv.obs.Mechanism("idle_ping")
 		}
 	}
+	return nil
 }
 
 // expect queues the entry for the next command's reply, unless CLIENT REPLY OFF/SKIP means none comes.

@@ -1,0 +1,249 @@
+package proxy
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/entra-redis-proxy/entra-redis-proxy/resp"
+)
+
+// A RESP2 connection in subscribed mode cannot take AUTH, so before its token expires the proxy moves the
+// client to a new upstream connection subscribed to the same channels, patterns and shard channels, cutting
+// over at a point that both message streams share:
+//
+//  1. the old connection O subscribes to a private marker channel (the confirmation is hidden);
+//  2. a new connection N, authenticated with the new token, subscribes to the marker and to everything the
+//     client has;
+//  3. a short-lived control connection publishes the marker. Redis delivers one publication to all its
+//     subscribers at the same point of the single order of messages;
+//  4. the reply loop passes O's messages up to the marker, then reads N, dropping N's messages up to the
+//     marker (O delivered them) and passing those after it. Then N unsubscribes the marker (hidden).
+//
+// Nothing is lost or delivered twice, and order is kept. The client loop reads no client input while this
+// runs (a few round trips and two TLS handshakes), so the subscriptions cannot change meanwhile and no
+// (un)subscribe confirmation the client sees carries the marker in its count.
+
+// cutover is a handover in progress, shared by the client loop (which sets it up) and the reply loop.
+type cutover struct {
+	marker     string
+	nonce      string
+	subscribed chan struct{} // closed by the reply loop: O confirmed the marker subscription
+	ready      chan struct{} // closed by the client loop: conn, buf, id are set (or failed is)
+	done       chan struct{} // closed by the reply loop: it reads N now (or dropped the handover)
+	conn       net.Conn
+	buf        *readBuf
+	id         int64
+	failed     bool // the client loop gave up; the reply loop drops the marker and stays on O
+	switched   bool // set by the reply loop before done
+}
+
+const handoverTimeout = 10 * time.Second
+
+// handover moves a RESP2 subscriber to a new upstream authenticated with tok. It returns an error only for a
+// failure of the old connection; other failures leave the client on its old connection and are retried.
+func (s *session) handover(tok Token) error {
+	if !s.pend.waitEmpty(handoverTimeout) {
+		return nil // replies still outstanding; try again at the next poke
+	}
+	subs := s.snapshotSubs()
+	var nonce [12]byte
+	rand.Read(nonce[:])
+	cut := &cutover{
+		marker: "__entra_redis_proxy:handover:" + hex.EncodeToString(nonce[:]), nonce: hex.EncodeToString(nonce[:4]),
+		subscribed: make(chan struct{}), ready: make(chan struct{}), done: make(chan struct{}),
+	}
+	s.cut.Store(cut)
+	defer s.cut.Store(nil)
+
+	// 1. The marker subscription on O.
+	s.out = resp.AppendCommand(s.out, "SUBSCRIBE", cut.marker)
+	s.entries = append(s.entries, entry{act: actMarker, cmd: cmdOther, start: s.srv.now()})
+	if err := s.flush(); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(s.srv.ctx, handoverTimeout)
+	defer cancel()
+	abort := func(err error) error {
+		s.log.Warn("pub/sub handover failed; staying on the current connection and retrying", "err", err)
+		cut.failed = true
+		close(cut.ready)
+		s.retryLater()
+		// Drop the marker subscription so the client's subscription counts stay right.
+		s.out = resp.AppendCommand(s.out, "UNSUBSCRIBE", cut.marker)
+		s.entries = append(s.entries, entry{act: actMarker, cmd: cmdOther, start: s.srv.now()})
+		return s.flush()
+	}
+	select {
+	case <-cut.subscribed:
+	case <-ctx.Done():
+		return abort(errors.New("no confirmation of the marker subscription"))
+	}
+
+	// 2. N, subscribed to the marker and to everything the client has.
+	n, id, buf, err := s.dialSubscriber(ctx, tok, subs, cut)
+	if err != nil {
+		return abort(err)
+	}
+	if !s.addConn(n) {
+		n.Close()
+		return errors.New("session closed")
+	}
+	// 3. The marker, from a connection that is not subscribed.
+	if err := publish(ctx, s.srv.opts.Dialer, tok, cut.marker, cut.nonce); err != nil {
+		s.dropConn(n)
+		n.Close()
+		return abort(err)
+	}
+	cut.conn, cut.buf, cut.id = n, buf, id
+	close(cut.ready)
+
+	// 3. The reply loop switches to N when the marker arrives on O.
+	select {
+	case <-cut.done:
+	case <-ctx.Done():
+		return errors.New("pub/sub handover: the marker did not arrive")
+	}
+	if !cut.switched {
+		return errors.New("pub/sub handover: dropped")
+	}
+	old := s.up
+	s.up, s.upID, s.sentSecret = n, id, tok.Secret
+	s.dropConn(old)
+	old.Close()
+	// N's marker subscription goes; its confirmation comes after the marker itself, and is hidden.
+	s.out = resp.AppendCommand(s.out, "UNSUBSCRIBE", cut.marker)
+	s.entries = append(s.entries, entry{act: actMarker, cmd: cmdOther, start: s.srv.now()})
+	if err := s.flush(); err != nil {
+		return err
+	}
+	s.srv.obs.UpstreamClosed()
+	s.srv.obs.UpstreamOpened(0)
+	s.srv.obs.Mechanism("handover")
+	s.log.Info("pub/sub connection handed over to a new upstream", "upstream_client_id", id,
+		"channels", len(subs[famChannel]), "patterns", len(subs[famPattern]), "shard_channels", len(subs[famShard]))
+	return nil
+}
+
+// dialSubscriber opens N and subscribes it to the marker and subs. It returns N's buffer holding whatever N
+// sent after the confirmations (messages that the reply loop drops up to the marker).
+func (s *session) dialSubscriber(ctx context.Context, tok Token, subs [3][]string, cut *cutover) (net.Conn, int64, *readBuf, error) {
+	n, err := s.srv.opts.Dialer.DialContext(ctx)
+	if err != nil {
+		return nil, 0, nil, err
+	}
+	id, _, err := handshake(ctx, n, tok, s.srv.opts.Tokens)
+	if err != nil {
+		n.Close()
+		return nil, 0, nil, err
+	}
+	cmd := resp.AppendCommand(nil, append([]string{"SUBSCRIBE", cut.marker}, subs[famChannel]...)...)
+	want := 1 + len(subs[famChannel])
+	for f, name := range map[family]string{famPattern: "PSUBSCRIBE", famShard: "SSUBSCRIBE"} {
+		if len(subs[f]) > 0 {
+			cmd = resp.AppendCommand(cmd, append([]string{name}, subs[f]...)...)
+			want += len(subs[f])
+		}
+	}
+	deadline, _ := ctx.Deadline()
+	n.SetDeadline(deadline)
+	defer n.SetDeadline(time.Time{})
+	if _, err := n.Write(cmd); err != nil {
+		n.Close()
+		return nil, 0, nil, fmt.Errorf("write to new upstream: %w", err)
+	}
+	// Count the confirmations; messages among them come before the marker: O delivers them.
+	buf := &readBuf{}
+	var sc resp.Scanner
+	sc.MaxBulk, sc.MaxDepth = 1<<40, 128
+	var h resp.Head
+	for want > 0 {
+		ok, perr := resp.PeekHead(buf.buf[buf.r:buf.w], 1, &h)
+		if perr != nil {
+			n.Close()
+			return nil, 0, nil, fmt.Errorf("new upstream: %w", perr)
+		}
+		if buf.r == buf.w || !ok {
+			if buf.full() && !buf.grow(maxHeadBuf) {
+				n.Close()
+				return nil, 0, nil, errors.New("new upstream: reply too large")
+			}
+			if _, err := buf.readFrom(n); err != nil {
+				n.Close()
+				return nil, 0, nil, fmt.Errorf("read new upstream: %w", err)
+			}
+			continue
+		}
+		if h.Type == '-' {
+			n.Close()
+			return nil, 0, nil, fmt.Errorf("new upstream refused a subscription: %s", h.Line)
+		}
+		if len(h.Elems) != 1 || !oneOf(h.Elems[0], pubsubMessages) {
+			want--
+		}
+		sc.Reset()
+		for { // skip the frame, which may span reads
+			k, done, err := sc.Scan(buf.buf[buf.r:buf.w])
+			if err != nil {
+				n.Close()
+				return nil, 0, nil, fmt.Errorf("new upstream: %w", err)
+			}
+			buf.r += k
+			if done {
+				break
+			}
+			if _, err := buf.readFrom(n); err != nil {
+				n.Close()
+				return nil, 0, nil, fmt.Errorf("read new upstream: %w", err)
+			}
+		}
+	}
+	return n, id, buf, nil
+}
+
+// publish sends PUBLISH channel msg from a short-lived connection.
+func publish(ctx context.Context, d Dialer, tok Token, channel, msg string) error {
+	c, err := d.DialContext(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if _, _, err := handshake(ctx, c, tok, fixedToken(tok)); err != nil {
+		return err
+	}
+	deadline, _ := ctx.Deadline()
+	c.SetDeadline(deadline)
+	if _, err := c.Write(resp.AppendCommand(nil, "PUBLISH", channel, msg)); err != nil {
+		return fmt.Errorf("publish marker: %w", err)
+	}
+	replies, err := readReplies(c, 1)
+	if err != nil {
+		return fmt.Errorf("publish marker: %w", err)
+	}
+	if replies[0] == ":0" || replies[0][0] != ':' {
+		return fmt.Errorf("publish marker: %s", replies[0])
+	}
+	return nil
+}
+
+// snapshotSubs copies the client's subscriptions.
+func (s *session) snapshotSubs() [3][]string {
+	s.subsMu.Lock()
+	defer s.subsMu.Unlock()
+	var out [3][]string
+	for f, set := range s.subs {
+		for name := range set {
+			out[f] = append(out[f], name)
+		}
+	}
+	return out
+}
+
+// retryLater asks for another re-authentication attempt in a second.
+func (s *session) retryLater() {
+	time.AfterFunc(time.Second, func() { s.poke(pokeReauth) })
+}
