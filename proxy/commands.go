@@ -32,6 +32,9 @@ const (
 	spSub     // SUBSCRIBE, PSUBSCRIBE, SSUBSCRIBE
 	spUnsub   // UNSUBSCRIBE, PUNSUBSCRIBE, SUNSUBSCRIBE
 	spMonitor // MONITOR
+	spBlock   // a command that may block: BLPOP, XREAD BLOCK, WAIT... (timeout at blockArg)
+	spWatch   // WATCH
+	spUnwatch // UNWATCH
 )
 
 // family is a pub/sub family: the three kinds of subscription redis keeps apart.
@@ -50,6 +53,9 @@ type cmdInfo struct {
 	idx uint8 // index into CommandNames
 	sp  special
 	fam family
+	// For spBlock: where the timeout is. >0: that argument; -1: the last one; 0: after a BLOCK option.
+	blockArg int8
+	blockMS  bool // the timeout is in milliseconds, not seconds
 }
 
 // commandTable maps lower-case command names to what the proxy knows of them.
@@ -63,7 +69,13 @@ var commandTable = func() map[string]cmdInfo {
 		"subscribe": {sp: spSub, fam: famChannel}, "psubscribe": {sp: spSub, fam: famPattern},
 		"ssubscribe": {sp: spSub, fam: famShard}, "unsubscribe": {sp: spUnsub, fam: famChannel},
 		"punsubscribe": {sp: spUnsub, fam: famPattern}, "sunsubscribe": {sp: spUnsub, fam: famShard},
-		"monitor": {sp: spMonitor},
+		"monitor": {sp: spMonitor}, "watch": {sp: spWatch}, "unwatch": {sp: spUnwatch},
+		"blpop": {sp: spBlock, blockArg: -1}, "brpop": {sp: spBlock, blockArg: -1},
+		"brpoplpush": {sp: spBlock, blockArg: -1}, "blmove": {sp: spBlock, blockArg: -1},
+		"bzpopmin": {sp: spBlock, blockArg: -1}, "bzpopmax": {sp: spBlock, blockArg: -1},
+		"blmpop": {sp: spBlock, blockArg: 1}, "bzmpop": {sp: spBlock, blockArg: 1},
+		"xread": {sp: spBlock, blockMS: true}, "xreadgroup": {sp: spBlock, blockMS: true},
+		"wait": {sp: spBlock, blockArg: -1, blockMS: true},
 	}
 	t := make(map[string]cmdInfo, len(CommandNames)+len(sp))
 	for name, info := range sp {

@@ -19,16 +19,18 @@ const (
 	actMonitor                 // pass the reply; on +OK the connection streams monitor lines
 	actReset                   // pass the reply; on +RESET the connection state is back to defaults
 	actMarker                  // the handover marker's (un)subscription: consume the confirmation
+	actExecNull                // EXEC of an aborted transaction, sent as a PING: answer null
 )
 
 // entry is one expected reply (or group of pub/sub confirmations), queued before its command is written.
 type entry struct {
 	act   action
-	fam   family // pub/sub family, for actSubscribe
-	cmd   uint8  // index into CommandNames, or cmdOther
-	arg   int32  // actHello: protocol; actSubscribe: confirmations expected
-	start int64  // when the command was read, for latency: nanoseconds since the server's epoch
-	text  string // actAuth: the token sent; actFail: the error line sent to the client
+	fam   family   // pub/sub family, for actSubscribe
+	cmd   uint8    // index into CommandNames, or cmdOther
+	arg   int32    // actHello: protocol; actSubscribe: confirmations expected
+	start int64    // when the command was read, for latency: nanoseconds since the server's epoch
+	text  string   // actAuth: the token sent; actFail: the error line sent to the client
+	blk   *blocked // a blocking command, for a re-issue after an unblock
 }
 
 // pending is the FIFO of expected replies between a session's client loop (which pushes, before writing the

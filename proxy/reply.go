@@ -188,6 +188,9 @@ func (s *session) classify(p []byte, h *resp.Head) (bool, error) {
 		s.log.Debug("reply with no command waiting; passing it on")
 		return true, nil
 	}
+	if e.blk != nil {
+		return s.blockedReply(p, e)
+	}
 	switch e.act {
 	case actSubscribe:
 		if p[0] != '-' {
@@ -204,7 +207,7 @@ func (s *session) classify(p []byte, h *resp.Head) (bool, error) {
 		}
 		s.authResult(h, e)
 		s.curFwd = false
-	case actDrop, actFail:
+	case actDrop, actFail, actExecNull:
 		s.curFwd = false
 	case actReplace:
 		if len(p) < len(queued) && bytes.HasPrefix(queued, p) {
@@ -234,6 +237,33 @@ func (s *session) classify(p []byte, h *resp.Head) (bool, error) {
 		s.stateReply(h, e)
 	}
 	s.pend.pop()
+	s.cur, s.curReply = e, true
+	return true, nil
+}
+
+// blockedReply handles the reply to a blocking command. After a CLIENT UNBLOCK by the proxy, a timeout
+// reply with time left is hidden and the client loop re-issues the command; every outcome is reported to it.
+func (s *session) blockedReply(p []byte, e entry) (bool, error) {
+	b := e.blk
+	// Set answered before reading unblocking; the client loop does the opposite (see unblock).
+	b.answered.Store(true)
+	var res unblockResult
+	if b.unblocking.Load() {
+		timeout, ok := b.isTimeoutReply(p)
+		if !ok {
+			return false, nil
+		}
+		if timeout {
+			res.remaining, res.reissue = b.remaining(time.Now())
+		}
+	}
+	b.result <- res // buffered: one reply per blocking command
+	s.pend.pop()
+	if res.reissue {
+		s.curFwd = false
+		s.cur, s.curReply = entry{}, false
+		return true, nil
+	}
 	s.cur, s.curReply = e, true
 	return true, nil
 }
@@ -377,6 +407,12 @@ func (s *session) frameDone() {
 	case actFail:
 		s.outv = append(s.outv, resp.AppendError(nil, e.text))
 		s.quitting = true
+	case actExecNull:
+		if s.proto == 3 {
+			s.outv = append(s.outv, []byte("_\r\n"))
+		} else {
+			s.outv = append(s.outv, []byte("*-1\r\n"))
+		}
 	}
 	if e.act != actAuth && e.act != actDrop && e.act != actFail {
 		s.srv.obs.CommandDone(commandName(e.cmd), time.Duration(s.srv.now()-e.start))

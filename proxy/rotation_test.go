@@ -129,3 +129,134 @@ func TestRESP2SubscriptionCountsAfterHandover(t *testing.T) {
 	r.send("ACL WHOAMI")
 	f.expectLiveOID(t, r.readBulk())
 }
+
+// Clients blocked past a token's life (timeout 0 = forever, or longer than the token) survive rotations: the
+// proxy unblocks, re-authenticates and re-issues the command; the element arrives exactly once.
+func TestBlockedAcrossRotations(t *testing.T) {
+	f := newFixture(t, fixtureOpts{lifetime: 3 * time.Second})
+	ctx := t.Context()
+	other := f.client(t, 2)
+	cases := []struct {
+		desc, cmd string
+		push      func() error
+		want      string
+	}{
+		{"BLPOP forever", "BLPOP list1 0", func() error { return other.LPush(ctx, "list1", "v1").Err() },
+			"*2\r\n" + bulk("list1") + bulk("v1")},
+		{"BRPOP 60s", "BRPOP list2 60", func() error { return other.LPush(ctx, "list2", "v2").Err() },
+			"*2\r\n" + bulk("list2") + bulk("v2")},
+		{"BLMOVE forever", "BLMOVE list3 dst3 LEFT RIGHT 0", func() error { return other.LPush(ctx, "list3", "v3").Err() },
+			bulk("v3")},
+		{"BZPOPMIN forever", "BZPOPMIN zset4 0", func() error { return other.ZAdd(ctx, "zset4", redis.Z{Score: 1, Member: "m"}).Err() },
+			"*3\r\n" + bulk("zset4") + bulk("m") + bulk("1")},
+		{"XREAD BLOCK 0 $", "XREAD BLOCK 0 STREAMS stream5 $", func() error {
+			return other.XAdd(ctx, &redis.XAddArgs{Stream: "stream5", ID: "1-1", Values: []string{"f", "v"}}).Err()
+		}, "*1\r\n*2\r\n" + bulk("stream5") + "*1\r\n*2\r\n" + bulk("1-1") + "*2\r\n" + bulk("f") + bulk("v")},
+	}
+	raws := make([]*raw, len(cases))
+	for i, tc := range cases {
+		raws[i] = f.raw(t)
+		raws[i].send(tc.cmd)
+	}
+	f.rotations(t, 3)
+	for i, tc := range cases {
+		t.Run(tc.desc, func(t *testing.T) {
+			if err := tc.push(); err != nil {
+				t.Fatal(err)
+			}
+			raws[i].t = t
+			raws[i].expect(tc.want)
+			raws[i].send("PING")
+			raws[i].expect("+PONG\r\n") // exactly one reply came, and the connection lives
+		})
+	}
+	for _, key := range []string{"list1", "list2", "list3", "zset4"} {
+		if n, err := other.Exists(ctx, key).Result(); err != nil || n != 0 {
+			t.Errorf("%s still exists (%d, %v): an element was delivered twice or not taken", key, n, err)
+		}
+	}
+}
+
+// Elements pushed at random moments, some right at an unblock, each reach the blocked client exactly once.
+func TestBlockedRaceWithPushes(t *testing.T) {
+	f := newFixture(t, fixtureOpts{lifetime: 2 * time.Second})
+	ctx := t.Context()
+	other := f.client(t, 2)
+	r := f.raw(t)
+	target := f.deleted() + 3
+	received := 0
+	for sent := 0; f.deleted() < target; sent++ {
+		r.send("BLPOP race 0")
+		time.Sleep(time.Duration(sent%7) * 37 * time.Millisecond) // pushes at varying moments
+		if err := other.LPush(ctx, "race", strconv.Itoa(sent)).Err(); err != nil {
+			t.Fatal(err)
+		}
+		r.expect("*2\r\n" + bulk("race") + bulk(strconv.Itoa(sent)))
+		received++
+	}
+	if n, err := other.LLen(ctx, "race").Result(); err != nil || n != 0 {
+		t.Fatalf("LLEN race = %d, %v after %d elements: one was not delivered", n, err, received)
+	}
+}
+
+// A MULTI held open across the token's deadline still gets a correct EXEC.
+func TestMultiAcrossDeadline(t *testing.T) {
+	f := newFixture(t, fixtureOpts{lifetime: 3 * time.Second})
+	ctx := t.Context()
+	other := f.client(t, 2)
+	t.Run("replayed without WATCH", func(t *testing.T) {
+		r := f.raw(t)
+		r.send("SET txa 1", "MULTI", "INCR txa", "INCR txa")
+		r.expect("+OK\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n")
+		f.rotations(t, 2)
+		r.send("INCR txa", "EXEC")
+		r.expect("+QUEUED\r\n*3\r\n:2\r\n:3\r\n:4\r\n")
+	})
+	t.Run("WATCH, key untouched: aborted, nothing runs", func(t *testing.T) {
+		r := f.raw(t)
+		r.send("WATCH txw", "MULTI", "SET txb 1")
+		r.expect("+OK\r\n+OK\r\n+QUEUED\r\n")
+		f.rotations(t, 2)
+		r.send("SET txb 2", "EXEC", "EXISTS txb")
+		r.expect("+QUEUED\r\n*-1\r\n:0\r\n")
+	})
+	t.Run("WATCH, key changed: aborted", func(t *testing.T) {
+		r := f.raw(t)
+		r.send("WATCH txw2", "MULTI", "SET txc 1")
+		r.expect("+OK\r\n+OK\r\n+QUEUED\r\n")
+		if err := other.Set(ctx, "txw2", "changed", 0).Err(); err != nil {
+			t.Fatal(err)
+		}
+		f.rotations(t, 2)
+		r.send("EXEC", "EXISTS txc")
+		r.expect("*-1\r\n:0\r\n")
+	})
+}
+
+// An idle client's upstream is kept alive by PINGs the client never sees.
+func TestIdleConnectionKeptAlive(t *testing.T) {
+	f := newFixture(t, fixtureOpts{idlePing: 300 * time.Millisecond})
+	ctx := t.Context()
+	if _, err := f.env.Admin(ctx, "CONFIG", "SET", "timeout", "1"); err != nil {
+		t.Fatal(err)
+	}
+	direct := redis.NewClient(&redis.Options{Addr: f.env.RedisAddr, TLSConfig: f.env.ClientTLSConfig(), PoolSize: 1, MaxRetries: -1})
+	defer direct.Close()
+	user, pass := f.env.AdminCredentials()
+	direct.Options().Username, direct.Options().Password = user, pass
+	c := f.client(t, 2)
+	id, err := c.ClientID(ctx).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := direct.Ping(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(3 * time.Second) // the idle period itself: three times redis's idle timeout
+	if err := direct.Ping(ctx).Err(); err == nil {
+		t.Fatal("a direct idle connection survived: the idle timeout is not in effect, the test proves nothing")
+	}
+	if got, err := c.ClientID(ctx).Result(); err != nil || got != id {
+		t.Fatalf("CLIENT ID = %d, %v; want %d (the same upstream, kept alive)", got, err, id)
+	}
+}

@@ -221,6 +221,7 @@ func (s *Server) waitToken(ctx context.Context) (Token, error) {
 // that ends well before the old token expires.
 func (s *Server) rotateLoop(ctx context.Context) {
 	old, changed := s.opts.Tokens.Current()
+	since := time.Now() // when old arrived: its lifetime is measured from there
 	for {
 		select {
 		case <-changed:
@@ -244,7 +245,13 @@ func (s *Server) rotateLoop(ctx context.Context) {
 		})
 		s.log.Info("new token: re-authenticating connections", "username", tok.Username,
 			"expires_on", tok.ExpiresOn.UTC().Format(time.RFC3339), "connections", n, "window", window.String())
-		old = tok
+		if !old.ExpiresOn.IsZero() {
+			// Connections that could not take the AUTH in band (blocked, or in MULTI) are rescued at 85% of
+			// the old token's life, leaving time before Azure's cut-off.
+			deadline := old.ExpiresOn.Add(-old.ExpiresOn.Sub(since) * 15 / 100)
+			time.AfterFunc(time.Until(deadline), func() { s.each(func(sess *session) { sess.poke(pokeDeadline) }) })
+		}
+		old, since = tok, time.Now()
 	}
 }
 

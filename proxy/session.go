@@ -18,8 +18,9 @@ import (
 
 // Pokes other goroutines hand to a session's client loop, which owns the upstream's write side.
 const (
-	pokeReauth uint32 = 1 << iota // a newer token should be sent
-	pokePing                      // the upstream has been idle: keep it alive
+	pokeReauth   uint32 = 1 << iota // a newer token should be sent
+	pokePing                        // the upstream has been idle: keep it alive
+	pokeDeadline                    // the old token nears expiry: rescue a blocked or MULTI connection
 )
 
 const (
@@ -59,13 +60,20 @@ type session struct {
 	bytesOut atomic.Int64
 
 	// Owned by the client loop: what the commands sent so far did to the connection.
-	inMulti       bool   // MULTI sent, EXEC/DISCARD not yet: an AUTH would be queued
-	skipNext      bool   // CLIENT REPLY SKIP sent: the next command gets no reply
-	replyOff      bool   // CLIENT REPLY OFF: no command gets a reply
-	streaming     bool   // in the middle of forwarding a command too large to buffer
-	streamDiscard bool   // ... which is answered by the proxy, not forwarded
-	wantAuth      bool   // a re-AUTH is due at the next safe point
-	wantPing      bool   // an idle PING is due at the next safe point
+	inMulti       bool     // MULTI sent, EXEC/DISCARD not yet: an AUTH would be queued
+	skipNext      bool     // CLIENT REPLY SKIP sent: the next command gets no reply
+	replyOff      bool     // CLIENT REPLY OFF: no command gets a reply
+	streaming     bool     // in the middle of forwarding a command too large to buffer
+	streamDiscard bool     // ... which is answered by the proxy, not forwarded
+	wantAuth      bool     // a re-AUTH is due at the next safe point
+	wantPing      bool     // an idle PING is due at the next safe point
+	wantDeadline  bool     // the old token's deadline came
+	lastBlk       *blocked // the last command sent, if it is a blocking one
+	watching      bool     // WATCH sent, not yet ended by EXEC/DISCARD/UNWATCH/RESET
+	txCmds        [][]byte // the commands queued in the open MULTI, for a replay
+	txBytes       int
+	txOverflow    bool   // too many queued commands to keep: a rescue aborts instead
+	txAborted     bool   // the open MULTI was aborted by a rescue: answer locally until EXEC/DISCARD
 	sentSecret    string // the token last sent upstream
 	out           []byte // commands to write upstream
 	entries       []entry
@@ -268,7 +276,7 @@ func (s *session) clientLoop() error {
 				return fmt.Errorf("read client: %w", err)
 			}
 		}
-		if s.wantAuth || s.wantPing {
+		if s.wantAuth || s.wantPing || s.wantDeadline {
 			if err := s.inject(); err != nil {
 				return err
 			}
@@ -284,17 +292,39 @@ func (s *session) takePokes() {
 	p := s.pokes.Swap(0)
 	s.wantAuth = s.wantAuth || p&pokeReauth != 0
 	s.wantPing = s.wantPing || p&pokePing != 0
+	s.wantDeadline = s.wantDeadline || p&pokeDeadline != 0
 }
 
 // inject adds the proxy's own AUTH or PING to the commands going upstream, where that is safe: not inside
 // MULTI (it would be queued), not after CLIENT REPLY SKIP (it would take the client's skip), not inside a
 // command being streamed. Under CLIENT REPLY OFF it is sent without expecting a reply.
 func (s *session) inject() error {
-	if s.inMulti || s.skipNext || s.streaming {
+	if s.skipNext || s.streaming {
+		return nil
+	}
+	if s.wantDeadline {
+		s.wantDeadline = false
+		if tok, _ := s.srv.opts.Tokens.Current(); tok.Secret != "" && tok.Secret != s.sentSecret {
+			switch {
+			case s.inMulti && !s.txAborted: // (after an abort the upstream is not in MULTI)
+				s.rescueMulti(tok)
+			case s.tailBlocked():
+				if err := s.flush(); err != nil {
+					return err
+				}
+				if err := s.unblock(tok); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	if s.inMulti && !s.txAborted {
 		return nil
 	}
 	now := s.srv.now()
-	if s.wantAuth {
+	if s.wantAuth && s.tailBlocked() {
+		// An AUTH would wait behind the blocking command; the deadline rescue handles it if need be.
+	} else if s.wantAuth {
 		s.wantAuth = false
 		force := s.forceAuth.Swap(false)
 		tok, _ := s.srv.opts.Tokens.Current()
@@ -324,6 +354,9 @@ func (s *session) inject() error {
 	}
 	return nil
 }
+
+// tailBlocked reports whether the last command sent is a blocking one still waiting for its reply.
+func (s *session) tailBlocked() bool { return s.lastBlk != nil && !s.lastBlk.answered.Load() }
 
 // expect queues the entry for the next command's reply, unless CLIENT REPLY OFF/SKIP means none comes.
 func (s *session) expect(e entry) {
@@ -412,7 +445,15 @@ func (s *session) handleCommands(b *readBuf) error {
 func (s *session) handleCommand(cmd resp.Command, now int64) {
 	args := cmd.Args
 	info := lookup(args[0])
+	if s.txAborted {
+		s.abortedTx(info, now)
+		return
+	}
 	e := entry{act: actForward, cmd: info.idx, start: now}
+	s.lastBlk = nil
+	if s.inMulti && info.sp != spExec && info.sp != spMulti && info.sp != spReset {
+		s.keepTxCmd(cmd.Raw)
+	}
 	switch info.sp {
 	case spAuth:
 		if len(args) == 2 || len(args) == 3 {
@@ -429,7 +470,7 @@ func (s *session) handleCommand(cmd resp.Command, now int64) {
 		return
 	case spReset:
 		// RESET turns replies back on before it answers.
-		s.inMulti, s.skipNext, s.replyOff = false, false, false
+		s.inMulti, s.skipNext, s.replyOff, s.watching = false, false, false, false
 		s.out = append(s.out, cmd.Raw...)
 		e.act = actReset
 		s.expect(e)
@@ -441,9 +482,20 @@ func (s *session) handleCommand(cmd resp.Command, now int64) {
 		}
 		return
 	case spMulti:
-		s.inMulti = s.inMulti || len(args) == 1
+		if !s.inMulti && len(args) == 1 {
+			s.inMulti, s.txCmds, s.txBytes, s.txOverflow = true, s.txCmds[:0], 0, false
+		}
 	case spExec:
-		s.inMulti = false
+		s.inMulti, s.watching = false, false
+	case spWatch:
+		s.watching = s.watching || !s.inMulti
+	case spUnwatch:
+		s.watching = s.watching && s.inMulti
+	case spBlock:
+		if !s.inMulti { // inside MULTI a blocking command does not block
+			e.blk = newBlocked(args, info, s.srv.epoch.Add(time.Duration(now)))
+			s.lastBlk = e.blk
+		}
 	case spClient:
 		if len(args) == 3 && equalFold(args[1], "reply") {
 			s.out = append(s.out, cmd.Raw...)
@@ -472,6 +524,19 @@ func (s *session) handleCommand(cmd resp.Command, now int64) {
 	}
 	s.out = append(s.out, cmd.Raw...)
 	s.expect(e)
+}
+
+// keepTxCmd keeps a command queued in MULTI for a replay, within a bound.
+func (s *session) keepTxCmd(raw []byte) {
+	if s.txOverflow {
+		return
+	}
+	if s.txBytes+len(raw) > maxTxBytes {
+		s.txOverflow, s.txCmds = true, nil
+		return
+	}
+	s.txBytes += len(raw)
+	s.txCmds = append(s.txCmds, append([]byte(nil), raw...))
 }
 
 // helloProto returns the protocol HELLO asks for, or 0 when it keeps the current one (or errs).

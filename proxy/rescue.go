@@ -1,0 +1,321 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/entra-redis-proxy/entra-redis-proxy/resp"
+)
+
+// Two states hold an in-band AUTH back until the client moves on: a blocking command (the AUTH would wait
+// behind it) and an open MULTI (the AUTH would be queued). When a session is still on the old token at the
+// deadline (85% of its life), the client loop rescues the connection:
+//
+//   - blocked: from a short-lived control connection it runs CLIENT UNBLOCK <id> TIMEOUT. If the command's
+//     reply is then the timeout (null) reply, the reply loop hides it, and the client loop sends AUTH and the
+//     same command again with the time that was left. If data won the race, the data goes to the client and
+//     nothing is re-issued. For XREAD with "$", the IDs are pinned to the streams' last IDs first, read while
+//     the client is still blocked (so nothing arrived since it blocked).
+//   - MULTI: the proxy discards the transaction, authenticates, and opens it again with the queued commands
+//     (their replies hidden), so EXEC runs them. If the client had WATCHed keys, the guarantee cannot be
+//     rebuilt: EXEC will answer as if a watched key changed (null), and until then the proxy answers the
+//     client's commands itself (+QUEUED), running nothing.
+
+// blocked is a blocking command in flight, kept so that it can be sent again after an unblock.
+type blocked struct {
+	args      []string
+	timeoutAt int       // index of the timeout argument in args
+	ms        bool      // the timeout is in milliseconds
+	deadline  time.Time // when it times out on its own; zero = never
+	answered  atomic.Bool
+	// unblocking is set by the client loop before CLIENT UNBLOCK; the reply loop then reports on result
+	// whether it hid a timeout reply (reissue) or passed the reply on.
+	unblocking atomic.Bool
+	result     chan unblockResult
+}
+
+type unblockResult struct {
+	reissue   bool
+	remaining time.Duration // 0 with reissue: block forever
+}
+
+// newBlocked records a blocking command, or returns nil when it will not block (XREAD without BLOCK) or its
+// timeout is malformed (redis answers the error).
+func newBlocked(args [][]byte, info cmdInfo, now time.Time) *blocked {
+	at := int(info.blockArg)
+	switch {
+	case at < 0:
+		at = len(args) - 1
+	case at == 0: // XREAD/XREADGROUP: the argument after BLOCK
+		at = -1
+		for i := 1; i+1 < len(args); i++ {
+			if equalFold(args[i], "block") {
+				at = i + 1
+				break
+			}
+			if equalFold(args[i], "streams") {
+				break
+			}
+		}
+	}
+	if at < 1 || at >= len(args) {
+		return nil
+	}
+	t, err := strconv.ParseFloat(string(args[at]), 64)
+	if err != nil || t < 0 {
+		return nil
+	}
+	b := &blocked{timeoutAt: at, ms: info.blockMS, result: make(chan unblockResult, 1)}
+	if t > 0 {
+		unit := time.Second
+		if b.ms {
+			unit = time.Millisecond
+		}
+		b.deadline = now.Add(time.Duration(t * float64(unit)))
+	}
+	b.args = make([]string, len(args))
+	for i, a := range args {
+		b.args[i] = string(a)
+	}
+	return b
+}
+
+// remaining returns the time left before the command would time out on its own (0 = forever), and false
+// when that time has passed.
+func (b *blocked) remaining(now time.Time) (time.Duration, bool) {
+	if b.deadline.IsZero() {
+		return 0, true
+	}
+	d := b.deadline.Sub(now)
+	return d, d > time.Millisecond
+}
+
+// again returns the command with its timeout set to d (0 = forever).
+func (b *blocked) again(d time.Duration) *blocked {
+	nb := &blocked{args: append([]string(nil), b.args...), timeoutAt: b.timeoutAt, ms: b.ms, deadline: b.deadline,
+		result: make(chan unblockResult, 1)}
+	switch {
+	case d == 0:
+		nb.args[b.timeoutAt] = "0"
+	case b.ms:
+		nb.args[b.timeoutAt] = strconv.FormatInt(max(d.Milliseconds(), 1), 10)
+	default:
+		nb.args[b.timeoutAt] = strconv.FormatFloat(max(d.Seconds(), 0.001), 'f', 3, 64)
+	}
+	return nb
+}
+
+// isTimeoutReply reports whether the frame at p is what a blocking command answers when it times out: a
+// null, or for WAIT fewer replicas than asked. ok is false when more bytes are needed.
+func (b *blocked) isTimeoutReply(p []byte) (timeout, ok bool) {
+	if len(p) < 4 {
+		return false, bytes.IndexByte(p, '\n') >= 0
+	}
+	switch {
+	case bytes.HasPrefix(p, []byte("*-1\r")), bytes.HasPrefix(p, []byte("$-1\r")), bytes.HasPrefix(p, []byte("_\r")):
+		return true, true
+	case p[0] == ':' && strings.EqualFold(b.args[0], "wait"):
+		i := bytes.IndexByte(p, '\r')
+		if i < 0 {
+			return false, false
+		}
+		got, err1 := strconv.Atoi(string(p[1:i]))
+		want, err2 := strconv.Atoi(b.args[1])
+		return err1 == nil && err2 == nil && got < want, true
+	}
+	return false, true
+}
+
+// unblock rescues a connection blocked past the deadline (see above).
+func (s *session) unblock(tok Token) error {
+	b := s.lastBlk
+	if b == nil || b.answered.Load() || s.pend.len() != 1 {
+		return nil // not blocked, or commands queued behind it that a re-issue would overtake
+	}
+	ctx, cancel := context.WithTimeout(s.srv.ctx, handoverTimeout)
+	defer cancel()
+	c, err := s.srv.opts.Dialer.DialContext(ctx)
+	if err != nil {
+		s.log.Warn("cannot unblock the connection for re-AUTH", "err", err)
+		return nil
+	}
+	defer c.Close()
+	if _, _, err := handshake(ctx, c, tok, fixedToken(tok)); err != nil {
+		s.log.Warn("cannot unblock the connection for re-AUTH", "err", err)
+		return nil
+	}
+	deadline, _ := ctx.Deadline()
+	c.SetDeadline(deadline)
+	if err := pinStreamIDs(c, b); err != nil {
+		s.log.Warn("cannot unblock the connection for re-AUTH", "err", err)
+		return nil
+	}
+	// The reply loop sets answered, then reads unblocking; this sets unblocking, then reads answered: at
+	// least one sees the other, and the reply loop reports every blocking command's reply on result.
+	b.unblocking.Store(true)
+	if !b.answered.Load() {
+		cmd := resp.AppendCommand(nil, "CLIENT", "UNBLOCK", strconv.FormatInt(s.upID, 10), "TIMEOUT")
+		if _, err := c.Write(cmd); err == nil {
+			_, err = readReplies(c, 1)
+		}
+		if err != nil {
+			s.log.Warn("CLIENT UNBLOCK failed", "err", err)
+		}
+	}
+	var res unblockResult
+	select {
+	case res = <-b.result:
+	case <-ctx.Done():
+		s.log.Warn("blocked command did not return after CLIENT UNBLOCK")
+		return nil
+	}
+	now := s.srv.now()
+	s.out = resp.AppendCommand(s.out, "AUTH", tok.Username, tok.Secret)
+	s.expect(entry{act: actAuth, cmd: cmdOther, start: now, text: tok.Secret})
+	s.sentSecret = tok.Secret
+	if res.reissue {
+		nb := b.again(res.remaining)
+		s.out = resp.AppendCommand(s.out, nb.args...)
+		s.expect(entry{act: actForward, cmd: lookup([]byte(nb.args[0])).idx, start: now, blk: nb})
+		s.lastBlk = nb
+		s.srv.obs.Mechanism("unblock_reissue")
+		s.log.Debug("blocked command re-issued after re-AUTH", "command", nb.args[0])
+	}
+	return s.flush()
+}
+
+// pinStreamIDs replaces "$" in a blocked XREAD with each stream's last ID, read on c while the client is
+// still blocked, so that entries added between the unblock and the re-issue are not missed.
+func pinStreamIDs(c net.Conn, b *blocked) error {
+	if !strings.EqualFold(b.args[0], "xread") && !strings.EqualFold(b.args[0], "xreadgroup") {
+		return nil
+	}
+	streams := -1
+	for i, a := range b.args {
+		if strings.EqualFold(a, "streams") {
+			streams = i + 1
+		}
+	}
+	if streams < 0 || (len(b.args)-streams)%2 != 0 {
+		return nil
+	}
+	n := (len(b.args) - streams) / 2
+	for i := range n {
+		if b.args[streams+n+i] != "$" {
+			continue
+		}
+		id, err := lastStreamID(c, b.args[streams+i])
+		if err != nil {
+			return err
+		}
+		b.args[streams+n+i] = id
+	}
+	return nil
+}
+
+// lastStreamID returns the last-generated-id of a stream ("0-0" if it does not exist).
+func lastStreamID(c net.Conn, key string) (string, error) {
+	if _, err := c.Write(resp.AppendCommand(nil, "XINFO", "STREAM", key)); err != nil {
+		return "", err
+	}
+	var buf []byte
+	tmp := make([]byte, 4096)
+	var h resp.Head
+	for {
+		n, err := c.Read(tmp)
+		buf = append(buf, tmp[:n]...)
+		if ok, perr := resp.PeekHead(buf, 16, &h); perr != nil {
+			return "", perr
+		} else if ok {
+			if h.Type == '-' {
+				return "0-0", nil // no such key: "$" means 0-0
+			}
+			for i := 0; i+1 < len(h.Elems); i += 2 {
+				if string(h.Elems[i]) == "last-generated-id" {
+					// Drain the rest of the reply so the connection stays usable.
+					return string(h.Elems[i+1]), drainFrame(c, buf)
+				}
+			}
+			if len(h.Elems) >= 8 {
+				return "", errors.New("XINFO STREAM: no last-generated-id")
+			}
+		}
+		if err != nil {
+			return "", fmt.Errorf("XINFO STREAM: %w", err)
+		}
+		if len(buf) > 1<<20 {
+			return "", errors.New("XINFO STREAM: reply too large")
+		}
+	}
+}
+
+// drainFrame reads until the frame starting in buf is complete.
+func drainFrame(c net.Conn, buf []byte) error {
+	var sc resp.Scanner
+	sc.MaxBulk, sc.MaxDepth = 1<<40, 128
+	_, done, err := sc.Scan(buf)
+	tmp := make([]byte, 4096)
+	for !done && err == nil {
+		var n int
+		n, err = c.Read(tmp)
+		if n > 0 {
+			_, done, err = sc.Scan(tmp[:n])
+		}
+	}
+	return err
+}
+
+// rescueMulti re-authenticates a connection inside MULTI (see above).
+func (s *session) rescueMulti(tok Token) {
+	now := s.srv.now()
+	s.out = resp.AppendCommand(s.out, "DISCARD")
+	s.expect(entry{act: actDrop, cmd: cmdOther, start: now})
+	s.out = resp.AppendCommand(s.out, "AUTH", tok.Username, tok.Secret)
+	s.expect(entry{act: actAuth, cmd: cmdOther, start: now, text: tok.Secret})
+	s.sentSecret = tok.Secret
+	if s.watching || s.txOverflow {
+		s.txAborted, s.watching = true, false
+		s.txCmds = nil
+		s.srv.obs.Mechanism("tx_abort")
+		s.log.Info("transaction with WATCH held open past the token's deadline: EXEC will answer null")
+		return
+	}
+	s.out = resp.AppendCommand(s.out, "MULTI")
+	s.expect(entry{act: actDrop, cmd: cmdOther, start: now})
+	for _, c := range s.txCmds {
+		s.out = append(s.out, c...)
+		s.expect(entry{act: actDrop, cmd: cmdOther, start: now})
+	}
+	s.srv.obs.Mechanism("tx_replay")
+	s.log.Debug("transaction replayed on the re-authenticated connection", "commands", len(s.txCmds))
+}
+
+// abortedTx answers a command of a transaction that was aborted by rescueMulti, without running it.
+func (s *session) abortedTx(info cmdInfo, now int64) {
+	e := entry{act: actReplace, cmd: info.idx, start: now, text: "+QUEUED\r\n"}
+	switch info.sp {
+	case spExec:
+		s.txAborted, s.inMulti = false, false
+		if commandName(info.idx) == "exec" {
+			e.act = actExecNull
+		} else {
+			e.text = "+OK\r\n" // DISCARD
+		}
+	case spMulti:
+		e.text = "-ERR MULTI calls can not be nested\r\n"
+	case spWatch:
+		e.text = "-ERR WATCH inside MULTI is not allowed\r\n"
+	}
+	s.out = resp.AppendCommand(s.out, "PING")
+	s.expect(e)
+}
+
+// maxTxBytes bounds the queued commands kept for a replay; a larger transaction is aborted instead.
+const maxTxBytes = 1 << 20
