@@ -35,12 +35,13 @@ type fixture struct {
 }
 
 type fixtureOpts struct {
-	lifetime time.Duration // token lifetime; default 1h
-	idlePing time.Duration // proxy.Options.IdlePing
-	username string        // token source username override
-	caFile   string        // trust this CA instead of the fake's
-	upstream string        // dial this address instead of the fake's
-	proxyOpt func(*proxy.Options)
+	lifetime   time.Duration // token lifetime; default 1h
+	idlePing   time.Duration // proxy.Options.IdlePing
+	username   string        // token source username override
+	caFile     string        // trust this CA instead of the fake's
+	upstream   string        // dial this address instead of the fake's
+	reqTimeout time.Duration // tokensource.Options.RequestTimeout; default 30s
+	proxyOpt   func(*proxy.Options)
 }
 
 // tokens adapts tokensource.Source to proxy.TokenSource, as main does.
@@ -89,7 +90,8 @@ func newProxyFor(t *testing.T, env *azurefake.Env, o fixtureOpts) *fixture {
 	log := testLogger(t)
 	src, err := tokensource.New(func() (azcore.TokenCredential, error) {
 		return tokensource.NewCredential("managed-identity", "", "")
-	}, tokensource.Options{Scope: "https://redis.azure.com/.default", Username: o.username, Logger: log})
+	}, tokensource.Options{Scope: "https://redis.azure.com/.default", Username: o.username, Logger: log,
+		RequestTimeout: o.reqTimeout})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -30,6 +30,8 @@ type Options struct {
 	DialTimeout    time.Duration // dial + TLS + AUTH of an upstream; default 10s
 	IdlePing       time.Duration // PING an upstream idle this long; 0 = never
 	MaxBulk        int64         // largest bulk a client may send; default 512 MiB
+	// LocalPassword, if set, must be given by AUTH (or HELLO ... AUTH) before any other command.
+	LocalPassword string
 	// ReauthSpread bounds the window over which live connections are re-authenticated after a new token
 	// arrives, so thousands of AUTHs don't hit the cache at one instant. Default 30s; the window is also at
 	// most a tenth of the old token's remaining life.

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"crypto/subtle"
 	"errors"
 	"fmt"
 	"io"
@@ -60,6 +61,7 @@ type session struct {
 	bytesOut atomic.Int64
 
 	// Owned by the client loop: what the commands sent so far did to the connection.
+	authed        bool     // the client gave LOCAL_PASSWORD, or none is set
 	inMulti       bool     // MULTI sent, EXEC/DISCARD not yet: an AUTH would be queued
 	skipNext      bool     // CLIENT REPLY SKIP sent: the next command gets no reply
 	replyOff      bool     // CLIENT REPLY OFF: no command gets a reply
@@ -247,7 +249,8 @@ func (s *session) refuse(err error) {
 func (s *session) clientLoop() error {
 	var b readBuf
 	defer b.release()
-	s.cmdScan = resp.Scanner{Commands: true, MaxBulk: s.srv.opts.MaxBulk, MaxDepth: 1}
+	s.cmdScan = resp.Scanner{Commands: true, MaxBulk: s.srv.opts.MaxBulk}
+	s.authed = s.srv.opts.LocalPassword == ""
 	s.parser.MaxBulk = s.srv.opts.MaxBulk
 	for {
 		if b.full() && !s.streaming {
@@ -449,6 +452,10 @@ func (s *session) handleCommand(cmd resp.Command, now int64) {
 		s.abortedTx(info, now)
 		return
 	}
+	if !s.authed && info.sp != spAuth && info.sp != spHello && info.sp != spQuit {
+		s.local(entry{cmd: info.idx, start: now, text: "-NOAUTH Authentication required.\r\n"})
+		return
+	}
 	e := entry{act: actForward, cmd: info.idx, start: now}
 	s.lastBlk = nil
 	if s.inMulti && info.sp != spExec && info.sp != spMulti && info.sp != spReset {
@@ -458,12 +465,23 @@ func (s *session) handleCommand(cmd resp.Command, now int64) {
 	case spAuth:
 		if len(args) == 2 || len(args) == 3 {
 			// The client's credentials never reach Azure: a PING holds the reply's place.
-			s.out = resp.AppendCommand(s.out, "PING")
-			e.act, e.text = actReplace, "+OK\r\n"
-			s.expect(e)
+			e.text = "+OK\r\n"
+			if !s.localAuth(args[len(args)-1]) {
+				e.text = wrongPass
+			}
+			s.local(e)
 			return
 		}
 	case spHello:
+		if i := helloAuthAt(args); i > 0 && !s.localAuth(args[i+2]) {
+			e.text = wrongPass
+			s.local(e)
+			return
+		} else if i < 0 && !s.authed {
+			e.text = "-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n"
+			s.local(e)
+			return
+		}
 		e.act, e.arg = actHello, int32(helloProto(args))
 		s.out = appendHello(s.out, args)
 		s.expect(e)
@@ -537,6 +555,41 @@ func (s *session) keepTxCmd(raw []byte) {
 	}
 	s.txBytes += len(raw)
 	s.txCmds = append(s.txCmds, append([]byte(nil), raw...))
+}
+
+const wrongPass = "-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+
+// local answers a command with e.text instead of running it; a PING holds the reply's place, so the answer
+// comes in order and follows the connection's reply mode.
+func (s *session) local(e entry) {
+	e.act = actReplace
+	s.out = resp.AppendCommand(s.out, "PING")
+	s.expect(e)
+}
+
+// localAuth checks a password a client gave against LOCAL_PASSWORD, in constant time; without one, any
+// password is accepted (the proxy authenticates the upstream itself).
+func (s *session) localAuth(password []byte) bool {
+	want := s.srv.opts.LocalPassword
+	if want == "" {
+		return true
+	}
+	ok := subtle.ConstantTimeCompare(password, []byte(want)) == 1
+	s.authed = s.authed || ok
+	if !ok {
+		s.srv.obs.ClientRejected("local_auth")
+	}
+	return ok
+}
+
+// helloAuthAt returns the index of HELLO's AUTH option (followed by username and password), or -1.
+func helloAuthAt(args [][]byte) int {
+	for i := 2; i+2 < len(args); i++ {
+		if equalFold(args[i], "auth") {
+			return i
+		}
+	}
+	return -1
 }
 
 // helloProto returns the protocol HELLO asks for, or 0 when it keeps the current one (or errs).

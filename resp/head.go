@@ -17,17 +17,19 @@ type Head struct {
 	Len int64
 	// Line is the text after the type byte for + - : , ( # _ (a sub-slice of the input).
 	Line []byte
-	// Elems holds, for * > ~ aggregates, up to maxElems leading elements that are bulk strings, simple strings,
-	// integers or nulls, as text (sub-slices of the input; a null is nil). Decoding stops at the first
-	// element of another type, so len(Elems) may be less than asked. PeekHead reuses its storage.
+	// Elems holds, for * > ~ aggregates, up to maxElems leading elements that are bulk strings, simple
+	// strings, integers or nulls, as text (sub-slices of the input; a null is nil). Decoding stops at the
+	// first element of another type, so len(Elems) may be less than asked. PeekHead reuses its storage:
+	// keep one Head per connection and nothing is allocated in the steady state.
 	Elems [][]byte
 }
 
-// PeekHead decodes the head of the reply frame at the start of p into h, with up to maxElems leading elements of
-// an aggregate. ok is false when p does not yet hold enough bytes for what was asked: the whole of any
-// leading attribute, the value's header line and the maxElems elements (or all of them, if fewer); the caller
-// reads more, or gives up classifying if its buffer is full. Errors wrap ErrInvalidReply and match the
-// Scanner's (except that PeekHead does not apply MaxBulk).
+// PeekHead decodes the head of the reply frame at the start of p into h, with up to maxElems leading
+// elements of an aggregate. ok is false when p does not yet hold enough bytes for what was asked: the whole
+// of any leading attribute, the value's header line and maxElems elements (or all of them, if fewer); the
+// caller reads more, or gives up classifying if its buffer is full. Errors wrap ErrInvalidReply and are
+// the Scanner's, except that PeekHead does not apply MaxBulk. PeekHead only reads; framing the reply is
+// the Scanner's job.
 func PeekHead(p []byte, maxElems int, h *Head) (ok bool, err error) {
 	*h = Head{Elems: h.Elems[:0]}
 	off := 0

@@ -23,6 +23,7 @@ const (
 //     aggregates ("$?", "*?") are rejected, since Redis never sends them. Errors wrap ErrInvalidReply.
 //     Simple lines are only checked for their CRLF end; bulk bodies must be followed by CRLF.
 //
+// To stream a command that Parse could not buffer whole, feed the Scanner from the command's first byte.
 // The zero value scans replies with the default bounds. After an error the state is undefined: Reset it
 // (or drop the connection, which is what both kinds of error call for).
 type Scanner struct {

@@ -187,9 +187,15 @@ func newTestSource(t testing.TB, is *issuer, opts Options) (*Source, *refreshLog
 }
 
 // collect runs s until it has received n tokens (the first included) and returns them with the time each
-// arrived. It fails the test if that takes more than limit.
+// arrived. It fails the test if that takes more than limit. s must hold no token yet.
 func collect(t testing.TB, s *Source, n int, limit time.Duration) ([]Token, []time.Time) {
 	t.Helper()
+	// Subscribe before Run starts: once it runs, its first token can land before we look, and the
+	// channel we got would then announce the second token, not the first.
+	cur, changed := s.Current()
+	if cur.Secret != "" {
+		t.Fatal("collect: the Source already holds a token")
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- s.Run(ctx) }()
@@ -204,7 +210,6 @@ func collect(t testing.TB, s *Source, n int, limit time.Duration) ([]Token, []ti
 		times []time.Time
 	)
 	deadline := time.After(limit)
-	_, changed := s.Current()
 	for len(toks) < n {
 		select {
 		case <-changed:

@@ -350,7 +350,12 @@ func TestRunFollowsRefresh(t *testing.T) {
 			t.Fatal(err)
 		}
 		refreshed := time.Now()
-		_, changed := s.Current()
+		// Run's next attempt is due 30m of bubble time later, which cannot pass while this goroutine
+		// runs, so the token held now is still the one Refresh returned.
+		cur, changed := s.Current()
+		if cur.Secret != tok.Secret {
+			t.Fatal("the token changed between Refresh and Current")
+		}
 		<-changed
 		cancel()
 		<-done

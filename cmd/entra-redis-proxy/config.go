@@ -15,36 +15,35 @@ import (
 // envPrefix is the prefix of every setting's environment variable.
 const envPrefix = "ENTRA_REDIS_PROXY"
 
-// Config is every setting of the proxy. Each field is read from the environment variable
-// ENTRA_REDIS_PROXY_<envconfig tag>; `entra-redis-proxy --help` prints this table.
+// Config is every setting of the proxy, each read from the environment variable in its envconfig tag;
+// `entra-redis-proxy --help` prints this table. The tags hold full names: with a prefix, envconfig would
+// also read the bare name (a pod's USERNAME would become the AUTH username).
 type Config struct {
-	Upstream      string        `envconfig:"UPSTREAM" required:"true" desc:"Azure Cache for Redis host[:port]; the port defaults to 6380 (Azure Managed Redis listens on 10000)"`
-	Listen        string        `envconfig:"LISTEN" default:"127.0.0.1:6379" desc:"where apps connect: host:port on loopback, or unix:/path/to/socket (created with mode 0600)"`
-	HTTPListen    string        `envconfig:"HTTP_LISTEN" default:"127.0.0.1:9090" desc:"host:port for /metrics, /startup, /liveness, /readiness; empty turns the HTTP server off"`
-	Credential    string        `envconfig:"CREDENTIAL" default:"default" desc:"how to get Entra tokens: default, managed-identity, workload-identity, azure-cli, client-secret, client-certificate (azidentity's AZURE_* variables apply)"`
-	MIClientID    string        `envconfig:"MANAGED_IDENTITY_CLIENT_ID" desc:"client ID of a user-assigned managed identity (credential managed-identity or default)"`
-	MIResourceID  string        `envconfig:"MANAGED_IDENTITY_RESOURCE_ID" desc:"resource ID of a user-assigned managed identity (credential managed-identity); excludes MANAGED_IDENTITY_CLIENT_ID"`
-	Scope         string        `envconfig:"SCOPE" default:"https://redis.azure.com/.default" desc:"OAuth scope of the tokens"`
-	Username      string        `envconfig:"USERNAME" desc:"AUTH username; empty means the oid claim of each token (the identity's object ID)"`
-	TLSCAFile     string        `envconfig:"TLS_CA_FILE" desc:"PEM file of CA certificates trusted in addition to the system roots"`
-	TLSServerName string        `envconfig:"TLS_SERVER_NAME" desc:"name to verify in the upstream certificate and send as SNI; defaults to the upstream host (set it when you connect through a private endpoint IP)"`
-	DialTimeout   time.Duration `envconfig:"DIAL_TIMEOUT" default:"10s" desc:"limit for connecting to, handshaking with and authenticating to the upstream"`
-	IdlePing      time.Duration `envconfig:"UPSTREAM_IDLE_PING" default:"2m" desc:"PING an idle upstream this often so Azure does not close it (Azure closes after ~10m idle); 0 turns it off"`
+	Upstream      string        `envconfig:"ENTRA_REDIS_PROXY_UPSTREAM" required:"true" desc:"Azure Cache for Redis host[:port]; the port defaults to 6380 (Azure Managed Redis listens on 10000)"`
+	Listen        string        `envconfig:"ENTRA_REDIS_PROXY_LISTEN" default:"127.0.0.1:6379" desc:"where apps connect: host:port on loopback, or unix:/path/to/socket (created with mode 0600)"`
+	HTTPListen    string        `envconfig:"ENTRA_REDIS_PROXY_HTTP_LISTEN" default:"127.0.0.1:9090" desc:"host:port for /metrics, /startup, /liveness, /readiness; empty turns the HTTP server off"`
+	Credential    string        `envconfig:"ENTRA_REDIS_PROXY_CREDENTIAL" default:"default" desc:"how to get Entra tokens: default, managed-identity, workload-identity, azure-cli, client-secret, client-certificate (azidentity's AZURE_* variables apply)"`
+	MIClientID    string        `envconfig:"ENTRA_REDIS_PROXY_MANAGED_IDENTITY_CLIENT_ID" desc:"client ID of a user-assigned managed identity (credential managed-identity or default)"`
+	MIResourceID  string        `envconfig:"ENTRA_REDIS_PROXY_MANAGED_IDENTITY_RESOURCE_ID" desc:"resource ID of a user-assigned managed identity (credential managed-identity); excludes MANAGED_IDENTITY_CLIENT_ID"`
+	Scope         string        `envconfig:"ENTRA_REDIS_PROXY_SCOPE" default:"https://redis.azure.com/.default" desc:"OAuth scope of the tokens"`
+	Username      string        `envconfig:"ENTRA_REDIS_PROXY_USERNAME" desc:"AUTH username; empty means the oid claim of each token (the identity's object ID)"`
+	TLSCAFile     string        `envconfig:"ENTRA_REDIS_PROXY_TLS_CA_FILE" desc:"PEM file of CA certificates trusted in addition to the system roots"`
+	TLSServerName string        `envconfig:"ENTRA_REDIS_PROXY_TLS_SERVER_NAME" desc:"name to verify in the upstream certificate and send as SNI; defaults to the upstream host (set it when you connect through a private endpoint IP)"`
+	DialTimeout   time.Duration `envconfig:"ENTRA_REDIS_PROXY_DIAL_TIMEOUT" default:"10s" desc:"limit for connecting to, handshaking with and authenticating to the upstream"`
+	IdlePing      time.Duration `envconfig:"ENTRA_REDIS_PROXY_UPSTREAM_IDLE_PING" default:"2m" desc:"PING an idle upstream this often so Azure does not close it (Azure closes after ~10m idle); 0 turns it off"`
 
-	MaxConnections    int           `envconfig:"MAX_CONNECTIONS" default:"0" desc:"most client connections at once; 0 means unlimited"`
-	MinSigtermDelay   time.Duration `envconfig:"MIN_SIGTERM_DELAY" default:"0s" desc:"after SIGTERM, keep accepting new connections this long"`
-	MaxSigtermDelay   time.Duration `envconfig:"MAX_SIGTERM_DELAY" default:"30s" desc:"after SIGTERM (and MIN_SIGTERM_DELAY), wait this long for open connections to finish before closing them"`
-	ExitZeroOnSigterm bool          `envconfig:"EXIT_ZERO_ON_SIGTERM" default:"false" desc:"exit 0 even when connections had to be cut at shutdown (for Kubernetes Jobs)"`
-	QuitQuitQuit      bool          `envconfig:"QUITQUITQUIT" default:"false" desc:"serve POST /quitquitquit, which starts the same shutdown as SIGTERM"`
-	LogFormat         string        `envconfig:"LOG_FORMAT" default:"text" desc:"text or json"`
-	LogLevel          string        `envconfig:"LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
-	Pprof             bool          `envconfig:"PPROF" default:"false" desc:"serve /debug/pprof on HTTP_LISTEN"`
+	MaxConnections    int           `envconfig:"ENTRA_REDIS_PROXY_MAX_CONNECTIONS" default:"0" desc:"most client connections at once; 0 means unlimited"`
+	MinSigtermDelay   time.Duration `envconfig:"ENTRA_REDIS_PROXY_MIN_SIGTERM_DELAY" default:"0s" desc:"after SIGTERM, keep accepting new connections this long"`
+	MaxSigtermDelay   time.Duration `envconfig:"ENTRA_REDIS_PROXY_MAX_SIGTERM_DELAY" default:"30s" desc:"after SIGTERM (and MIN_SIGTERM_DELAY), wait this long for open connections to finish before closing them"`
+	ExitZeroOnSigterm bool          `envconfig:"ENTRA_REDIS_PROXY_EXIT_ZERO_ON_SIGTERM" default:"false" desc:"exit 0 even when connections had to be cut at shutdown (for Kubernetes Jobs)"`
+	QuitQuitQuit      bool          `envconfig:"ENTRA_REDIS_PROXY_QUITQUITQUIT" default:"false" desc:"serve POST /quitquitquit, which starts the same shutdown as SIGTERM"`
+	LogFormat         string        `envconfig:"ENTRA_REDIS_PROXY_LOG_FORMAT" default:"text" desc:"text or json"`
+	LogLevel          string        `envconfig:"ENTRA_REDIS_PROXY_LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
+	Pprof             bool          `envconfig:"ENTRA_REDIS_PROXY_PPROF" default:"false" desc:"serve /debug/pprof on HTTP_LISTEN"`
 
-	PoolSize         int      `envconfig:"POOL_SIZE" default:"2" desc:"authenticated upstream connections kept ready for new clients; 0 turns the pool off"`
-	MaxBulkBytes     ByteSize `envconfig:"MAX_BULK_BYTES" default:"512MiB" desc:"largest bulk string a client may send (like redis proto-max-bulk-len)"`
-	MaxClientBuffer  ByteSize `envconfig:"MAX_CLIENT_BUFFER" default:"64MiB" desc:"replies buffered for a client that does not read them before it is disconnected"`
-	AllowNonLoopback bool     `envconfig:"ALLOW_NON_LOOPBACK" default:"false" desc:"allow LISTEN on a non-loopback address (every process that can reach it can use your identity)"`
-	LocalPassword    string   `envconfig:"LOCAL_PASSWORD" desc:"if set, clients must AUTH with this password before other commands"`
+	MaxBulkBytes     ByteSize `envconfig:"ENTRA_REDIS_PROXY_MAX_BULK_BYTES" default:"512MiB" desc:"largest bulk string a client may send (like redis proto-max-bulk-len)"`
+	AllowNonLoopback bool     `envconfig:"ENTRA_REDIS_PROXY_ALLOW_NON_LOOPBACK" default:"false" desc:"allow LISTEN on a non-loopback address (every process that can reach it can use your identity)"`
+	LocalPassword    string   `envconfig:"ENTRA_REDIS_PROXY_LOCAL_PASSWORD" desc:"if set, clients must AUTH with this password before other commands"`
 }
 
 // ByteSize is a size in bytes read from strings like 512MiB, 64KB or 1048576.
@@ -75,7 +74,7 @@ func (b *ByteSize) Decode(s string) error {
 // loadConfig reads the configuration from the environment and validates it.
 func loadConfig() (*Config, error) {
 	var c Config
-	if err := envconfig.Process(envPrefix, &c); err != nil {
+	if err := envconfig.Process("", &c); err != nil {
 		return nil, configError(err)
 	}
 	if err := c.validate(); err != nil {
@@ -145,9 +144,6 @@ func (c *Config) validate() error {
 	if c.MaxConnections < 0 {
 		return fmt.Errorf("%s: must be 0 (unlimited) or more", v("MAX_CONNECTIONS"))
 	}
-	if c.PoolSize < 0 {
-		return fmt.Errorf("%s: must be 0 (off) or more", v("POOL_SIZE"))
-	}
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		return fmt.Errorf("%s: %q is not text or json", v("LOG_FORMAT"), c.LogFormat)
 	}
@@ -156,9 +152,6 @@ func (c *Config) validate() error {
 	}
 	if c.MaxBulkBytes < 1 || c.MaxBulkBytes > 1<<40 {
 		return fmt.Errorf("%s: must be between 1B and 1TiB", v("MAX_BULK_BYTES"))
-	}
-	if c.MaxClientBuffer < 64<<10 {
-		return fmt.Errorf("%s: must be at least 64KiB", v("MAX_CLIENT_BUFFER"))
 	}
 	return nil
 }
@@ -172,6 +165,9 @@ func splitUpstream(s string) (host, port string, err error) {
 	if err != nil {
 		// No port: the whole string is the host (bracketed IPv6 or a name).
 		host, port = strings.TrimSuffix(strings.TrimPrefix(s, "["), "]"), "6380"
+		if _, perr := netip.ParseAddr(host); strings.Contains(host, ":") && perr != nil {
+			return "", "", fmt.Errorf("%q is not host[:port] (write an IPv6 address with a port as [2001:db8::1]:6380)", s)
+		}
 	}
 	if host == "" || strings.ContainsAny(host, "/ ") {
 		return "", "", fmt.Errorf("%q is not host[:port]", s)

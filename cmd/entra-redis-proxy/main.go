@@ -5,7 +5,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -77,12 +76,10 @@ Settings (environment variables):
 `)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "VARIABLE\tDEFAULT\tMEANING")
-	envconfig.Usagef(envPrefix, &Config{}, tw, "{{range .}}{{usage_key .}}\t{{usage_default .}}{{if usage_required .}}(required){{end}}\t{{usage_description .}}\n{{end}}")
+	envconfig.Usagef("", &Config{}, tw, "{{range .}}{{usage_key .}}\t{{usage_default .}}{{if usage_required .}}(required){{end}}\t{{usage_description .}}\n{{end}}")
 	tw.Flush()
 	fmt.Fprint(w, `
 azidentity's own variables (AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_CLIENT_SECRET, AZURE_CLIENT_CERTIFICATE_PATH,
 AZURE_FEDERATED_TOKEN_FILE, ...) configure the credential as they do for any Azure SDK program.
 `)
 }
-
-var errCut = errors.New("connections were cut at shutdown")

@@ -18,7 +18,6 @@ import (
 	"reflect"
 	"regexp"
 	"slices"
-	"sort"
 	"strings"
 	"testing"
 
@@ -32,13 +31,13 @@ import (
 )
 
 const (
-	repoRoot      = "../.."
-	k8sDir        = repoRoot + "/deploy/k8s"
-	sidecarName   = "entra-redis-proxy" // the proxy's container in deployment.yaml
-	metricsPort   = "metrics"           // the proxy's container port for HTTP (probes and /metrics)
-	nonrootUID    = 65532               // distroless nonroot, the Dockerfile's USER
-	testPodIP     = "10.1.2.3"          // stands in for the downward API's status.podIP
-	testVersionID = "v0.0.0-manifests-test"
+	repoDir         = "../.."
+	k8sDir          = repoDir + "/deploy/k8s"
+	sidecarName     = "entra-redis-proxy" // the proxy's container in deployment.yaml
+	metricsPortName = "metrics"           // the proxy's container port for HTTP (probes and /metrics)
+	nonrootUID      = 65532               // distroless nonroot, the Dockerfile's USER
+	testPodIP       = "10.1.2.3"          // stands in for the downward API's status.podIP
+	testVersionID   = "v0.0.0-manifests-test"
 )
 
 // k8sManifests is every object in deploy/k8s, decoded strictly.
@@ -157,7 +156,10 @@ func configEnvNames() map[string]bool {
 		if key == "" {
 			key = strings.ToUpper(f.Name) // envconfig's default key
 		}
-		names[envPrefix+"_"+key] = f.Tag.Get("required") == "true"
+		if !strings.HasPrefix(key, envPrefix+"_") {
+			key = envPrefix + "_" + key
+		}
+		names[key] = f.Tag.Get("required") == "true"
 	}
 	return names
 }
@@ -184,7 +186,7 @@ func TestManifestsStrictDecoding(t *testing.T) {
 		}
 	}
 	got := slices.Clone(m.kustomization.Resources)
-	sort.Strings(got)
+	slices.Sort(got)
 	if !slices.Equal(got, want) {
 		t.Errorf("kustomization resources %v, want the other manifests %v", got, want)
 	}
@@ -208,12 +210,12 @@ func TestManifestsWiring(t *testing.T) {
 	}
 	var port *corev1.ContainerPort
 	for i := range proxy.Ports {
-		if proxy.Ports[i].Name == metricsPort {
+		if proxy.Ports[i].Name == metricsPortName {
 			port = &proxy.Ports[i]
 		}
 	}
 	if port == nil {
-		t.Fatalf("the proxy has no container port named %q", metricsPort)
+		t.Fatalf("the proxy has no container port named %q", metricsPortName)
 	}
 
 	t.Run("native sidecar", func(t *testing.T) {
@@ -271,7 +273,7 @@ func TestManifestsWiring(t *testing.T) {
 			t.Errorf("HTTP_LISTEN host %q, want the pod IP from the downward API", host)
 		}
 		if p != fmt.Sprint(port.ContainerPort) {
-			t.Errorf("HTTP_LISTEN port %s, but the %q container port is %d", p, metricsPort, port.ContainerPort)
+			t.Errorf("HTTP_LISTEN port %s, but the %q container port is %d", p, metricsPortName, port.ContainerPort)
 		}
 	})
 
@@ -291,8 +293,8 @@ func TestManifestsWiring(t *testing.T) {
 			if tc.probe.HTTPGet.Path != tc.path {
 				t.Errorf("%s: path %q, want %q", tc.desc, tc.probe.HTTPGet.Path, tc.path)
 			}
-			if !samePort(tc.probe.HTTPGet.Port, port) {
-				t.Errorf("%s: port %v, want the %q container port", tc.desc, tc.probe.HTTPGet.Port.String(), metricsPort)
+			if !probePortIs(tc.probe.HTTPGet.Port, port) {
+				t.Errorf("%s: port %v, want the %q container port", tc.desc, tc.probe.HTTPGet.Port.String(), metricsPortName)
 			}
 		}
 		// See deploy/k8s/README.md: the sidecar's readiness would take the app's pod out.
@@ -312,8 +314,8 @@ func TestManifestsWiring(t *testing.T) {
 				desc string
 				ok   bool
 			}{
-				{"runAsNonRoot: true", isTrue(sc.RunAsNonRoot) || sc.RunAsNonRoot == nil && pod.Spec.SecurityContext != nil && isTrue(pod.Spec.SecurityContext.RunAsNonRoot)},
-				{"readOnlyRootFilesystem: true", isTrue(sc.ReadOnlyRootFilesystem)},
+				{"runAsNonRoot: true", boolTrue(sc.RunAsNonRoot) || sc.RunAsNonRoot == nil && pod.Spec.SecurityContext != nil && boolTrue(pod.Spec.SecurityContext.RunAsNonRoot)},
+				{"readOnlyRootFilesystem: true", boolTrue(sc.ReadOnlyRootFilesystem)},
 				{"allowPrivilegeEscalation: false", sc.AllowPrivilegeEscalation != nil && !*sc.AllowPrivilegeEscalation},
 				{"capabilities drop [ALL]", sc.Capabilities != nil && slices.Equal(sc.Capabilities.Drop, []corev1.Capability{"ALL"}) && len(sc.Capabilities.Add) == 0},
 				{"seccompProfile RuntimeDefault", sc.SeccompProfile != nil && sc.SeccompProfile.Type == corev1.SeccompProfileTypeRuntimeDefault},
@@ -324,7 +326,7 @@ func TestManifestsWiring(t *testing.T) {
 				}
 			}
 		}
-		if sc := proxy.SecurityContext; sc != nil && (sc.RunAsUser == nil || *sc.RunAsUser != nonrootUID || !isTrue(sc.RunAsNonRoot)) {
+		if sc := proxy.SecurityContext; sc != nil && (sc.RunAsUser == nil || *sc.RunAsUser != nonrootUID || !boolTrue(sc.RunAsNonRoot)) {
 			t.Errorf("the proxy: want runAsNonRoot: true and runAsUser: %d (the image's USER)", nonrootUID)
 		}
 	})
@@ -345,10 +347,10 @@ func TestManifestsWiring(t *testing.T) {
 	})
 
 	t.Run("selectors", func(t *testing.T) {
-		if !selects(d.Spec.Selector, pod.Labels) {
+		if !selectorMatches(d.Spec.Selector, pod.Labels) {
 			t.Errorf("the Deployment's selector %v does not select its pods %v", d.Spec.Selector, pod.Labels)
 		}
-		if !selects(&pm.Spec.Selector, pod.Labels) {
+		if !selectorMatches(&pm.Spec.Selector, pod.Labels) {
 			t.Errorf("the PodMonitor's selector %v does not select the pods %v", pm.Spec.Selector, pod.Labels)
 		}
 	})
@@ -358,8 +360,8 @@ func TestManifestsWiring(t *testing.T) {
 			t.Fatalf("%d podMetricsEndpoints, want 1", len(pm.Spec.PodMetricsEndpoints))
 		}
 		e := pm.Spec.PodMetricsEndpoints[0]
-		if e.Port != metricsPort {
-			t.Errorf("PodMonitor port %q, want %q", e.Port, metricsPort)
+		if e.Port != metricsPortName {
+			t.Errorf("PodMonitor port %q, want %q", e.Port, metricsPortName)
 		}
 		if e.Path != "" && e.Path != "/metrics" {
 			t.Errorf("PodMonitor path %q, want /metrics", e.Path)
@@ -393,14 +395,14 @@ func expandK8sEnv(t *testing.T, vars []corev1.EnvVar) map[string]string {
 	return env
 }
 
-func samePort(p intstr.IntOrString, port *corev1.ContainerPort) bool {
+func probePortIs(p intstr.IntOrString, port *corev1.ContainerPort) bool {
 	if p.Type == intstr.String {
 		return p.StrVal == port.Name
 	}
 	return p.IntVal == port.ContainerPort
 }
 
-func selects(s *metav1.LabelSelector, labels map[string]string) bool {
+func selectorMatches(s *metav1.LabelSelector, labels map[string]string) bool {
 	if s == nil || len(s.MatchLabels) == 0 || len(s.MatchExpressions) > 0 {
 		return false // only matchLabels is used here
 	}
@@ -412,10 +414,10 @@ func selects(s *metav1.LabelSelector, labels map[string]string) bool {
 	return true
 }
 
-func isTrue(b *bool) bool { return b != nil && *b }
+func boolTrue(b *bool) bool { return b != nil && *b }
 
 func TestDockerfile(t *testing.T) {
-	b, err := os.ReadFile(filepath.Join(repoRoot, "Dockerfile"))
+	b, err := os.ReadFile(filepath.Join(repoDir, "Dockerfile"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -453,13 +455,13 @@ func TestDockerfile(t *testing.T) {
 // a copy of the build context filtered by .dockerignore, and checks that the result is a
 // static, stripped, version-stamped Linux binary.
 func TestDockerfileBuild(t *testing.T) {
-	b, err := os.ReadFile(filepath.Join(repoRoot, "Dockerfile"))
+	b, err := os.ReadFile(filepath.Join(repoDir, "Dockerfile"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	cmdEnv, args := dockerfileGoBuild(t, string(b))
 	ctxDir := t.TempDir()
-	copyDockerContext(t, repoRoot, ctxDir)
+	copyDockerContext(t, repoDir, ctxDir)
 	out := filepath.Join(t.TempDir(), "entra-redis-proxy")
 	for i := range args {
 		if i > 0 && args[i-1] == "-o" {
@@ -506,13 +508,14 @@ func TestDockerfileBuild(t *testing.T) {
 	}
 }
 
-// dockerfileInstructions joins continuation lines and drops comments and blank lines.
+// dockerfileInstructions returns the Dockerfile's instructions, one a line: continuation
+// lines joined, comments and blank lines dropped.
 func dockerfileInstructions(s string) []string {
 	var out []string
 	var cur strings.Builder
 	for line := range strings.Lines(s) {
 		line = strings.TrimSpace(line)
-		if strings.HasPrefix(line, "#") || line == "" && cur.Len() == 0 {
+		if strings.HasPrefix(line, "#") || line == "" { // also inside a continuation, as Docker does
 			continue
 		}
 		if l, ok := strings.CutSuffix(line, `\`); ok {
@@ -648,7 +651,7 @@ func copyDockerContext(t *testing.T, src, dst string) {
 				return err
 			}
 			n, size = n+1, size+info.Size()
-			return copyFile(p, target)
+			return copyContextFile(p, target)
 		}
 		return nil
 	})
@@ -658,7 +661,7 @@ func copyDockerContext(t *testing.T, src, dst string) {
 	t.Logf("build context: %d files, %d bytes", n, size)
 }
 
-func copyFile(src, dst string) error {
+func copyContextFile(src, dst string) error {
 	in, err := os.Open(src)
 	if err != nil {
 		return err
@@ -730,7 +733,7 @@ func dockerignore(t *testing.T, file string) func(rel string) bool {
 }
 
 func TestDockerignore(t *testing.T) {
-	ignored := dockerignore(t, filepath.Join(repoRoot, ".dockerignore"))
+	ignored := dockerignore(t, filepath.Join(repoDir, ".dockerignore"))
 	for _, tc := range []struct {
 		rel  string
 		want bool
@@ -740,7 +743,9 @@ func TestDockerignore(t *testing.T) {
 		{".bench/run1.txt", true},
 		{"proxy/session_test.go", true},
 		{"entra-redis-proxy.test", true},
+		{"resp/resp.test", true},
 		{"cpu.prof", true},
+		{"proxy/bench.out", true},
 		{"deploy/k8s/deployment.yaml", true},
 		{"go.mod", false},
 		{"go.sum", false},

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -14,6 +13,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
@@ -106,17 +106,20 @@ func listen(addr string) (net.Listener, func(), error) {
 		return ln, func() {}, nil
 	}
 	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, nil, fmt.Errorf("%s_LISTEN: %s is in use by another process", envPrefix, path)
+		}
 		os.Remove(path) // a stale socket of an earlier run
 	}
+	// The socket is created with mode 0600 (umask 0177), so no other user can connect even for an instant.
+	old := syscall.Umask(0o177)
 	ln, err := net.Listen("unix", path)
+	syscall.Umask(old)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s_LISTEN: %w", envPrefix, err)
 	}
 	ln.(*net.UnixListener).SetUnlinkOnClose(true)
-	if err := os.Chmod(path, 0o600); err != nil {
-		ln.Close()
-		return nil, nil, fmt.Errorf("%s_LISTEN: %w", envPrefix, err)
-	}
 	return ln, func() { os.Remove(path) }, nil
 }
 
@@ -139,7 +142,7 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger) int {
 	srv, err := proxy.New(proxy.Options{
 		Tokens: tokens{src}, Dialer: &proxy.TLSDialer{Addr: cfg.Upstream, Config: tc},
 		Logger: log, Observer: m, MaxConnections: cfg.MaxConnections, DialTimeout: cfg.DialTimeout,
-		IdlePing: cfg.IdlePing, MaxBulk: int64(cfg.MaxBulkBytes),
+		IdlePing: cfg.IdlePing, MaxBulk: int64(cfg.MaxBulkBytes), LocalPassword: cfg.LocalPassword,
 	})
 	if err != nil {
 		log.Error("cannot start", "err", err)
@@ -235,5 +238,3 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger) int {
 	log.Info("shut down cleanly")
 	return exitOK
 }
-
-var _ = errors.New

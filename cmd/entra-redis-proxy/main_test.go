@@ -1,0 +1,551 @@
+package main
+
+// End-to-end tests of the binary's code in-process: run() against an Azure-like redis-server and
+// identity endpoint (internal/azurefake), with real HTTP probes and go-redis clients. They change the
+// process environment and one sends SIGTERM to the test process, so none of them runs in parallel.
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/entra-redis-proxy/entra-redis-proxy/internal/azurefake"
+)
+
+// tokenLifetime stays under 5 minutes: MSAL's process-wide managed identity cache would otherwise hand one
+// test's token to the next test's proxy.
+const tokenLifetime = 2 * time.Minute
+
+// syncBuffer is an io.Writer that run's goroutines write to while the test reads it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// eventually polls cond until it returns true or timeout passes, then fails with cond's last message.
+func eventually(t *testing.T, timeout time.Duration, what string, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		ok, msg := cond()
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %v: %s", what, timeout, msg)
+		}
+		time.Sleep(20 * time.Millisecond) // poll interval, not a synchronisation
+	}
+}
+
+// freeAddr returns a loopback address with a port that was free a moment ago.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// setFakeEnv points the proxy's settings at fake (and only there: every other setting is unset).
+func setFakeEnv(t *testing.T, fake *azurefake.Env) {
+	t.Helper()
+	cleanEnv(t)
+	for _, kv := range fake.ProxyEnv() {
+		k, v, _ := strings.Cut(kv, "=")
+		t.Setenv(k, v)
+	}
+}
+
+// assertNoToken fails if out holds any token fake issued.
+func assertNoToken(t *testing.T, fake *azurefake.Env, what, out string) {
+	t.Helper()
+	for _, tok := range fake.Tokens() {
+		if strings.Contains(out, tok.Token) {
+			t.Errorf("%s contains token %d", what, tok.Seq)
+		}
+	}
+}
+
+// proxyRun is run() in a goroutine, with its settings and output.
+type proxyRun struct {
+	t              *testing.T
+	fake           *azurefake.Env
+	listen, http   string // LISTEN and the base URL of HTTP_LISTEN
+	stdout, stderr *syncBuffer
+	done           chan int // receives run's exit code
+}
+
+// startProxy runs the proxy against fake with free loopback ports and /quitquitquit on, plus extra
+// settings (ENTRA_REDIS_PROXY_ is added to their names). The test's cleanup stops it if it still runs.
+func startProxy(t *testing.T, fake *azurefake.Env, extra map[string]string) *proxyRun {
+	t.Helper()
+	setFakeEnv(t, fake)
+	p := &proxyRun{t: t, fake: fake, listen: freeAddr(t), stdout: &syncBuffer{}, stderr: &syncBuffer{}, done: make(chan int, 1)}
+	httpAddr := freeAddr(t)
+	p.http = "http://" + httpAddr
+	env := map[string]string{"LISTEN": p.listen, "HTTP_LISTEN": httpAddr, "QUITQUITQUIT": "true", "LOG_LEVEL": "debug"}
+	for k, v := range extra {
+		env[k] = v
+	}
+	if l, ok := extra["LISTEN"]; ok {
+		p.listen = l
+	}
+	setEnv(t, env)
+	go func() { p.done <- run(nil, p.stdout, p.stderr) }()
+	t.Cleanup(func() {
+		select {
+		case <-p.done:
+		default:
+			p.post("/quitquitquit")
+			select {
+			case <-p.done:
+			case <-time.After(45 * time.Second):
+				t.Errorf("the proxy did not stop after /quitquitquit")
+			}
+		}
+		assertNoToken(t, fake, "stdout", p.stdout.String())
+		assertNoToken(t, fake, "the log", p.stderr.String())
+		if t.Failed() {
+			t.Logf("proxy log:\n%s", p.stderr.String())
+		}
+	})
+	return p
+}
+
+// get returns the status code and body of a GET, or 0 and the error when the request failed.
+func (p *proxyRun) get(path string) (int, string) {
+	return p.request(http.MethodGet, path)
+}
+
+func (p *proxyRun) post(path string) (int, string) {
+	return p.request(http.MethodPost, path)
+}
+
+func (p *proxyRun) request(method, path string) (int, string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, method, p.http+path, nil)
+	if err != nil {
+		return 0, err.Error()
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return 0, err.Error()
+	}
+	return resp.StatusCode, string(body)
+}
+
+// awaitStatus polls path until it answers code.
+func (p *proxyRun) awaitStatus(path string, code int, timeout time.Duration) {
+	p.t.Helper()
+	eventually(p.t, timeout, fmt.Sprintf("GET %s = %d", path, code), func() (bool, string) {
+		got, body := p.get(path)
+		return got == code, fmt.Sprintf("%d %q", got, body)
+	})
+}
+
+func (p *proxyRun) awaitStarted() {
+	p.t.Helper()
+	p.awaitStatus("/startup", http.StatusOK, 30*time.Second)
+}
+
+// wait returns run's exit code, failing the test if it does not return within timeout.
+func (p *proxyRun) wait(timeout time.Duration) int {
+	p.t.Helper()
+	select {
+	case code := <-p.done:
+		p.done <- code // for the cleanup
+		return code
+	case <-time.After(timeout):
+		p.t.Fatalf("run did not return within %v", timeout)
+		return -1
+	}
+}
+
+// metric returns the value of the sample line that starts with series (name{labels}), from /metrics.
+func (p *proxyRun) metric(series string) (float64, bool) {
+	_, body := p.get("/metrics")
+	for _, l := range strings.Split(body, "\n") {
+		if v, ok := strings.CutPrefix(l, series+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			return f, err == nil
+		}
+	}
+	return 0, false
+}
+
+// client returns a go-redis client of the proxy with at most one connection, closed by the test's cleanup.
+// Close the client (not a *redis.Conn, which only goes back to the pool) to disconnect.
+func (p *proxyRun) client() *redis.Client {
+	network, addr := "tcp", p.listen
+	if path, ok := strings.CutPrefix(p.listen, "unix:"); ok {
+		network, addr = "unix", path
+	}
+	c := redis.NewClient(&redis.Options{Network: network, Addr: addr, PoolSize: 1, MaxRetries: -1, DialTimeout: 5 * time.Second,
+		ReadTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second})
+	p.t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// setGet writes and reads a key through c.
+func setGet(ctx context.Context, c interface {
+	Set(context.Context, string, any, time.Duration) *redis.StatusCmd
+	Get(context.Context, string) *redis.StringCmd
+}, key, value string) error {
+	if err := c.Set(ctx, key, value, time.Minute).Err(); err != nil {
+		return fmt.Errorf("SET %s: %w", key, err)
+	}
+	got, err := c.Get(ctx, key).Result()
+	if err != nil {
+		return fmt.Errorf("GET %s: %w", key, err)
+	}
+	if got != value {
+		return fmt.Errorf("GET %s = %q, want %q", key, got, value)
+	}
+	return nil
+}
+
+// rawPing dials addr, sends PING and returns the first reply line, or the error of the first step that failed.
+func rawPing(addr string) (string, error) {
+	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write([]byte("*1\r\n$4\r\nPING\r\n")); err != nil {
+		return "", err
+	}
+	return bufio.NewReader(c).ReadString('\n')
+}
+
+func TestStartupProbesAndTraffic(t *testing.T) {
+	fake := azurefake.StartT(t, azurefake.Options{TokenLifetime: tokenLifetime})
+	fake.SetFault(azurefake.FaultStatus500) // no token until the test allows one
+	p := startProxy(t, fake, nil)
+	p.awaitStatus("/liveness", http.StatusOK, 30*time.Second)
+	for _, path := range []string{"/startup", "/readiness"} {
+		if code, body := p.get(path); code != http.StatusServiceUnavailable {
+			t.Errorf("%s without a token: %d %q, want 503", path, code, body)
+		}
+	}
+
+	fake.SetFault(azurefake.FaultNone)
+	p.awaitStarted()
+	for _, path := range []string{"/startup", "/liveness", "/readiness"} {
+		if code, body := p.get(path); code != http.StatusOK {
+			t.Errorf("%s: %d %q, want 200", path, code, body)
+		}
+	}
+
+	ctx := t.Context()
+	c := p.client()
+	if err := setGet(ctx, c, "hello", "world"); err != nil {
+		t.Fatal(err)
+	}
+
+	code, body := p.get("/metrics")
+	if code != http.StatusOK {
+		t.Fatalf("/metrics: %d", code)
+	}
+	for _, family := range []string{"entra_redis_proxy_client_connections", "entra_redis_proxy_client_connections_accepted_total",
+		"entra_redis_proxy_upstream_connections", "entra_redis_proxy_token_expiry_timestamp_seconds", "entra_redis_proxy_bytes_total",
+		"go_goroutines", "process_start_time_seconds"} {
+		if !strings.Contains(body, "# TYPE "+family+" ") {
+			t.Errorf("/metrics lacks %s", family)
+		}
+	}
+	if v, ok := p.metric("entra_redis_proxy_client_connections"); !ok || v != 1 {
+		t.Errorf("client_connections = %v (found %v), want 1", v, ok)
+	}
+	toks := fake.Tokens()
+	if len(toks) == 0 {
+		t.Fatal("the identity endpoint issued no token")
+	}
+	if v, ok := p.metric("entra_redis_proxy_token_expiry_timestamp_seconds"); !ok || int64(v) != toks[len(toks)-1].ExpiresOn.Unix() {
+		t.Errorf("token_expiry_timestamp_seconds = %v (found %v), want %d", v, ok, toks[len(toks)-1].ExpiresOn.Unix())
+	}
+}
+
+// shutdown starts the shutdown of p with SIGTERM or /quitquitquit.
+func shutdown(t *testing.T, p *proxyRun, sigterm bool) {
+	t.Helper()
+	if !sigterm {
+		if code, body := p.post("/quitquitquit"); code != http.StatusOK {
+			t.Fatalf("POST /quitquitquit: %d %q", code, body)
+		}
+		return
+	}
+	// run's signal.NotifyContext has registered a handler (it runs before serve starts the HTTP server
+	// that answered /startup), so SIGTERM goes to it instead of killing the test binary. The test's own
+	// registration keeps it that way should run have returned already.
+	own := make(chan os.Signal, 1)
+	signal.Notify(own, syscall.SIGTERM)
+	t.Cleanup(func() { signal.Stop(own) })
+	if err := syscall.Kill(os.Getpid(), syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-own:
+	case <-time.After(5 * time.Second):
+		t.Fatal("SIGTERM was not delivered")
+	}
+}
+
+// The shutdown sequence with a client connection open: readiness 503 at once, new connections accepted during
+// MIN_SIGTERM_DELAY, then refused, the open client served until it leaves, exit 0 once drained.
+func TestShutdownDrains(t *testing.T) {
+	fake := azurefake.StartT(t, azurefake.Options{TokenLifetime: tokenLifetime})
+	for _, tc := range []struct {
+		name    string
+		sigterm bool
+	}{{"quitquitquit", false}, {"SIGTERM", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := t.Context()
+			p := startProxy(t, fake, map[string]string{"MIN_SIGTERM_DELAY": "3s", "MAX_SIGTERM_DELAY": "30s"})
+			p.awaitStarted()
+			p.awaitStatus("/readiness", http.StatusOK, 10*time.Second)
+			held := p.client()
+			if err := setGet(ctx, held, "before", "1"); err != nil {
+				t.Fatal(err)
+			}
+
+			shutdown(t, p, tc.sigterm)
+			start := time.Now()
+			p.awaitStatus("/readiness", http.StatusServiceUnavailable, time.Second)
+			if reply, err := rawPing(p.listen); err != nil || reply != "+PONG\r\n" {
+				t.Errorf("a new connection during MIN_SIGTERM_DELAY: %q, %v; want +PONG", reply, err)
+			}
+			if time.Since(start) > 3*time.Second {
+				t.Fatalf("the checks during the delay took %v, longer than the delay: the machine is too slow for this test", time.Since(start))
+			}
+			eventually(t, 10*time.Second, "the listener closes after MIN_SIGTERM_DELAY", func() (bool, string) {
+				c, err := net.DialTimeout("tcp", p.listen, time.Second)
+				if err == nil {
+					c.Close()
+				}
+				return errors.Is(err, syscall.ECONNREFUSED), fmt.Sprintf("dial: %v", err)
+			})
+			if d := time.Since(start); d < 2900*time.Millisecond {
+				t.Errorf("the listener closed %v after the shutdown began, before MIN_SIGTERM_DELAY (3s)", d)
+			}
+			if code, _ := p.get("/readiness"); code != http.StatusServiceUnavailable {
+				t.Errorf("/readiness while draining: %d, want 503", code)
+			}
+			if err := setGet(ctx, held, "during", "2"); err != nil {
+				t.Errorf("the open client while draining: %v", err)
+			}
+			select {
+			case code := <-p.done:
+				t.Fatalf("run returned %d while a client was still connected", code)
+			default:
+			}
+			held.Close()
+			if code := p.wait(20 * time.Second); code != exitOK {
+				t.Errorf("exit %d after the clients left, want 0", code)
+			}
+		})
+	}
+}
+
+// A client that stays past MAX_SIGTERM_DELAY is cut, and the exit code says so unless EXIT_ZERO_ON_SIGTERM.
+func TestShutdownCuts(t *testing.T) {
+	fake := azurefake.StartT(t, azurefake.Options{TokenLifetime: tokenLifetime})
+	for _, tc := range []struct {
+		name     string
+		exitZero string
+		sigterm  bool
+		wantCode int
+	}{
+		{"quitquitquit", "false", false, exitRuntime},
+		{"SIGTERM", "false", true, exitRuntime},
+		{"EXIT_ZERO_ON_SIGTERM", "true", false, exitOK},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := t.Context()
+			p := startProxy(t, fake, map[string]string{"MAX_SIGTERM_DELAY": "1s", "EXIT_ZERO_ON_SIGTERM": tc.exitZero})
+			p.awaitStarted()
+			held := p.client()
+			if err := setGet(ctx, held, "k", "v"); err != nil {
+				t.Fatal(err)
+			}
+			start := time.Now()
+			shutdown(t, p, tc.sigterm)
+			code := p.wait(20 * time.Second)
+			if code != tc.wantCode {
+				t.Errorf("exit %d with a client still connected, want %d", code, tc.wantCode)
+			}
+			if d := time.Since(start); d < 900*time.Millisecond {
+				t.Errorf("run returned %v after the shutdown began, before MAX_SIGTERM_DELAY (1s)", d)
+			}
+			if err := held.Ping(ctx).Err(); err == nil {
+				t.Error("the client still works after it was cut")
+			}
+			if log := p.stderr.String(); !strings.Contains(log, "cut") {
+				t.Errorf("the log does not say connections were cut:\n%s", log)
+			}
+		})
+	}
+}
+
+func TestMaxConnections(t *testing.T) {
+	fake := azurefake.StartT(t, azurefake.Options{TokenLifetime: tokenLifetime})
+	p := startProxy(t, fake, map[string]string{"MAX_CONNECTIONS": "1"})
+	p.awaitStarted()
+	p.awaitStatus("/readiness", http.StatusOK, 10*time.Second)
+	ctx := t.Context()
+
+	first := p.client()
+	if err := setGet(ctx, first, "k", "v"); err != nil {
+		t.Fatal(err)
+	}
+	p.awaitStatus("/readiness", http.StatusServiceUnavailable, 5*time.Second)
+
+	reply, err := rawPing(p.listen)
+	if reply != "-ERR max number of clients reached\r\n" {
+		t.Errorf("second client: %q, %v; want -ERR max number of clients reached", reply, err)
+	}
+	if v, ok := p.metric(`entra_redis_proxy_client_connections_rejected_total{reason="max_connections"}`); !ok || v != 1 {
+		t.Errorf("rejected_total{max_connections} = %v (found %v), want 1", v, ok)
+	}
+	if v, ok := p.metric("entra_redis_proxy_max_connections"); !ok || v != 1 {
+		t.Errorf("max_connections = %v (found %v), want 1", v, ok)
+	}
+	if err := setGet(ctx, first, "k2", "v2"); err != nil {
+		t.Errorf("the first client after the refusal: %v", err)
+	}
+
+	first.Close()
+	p.awaitStatus("/readiness", http.StatusOK, 10*time.Second)
+	if reply, err := rawPing(p.listen); err != nil || reply != "+PONG\r\n" {
+		t.Errorf("a client after the first left: %q, %v; want +PONG", reply, err)
+	}
+}
+
+func TestUnixSocket(t *testing.T) {
+	fake := azurefake.StartT(t, azurefake.Options{TokenLifetime: tokenLifetime})
+	// Not t.TempDir: its long path can exceed the 108-byte limit of a socket path.
+	dir, err := os.MkdirTemp("", "erp-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	sock := filepath.Join(dir, "s.sock")
+	p := startProxy(t, fake, map[string]string{"LISTEN": "unix:" + sock})
+	p.awaitStarted()
+
+	fi, err := os.Stat(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode()&os.ModeSocket == 0 || fi.Mode().Perm() != 0o600 {
+		t.Errorf("%s: mode %v, want a socket with 0600", sock, fi.Mode())
+	}
+	c := p.client()
+	if err := setGet(t.Context(), c, "unix", "ok"); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+
+	shutdown(t, p, false)
+	if code := p.wait(20 * time.Second); code != exitOK {
+		t.Errorf("exit %d, want 0", code)
+	}
+	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("%s after exit: %v, want it removed", sock, err)
+	}
+}
+
+// LOCAL_PASSWORD is documented as "clients must AUTH with this password before other commands".
+func TestLocalPassword(t *testing.T) {
+	fake := azurefake.StartT(t, azurefake.Options{TokenLifetime: tokenLifetime})
+	p := startProxy(t, fake, map[string]string{"LOCAL_PASSWORD": "s3cret"})
+	p.awaitStarted()
+	err := p.client().Set(t.Context(), "k", "v", 0).Err()
+	if err == nil || !strings.Contains(err.Error(), "NOAUTH") {
+		t.Errorf("SET without AUTH when LOCAL_PASSWORD is set: %v, want a NOAUTH error", err)
+	}
+	if strings.Contains(p.stdout.String()+p.stderr.String(), "s3cret") {
+		t.Error("the output contains LOCAL_PASSWORD")
+	}
+}
+
+func TestCheck(t *testing.T) {
+	fake := azurefake.StartT(t, azurefake.Options{TokenLifetime: tokenLifetime})
+	for _, tc := range []struct {
+		name     string
+		env      map[string]string
+		wantCode int
+		want     []string // in stdout
+	}{
+		{"ok", nil, exitOK, []string{"ok      configuration", "ok      token", "ok      upstream", "expires", "AUTH and PING answered"}},
+		{"WRONGPASS", map[string]string{"USERNAME": "not-this-identity"}, exitCheck,
+			[]string{"ok      token", "username not-this-identity", "FAILED  auth", "WRONGPASS",
+				"remedy:", "Microsoft Entra Authentication is enabled", "data access policy", "ENTRA_REDIS_PROXY_USERNAME"}},
+		{"unreachable", map[string]string{"UPSTREAM": freeAddr(t)}, exitCheck,
+			[]string{"ok      token", "FAILED  dial", "connection refused", "remedy:", "check ENTRA_REDIS_PROXY_UPSTREAM"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			setFakeEnv(t, fake)
+			setEnv(t, tc.env)
+			var stdout, stderr bytes.Buffer
+			code := run([]string{"check"}, &stdout, &stderr)
+			out := stdout.String()
+			if code != tc.wantCode {
+				t.Errorf("exit %d, want %d", code, tc.wantCode)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(out, w) {
+					t.Errorf("output lacks %q", w)
+				}
+			}
+			toks := fake.Tokens()
+			if len(toks) == 0 {
+				t.Fatal("no token was issued")
+			}
+			if tc.env["USERNAME"] == "" && !strings.Contains(out, "username "+toks[len(toks)-1].OID) {
+				t.Errorf("output lacks the token's username %s", toks[len(toks)-1].OID)
+			}
+			assertNoToken(t, fake, "check's output", out+stderr.String())
+			if t.Failed() {
+				t.Logf("stdout:\n%s\nstderr:\n%s", out, stderr.String())
+			}
+		})
+	}
+}
