@@ -115,7 +115,7 @@ func TestMalformedInputLikeRedis(t *testing.T) {
 	digits := strings.Repeat("1", 70<<10)
 	cases := []struct {
 		desc    string
-		bad     string
+		bad     string // followed by an ECHO unless it ends a line
 		wantErr string // redis's error, checked too so that a case cannot pass by both sides misbehaving alike
 	}{
 		{"multibulk count beyond int32", "*3000000000\r\n", "invalid multibulk length"},
@@ -141,7 +141,10 @@ func TestMalformedInputLikeRedis(t *testing.T) {
 			p = resp.AppendCommand(p, "SET", "bad:before", strconv.Itoa(i))
 			p = resp.AppendCommand(p, "GET", "bad:before")
 			p = append(p, tc.bad...)
-			p = resp.AppendCommand(p, "ECHO", marker)
+			if strings.HasSuffix(tc.bad, "\n") {
+				// (After an unterminated line, redis's answer would depend on how its reads split the input.)
+				p = resp.AppendCommand(p, "ECHO", marker)
+			}
 
 			want, wantClosed := exchange(t, direct, p, marker)
 			got, gotClosed := exchange(t, f.addr, p, marker)
@@ -234,68 +237,80 @@ func (r *repeatReader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// A value close to the bound passes whole, and the proxy streams it: its heap grows by a small part of the
-// value's size, never by a copy of it.
+// Values up to the bound pass whole, and the proxy streams them: for the largest its heap grows by a small
+// part of the value's size, never by a copy of it.
 func TestLargeValueStreams(t *testing.T) {
-	size := int64(400 << 20)
+	huge := int64(400 << 20)
 	if raceEnabled {
-		size = 64 << 20
+		huge = 64 << 20
 	}
 	f := newFixture(t, fixtureOpts{})
-	r := f.raw(t)
-	r.send("PING")
-	r.expect("+PONG\r\n")
 	chunk := bytes.Repeat([]byte("0123456789abcdef"), 4096)
+	for _, size := range []int64{17 << 10, 1 << 20, huge} {
+		t.Run(fmt.Sprintf("%d KiB", size>>10), func(t *testing.T) {
+			r := f.raw(t)
+			r.send("PING")
+			r.expect("+PONG\r\n")
+			baseInuse, baseSys := heapNow()
+			watch := watchHeap()
+			start := time.Now()
+			r.c.SetWriteDeadline(time.Now().Add(2 * time.Minute))
+			w := bufio.NewWriterSize(r.c, 64<<10)
+			fmt.Fprintf(w, "*3\r\n$3\r\nSET\r\n$5\r\nlarge\r\n$%d\r\n", size)
+			if _, err := io.Copy(w, &repeatReader{chunk: chunk, left: size}); err != nil {
+				watch.end()
+				t.Fatal(err)
+			}
+			w.WriteString("\r\n")
+			if err := w.Flush(); err != nil {
+				watch.end()
+				t.Fatal(err)
+			}
+			r.c.SetReadDeadline(time.Now().Add(2 * time.Minute))
+			if line, err := r.r.ReadString('\n'); err != nil || line != "+OK\r\n" {
+				watch.end()
+				t.Fatalf("SET of %d bytes: %q, %v", size, line, err)
+			}
+			setTime := time.Since(start)
 
-	baseInuse, baseSys := heapNow()
-	watch := watchHeap()
-	start := time.Now()
-	r.c.SetWriteDeadline(time.Now().Add(2 * time.Minute))
-	w := bufio.NewWriterSize(r.c, 64<<10)
-	fmt.Fprintf(w, "*3\r\n$3\r\nSET\r\n$5\r\nlarge\r\n$%d\r\n", size)
-	if _, err := io.Copy(w, &repeatReader{chunk: chunk, left: size}); err != nil {
-		t.Fatal(err)
-	}
-	w.WriteString("\r\n")
-	if err := w.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	r.c.SetReadDeadline(time.Now().Add(2 * time.Minute))
-	if line, err := r.r.ReadString('\n'); err != nil || line != "+OK\r\n" {
-		t.Fatalf("SET of %d bytes: %q, %v", size, line, err)
-	}
-	setTime := time.Since(start)
-
-	r.send("GET large")
-	line, err := r.r.ReadString('\n')
-	if err != nil || line != fmt.Sprintf("$%d\r\n", size) {
-		t.Fatalf("GET: header %q, %v; want a bulk of %d bytes", line, err, size)
-	}
-	// Compare as it arrives: the test must not hold the value either.
-	want := &repeatReader{chunk: chunk, left: size}
-	got, exp := make([]byte, 64<<10), make([]byte, 64<<10)
-	for left := size; left > 0; {
-		n, err := r.r.Read(got[:min(int64(len(got)), left)])
-		if err != nil {
-			t.Fatalf("GET: %v after %d bytes", err, size-left)
-		}
-		io.ReadFull(want, exp[:n])
-		if !bytes.Equal(got[:n], exp[:n]) {
-			t.Fatalf("GET: value differs at offset about %d", size-left)
-		}
-		left -= int64(n)
-	}
-	r.expect("\r\n")
-	watch.end()
-	t.Logf("%d MiB: SET %v, SET+GET %v; heap in use %d -> peak %d MiB, sys %d -> peak %d MiB", size>>20,
-		setTime.Round(time.Millisecond), time.Since(start).Round(time.Millisecond),
-		baseInuse>>20, watch.peakInuse>>20, baseSys>>20, watch.peakSys>>20)
-	// A streaming proxy holds buffers of kilobytes; one copy of the value would be size.
-	if grew := int64(watch.peakInuse) - int64(baseInuse); grew > size/8 {
-		t.Errorf("heap in use grew by %d MiB while passing a %d MiB value: the proxy buffers it", grew>>20, size>>20)
-	}
-	if grew := int64(watch.peakSys) - int64(baseSys); grew > size/4 {
-		t.Errorf("memory from the OS grew by %d MiB while passing a %d MiB value", grew>>20, size>>20)
+			r.send("GET large")
+			line, err := r.r.ReadString('\n')
+			if err != nil || line != fmt.Sprintf("$%d\r\n", size) {
+				watch.end()
+				t.Fatalf("GET: header %q, %v; want a bulk of %d bytes", line, err, size)
+			}
+			// Compare as it arrives: the test must not hold the value either.
+			want := &repeatReader{chunk: chunk, left: size}
+			got, exp := make([]byte, 64<<10), make([]byte, 64<<10)
+			for left := size; left > 0; {
+				n, err := r.r.Read(got[:min(int64(len(got)), left)])
+				if err != nil {
+					watch.end()
+					t.Fatalf("GET: %v after %d bytes", err, size-left)
+				}
+				io.ReadFull(want, exp[:n])
+				if !bytes.Equal(got[:n], exp[:n]) {
+					watch.end()
+					t.Fatalf("GET: value differs at offset about %d", size-left)
+				}
+				left -= int64(n)
+			}
+			r.expect("\r\n")
+			watch.end()
+			t.Logf("%d KiB: SET %v, SET+GET %v; heap in use %d -> peak %d MiB, sys %d -> peak %d MiB", size>>10,
+				setTime.Round(time.Millisecond), time.Since(start).Round(time.Millisecond),
+				baseInuse>>20, watch.peakInuse>>20, baseSys>>20, watch.peakSys>>20)
+			if size < 64<<20 {
+				return
+			}
+			// A streaming proxy holds buffers of kilobytes; one copy of the value would be size.
+			if grew := int64(watch.peakInuse) - int64(baseInuse); grew > size/8 {
+				t.Errorf("heap in use grew by %d MiB while passing a %d MiB value: the proxy buffers it", grew>>20, size>>20)
+			}
+			if grew := int64(watch.peakSys) - int64(baseSys); grew > size/4 {
+				t.Errorf("memory from the OS grew by %d MiB while passing a %d MiB value", grew>>20, size>>20)
+			}
+		})
 	}
 }
 

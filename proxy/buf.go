@@ -24,6 +24,8 @@ type readBuf struct {
 	big   *[]byte // the pooled buffer while borrowed
 	small [smallBufSize]byte
 	r, w  int
+	// filled reports that the last read filled the buffer: the peer is sending in bulk.
+	filled bool
 }
 
 // readFrom reads once from c after making room.
@@ -33,10 +35,16 @@ func (b *readBuf) readFrom(c net.Conn) (int, error) {
 	}
 	if b.r == b.w {
 		b.r, b.w = 0, 0
-		if b.big != nil && len(b.buf) == bigBufSize {
+		switch {
+		case b.filled && len(b.buf) < bigBufSize:
+			// The last read filled the buffer: more is waiting, read it in large chunks.
+			b.big = bigBufs.Get().(*[]byte)
+			b.buf = *b.big
+		case b.filled:
+		case b.big != nil:
 			bigBufs.Put(b.big)
 			b.big, b.buf = nil, b.small[:]
-		} else if len(b.buf) > bigBufSize {
+		case len(b.buf) > bigBufSize:
 			b.buf = b.small[:] // an oversized buffer is dropped once it is drained
 		}
 	}
@@ -48,6 +56,7 @@ func (b *readBuf) readFrom(c net.Conn) (int, error) {
 	}
 	n, err := c.Read(b.buf[b.w:])
 	b.w += n
+	b.filled = b.w == len(b.buf)
 	return n, err
 }
 

@@ -24,7 +24,7 @@ func (s *session) replyLoop(up net.Conn) error {
 	defer func() { b.release() }()
 	sc := resp.Scanner{MaxBulk: 1 << 40, MaxDepth: 128}
 	var h resp.Head
-	inFrame, switched := false, false
+	inFrame, switched, stallArmed := false, false, false
 	for {
 		if b.full() && !inFrame && !b.grow(maxHeadBuf) {
 			s.srv.obs.UpstreamError("protocol")
@@ -72,7 +72,7 @@ func (s *session) replyLoop(up net.Conn) error {
 					} else if n, nb := s.switchUpstream(); n != nil {
 						// O's copy: everything O sent before it was passed; continue on N after N's copy.
 						b.release()
-						up, b, rerr, switched, s.skipToMarker = n, nb, nil, true, true
+						up, b, rerr, switched, s.skipToMarker, stallArmed = n, nb, nil, true, true, false
 						break
 					}
 				}
@@ -80,6 +80,15 @@ func (s *session) replyLoop(up net.Conn) error {
 		}
 		if err := s.writeClient(); err != nil {
 			return err
+		}
+		// A reply that stops halfway is an upstream fault, not a slow command: close rather than hang.
+		if mid := inFrame || b.r < b.w; mid != stallArmed {
+			stallArmed = mid
+			deadline := time.Time{}
+			if mid {
+				deadline = time.Now().Add(stallTimeout)
+			}
+			up.SetReadDeadline(deadline)
 		}
 		if s.quitting {
 			return errClientProtocol
@@ -95,6 +104,9 @@ func (s *session) replyLoop(up net.Conn) error {
 }
 
 var errClientProtocol = errors.New("closed after a client protocol error")
+
+// stallTimeout bounds the wait for the rest of a reply that has started to arrive.
+const stallTimeout = 30 * time.Second
 
 // switchUpstream waits for the handover's new connection and takes it over, with the bytes it already sent.
 func (s *session) switchUpstream() (net.Conn, *readBuf) {

@@ -254,8 +254,17 @@ func (s *session) clientLoop() error {
 	s.parser.MaxBulk = s.srv.opts.MaxBulk
 	for {
 		if b.full() && !s.streaming {
-			if !s.startStream(&b) {
-				return errors.New("client command does not fit the buffer")
+			if _, ok := resp.CommandName(b.buf[b.r:b.w]); ok && b.buf[b.r] == '*' {
+				// A multibulk command larger than the buffer: forward it as it arrives.
+				if err := s.startStream(&b); err != nil {
+					return err
+				}
+				if err := s.handleCommands(&b); err != nil {
+					return err
+				}
+			} else if !b.grow(maxInlineBuf) {
+				// Parse reports lines over 64 KiB, so this cannot happen with a correct parser.
+				return errors.New("client command line does not fit the buffer")
 			}
 		}
 		n, err := b.readFrom(s.client)
@@ -415,11 +424,7 @@ func (s *session) handleCommands(b *readBuf) error {
 		}
 		cmd, n, err := s.parser.Parse(b.buf[b.r:b.w])
 		if errors.Is(err, resp.ErrIncomplete) {
-			if b.full() && b.buf[b.r] != '*' && !b.grow(maxInlineBuf) {
-				err = &resp.ProtocolError{Msg: "too big inline request"}
-			} else {
-				return nil
-			}
+			return nil
 		}
 		if err != nil {
 			var pe *resp.ProtocolError
@@ -619,12 +624,9 @@ func appendHello(dst []byte, args [][]byte) []byte {
 }
 
 // startStream begins forwarding a command too large for the buffer, as it arrives.
-func (s *session) startStream(b *readBuf) bool {
+func (s *session) startStream(b *readBuf) error {
 	p := b.buf[b.r:b.w]
-	name, ok := resp.CommandName(p)
-	if !ok {
-		return false
-	}
+	name, _ := resp.CommandName(p)
 	info := lookup(name)
 	e := entry{act: actForward, cmd: info.idx, start: s.srv.now()}
 	switch info.sp {
@@ -643,11 +645,11 @@ func (s *session) startStream(b *readBuf) bool {
 	}
 	s.expect(e)
 	if err := s.flush(); err != nil {
-		return false
+		return err
 	}
 	s.streaming = true
 	s.cmdScan.Reset()
-	return true
+	return nil
 }
 
 // continueStream forwards the next part of a command being streamed.

@@ -39,11 +39,13 @@ port_in_use() {
 	(exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
-# free_port prints a loopback port nobody listens on right now.
+# free_port prints a loopback port nobody listens on right now. It stays below the kernel's
+# ephemeral range, where a port can be busy as the local end of an outgoing connection.
 free_port() {
-	local p
+	local low p
+	low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
 	while :; do
-		p=$((20000 + RANDOM % 30000))
+		p=$((10000 + RANDOM % (low - 10000)))
 		port_in_use "$p" || break
 	done
 	echo "$p"
