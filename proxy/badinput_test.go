@@ -362,3 +362,23 @@ func TestPipelineWithLargeValue(t *testing.T) {
 	r.send("PING")
 	r.expect("+PONG\r\n")
 }
+
+// A client that sends its commands and then half-closes the connection still gets every reply, as with
+// redis-server (e.g. `redis-cli < file`, or printf ... | nc).
+func TestHalfCloseGetsReplies(t *testing.T) {
+	f := newFixture(t, fixtureOpts{})
+	for i := range 20 {
+		t.Run(strconv.Itoa(i), func(t *testing.T) {
+			r := f.raw(t)
+			r.send("SET half "+strconv.Itoa(i), "GET half", "PING")
+			if err := r.c.(*net.TCPConn).CloseWrite(); err != nil {
+				t.Fatal(err)
+			}
+			r.c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			got, err := io.ReadAll(r.r)
+			if want := "+OK\r\n" + bulk(strconv.Itoa(i)) + "+PONG\r\n"; err != nil || string(got) != want {
+				t.Fatalf("read %q, %v; want %q", got, err, want)
+			}
+		})
+	}
+}

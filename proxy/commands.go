@@ -35,6 +35,7 @@ const (
 	spBlock   // a command that may block: BLPOP, XREAD BLOCK, WAIT... (timeout at blockArg)
 	spWatch   // WATCH
 	spUnwatch // UNWATCH
+	spState   // other commands that change the connection's state: SELECT, READONLY...
 )
 
 // family is a pub/sub family: the three kinds of subscription redis keeps apart.
@@ -75,7 +76,9 @@ var commandTable = func() map[string]cmdInfo {
 		"bzpopmin": {sp: spBlock, blockArg: -1}, "bzpopmax": {sp: spBlock, blockArg: -1},
 		"blmpop": {sp: spBlock, blockArg: 1}, "bzmpop": {sp: spBlock, blockArg: 1},
 		"xread": {sp: spBlock, blockMS: true}, "xreadgroup": {sp: spBlock, blockMS: true},
-		"wait": {sp: spBlock, blockArg: -1, blockMS: true},
+		"wait":   {sp: spBlock, blockArg: -1, blockMS: true},
+		"select": {sp: spState}, "readonly": {sp: spState}, "readwrite": {sp: spState},
+		"asking": {sp: spState}, "swapdb": {sp: spState},
 	}
 	t := make(map[string]cmdInfo, len(CommandNames)+len(sp))
 	for name, info := range sp {

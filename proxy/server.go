@@ -30,6 +30,8 @@ type Options struct {
 	DialTimeout    time.Duration // dial + TLS + AUTH of an upstream; default 10s
 	IdlePing       time.Duration // PING an upstream idle this long; 0 = never
 	MaxBulk        int64         // largest bulk a client may send; default 512 MiB
+	// PoolSize is how many authenticated upstream connections are kept ready for new clients; 0 = none.
+	PoolSize int
 	// LocalPassword, if set, must be given by AUTH (or HELLO ... AUTH) before any other command.
 	LocalPassword string
 	// ReauthSpread bounds the window over which live connections are re-authenticated after a new token
@@ -51,6 +53,8 @@ type Server struct {
 	mu       sync.Mutex
 	sessions map[*session]struct{} // sessions with an upstream, for re-AUTH and idle pings
 	closed   bool                  // Close has cut the sessions: no new one may start
+
+	pool *pool // nil without Options.PoolSize
 
 	sessWG sync.WaitGroup // one per client connection
 	bgWG   sync.WaitGroup // background loops and helper goroutines
@@ -82,6 +86,10 @@ func New(opts Options) (*Server, error) {
 	s := &Server{
 		opts: opts, log: opts.Logger, obs: opts.Observer, epoch: time.Now(),
 		sessions: make(map[*session]struct{}), ctx: ctx, cancel: cancel,
+	}
+	if opts.PoolSize > 0 {
+		s.pool = newPool(s, opts.PoolSize)
+		s.goTracked(s.pool.fill)
 	}
 	s.goTracked(s.rotateLoop)
 	if opts.IdlePing > 0 {
@@ -232,6 +240,9 @@ func (s *Server) rotateLoop(ctx context.Context) {
 		}
 		var tok Token
 		tok, changed = s.opts.Tokens.Current()
+		if s.pool != nil {
+			s.pool.nudge()
+		}
 		window := s.opts.ReauthSpread
 		if !old.ExpiresOn.IsZero() {
 			window = min(window, time.Until(old.ExpiresOn)/10)

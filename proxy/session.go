@@ -61,6 +61,7 @@ type session struct {
 	bytesOut atomic.Int64
 
 	// Owned by the client loop: what the commands sent so far did to the connection.
+	dirty         bool     // the client changed the connection state (see dirties): not for the pool
 	authed        bool     // the client gave LOCAL_PASSWORD, or none is set
 	inMulti       bool     // MULTI sent, EXEC/DISCARD not yet: an AUTH would be queued
 	skipNext      bool     // CLIENT REPLY SKIP sent: the next command gets no reply
@@ -99,8 +100,9 @@ type session struct {
 	forceAuth    atomic.Bool // send the token even if it was sent before (the retry after WRONGPASS)
 
 	// Shared by both loops.
-	cut    atomic.Pointer[cutover] // a pub/sub handover in progress
-	subsMu sync.Mutex              // guards subs: the reply loop writes, a handover reads
+	cut       atomic.Pointer[cutover] // a pub/sub handover in progress
+	recycling atomic.Bool             // the upstream goes back to the pool: the reply loop must not close it
+	subsMu    sync.Mutex              // guards subs: the reply loop writes, a handover reads
 
 	connMu    sync.Mutex
 	conns     []net.Conn // upstream connections to close with the session
@@ -150,14 +152,43 @@ func (s *session) run(ctx context.Context) {
 	defer s.srv.untrack(s)
 
 	var wg sync.WaitGroup
+	var rerr error
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		s.close(s.replyLoop(s.up))
+		rerr = s.replyLoop(s.up)
+		if !s.recycling.Load() {
+			s.close(rerr)
+		}
 	}()
-	s.close(s.clientLoop())
+	cerr := s.clientLoop()
+	if !s.recyclable(cerr) {
+		s.close(cerr)
+		wg.Wait()
+		s.finish()
+		return
+	}
+	// The client left its upstream clean: stop the reply loop without closing the upstream, and pool it.
+	up := s.up
+	s.dropConn(up)
+	s.recycling.Store(true)
+	s.close(cerr)
+	up.SetReadDeadline(pokeTime)
 	wg.Wait()
+	up.SetReadDeadline(time.Time{})
+	if errors.Is(rerr, os.ErrDeadlineExceeded) {
+		s.srv.pool.put(&pooled{conn: up, id: s.upID, secret: s.sentSecret})
+	} else {
+		up.Close()
+		s.srv.obs.UpstreamClosed()
+	}
 	s.finish()
+}
+
+// recyclable reports whether the client left its upstream in the state a pooled connection has.
+func (s *session) recyclable(cerr error) bool {
+	return s.srv.pool != nil && errors.Is(cerr, errClientQuit) && !s.dirty && !s.streaming &&
+		s.pend.len() == 0 && !s.resp2Sub.Load() && s.cut.Load() == nil
 }
 
 // finish logs the connection's end and releases what it held.
@@ -205,6 +236,22 @@ func (s *session) connect(ctx context.Context) error {
 	tok, err := s.srv.waitToken(ctx)
 	if err != nil {
 		return err
+	}
+	if s.srv.pool != nil {
+		if c := s.srv.pool.get(); c != nil {
+			if !s.addConn(c.conn) {
+				c.conn.Close()
+				return errors.New("proxy shutting down")
+			}
+			s.up, s.upID, s.sentSecret = c.conn, c.id, c.secret
+			s.lastSent.Store(s.srv.now())
+			s.log = s.log.With("upstream_client_id", c.id)
+			s.srv.obs.Mechanism("pool_reuse")
+			if c.secret != tok.Secret {
+				s.poke(pokeReauth) // pooled before the last rotation: catch up at once
+			}
+			return nil
+		}
 	}
 	start := time.Now()
 	up, err := s.srv.opts.Dialer.DialContext(ctx)
@@ -453,6 +500,7 @@ func (s *session) handleCommands(b *readBuf) error {
 func (s *session) handleCommand(cmd resp.Command, now int64) {
 	args := cmd.Args
 	info := lookup(args[0])
+	s.dirty = s.dirty || dirties(info, args)
 	if s.txAborted {
 		s.abortedTx(info, now)
 		return
@@ -628,6 +676,7 @@ func (s *session) startStream(b *readBuf) error {
 	p := b.buf[b.r:b.w]
 	name, _ := resp.CommandName(p)
 	info := lookup(name)
+	s.dirty = s.dirty || dirties(info, nil)
 	e := entry{act: actForward, cmd: info.idx, start: s.srv.now()}
 	switch info.sp {
 	case spAuth, spHello:

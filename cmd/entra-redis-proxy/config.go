@@ -43,6 +43,7 @@ type Config struct {
 
 	MaxBulkBytes     ByteSize `envconfig:"ENTRA_REDIS_PROXY_MAX_BULK_BYTES" default:"512MiB" desc:"largest bulk string a client may send (like redis proto-max-bulk-len)"`
 	AllowNonLoopback bool     `envconfig:"ENTRA_REDIS_PROXY_ALLOW_NON_LOOPBACK" default:"false" desc:"allow LISTEN on a non-loopback address (every process that can reach it can use your identity)"`
+	PoolSize         int      `envconfig:"ENTRA_REDIS_PROXY_POOL_SIZE" default:"4" desc:"authenticated upstream connections kept ready for new clients (a clean client's upstream is reused); 0 turns the pool off"`
 	LocalPassword    string   `envconfig:"ENTRA_REDIS_PROXY_LOCAL_PASSWORD" desc:"if set, clients must AUTH with this password before other commands"`
 }
 
@@ -143,6 +144,9 @@ func (c *Config) validate() error {
 	}
 	if c.MaxConnections < 0 {
 		return fmt.Errorf("%s: must be 0 (unlimited) or more", v("MAX_CONNECTIONS"))
+	}
+	if c.PoolSize < 0 || c.PoolSize > 10000 {
+		return fmt.Errorf("%s: must be between 0 (off) and 10000", v("POOL_SIZE"))
 	}
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		return fmt.Errorf("%s: %q is not text or json", v("LOG_FORMAT"), c.LogFormat)

@@ -143,6 +143,7 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger) int {
 		Tokens: tokens{src}, Dialer: &proxy.TLSDialer{Addr: cfg.Upstream, Config: tc},
 		Logger: log, Observer: m, MaxConnections: cfg.MaxConnections, DialTimeout: cfg.DialTimeout,
 		IdlePing: cfg.IdlePing, MaxBulk: int64(cfg.MaxBulkBytes), LocalPassword: cfg.LocalPassword,
+		PoolSize: cfg.PoolSize,
 	})
 	if err != nil {
 		log.Error("cannot start", "err", err)
