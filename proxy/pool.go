@@ -24,6 +24,7 @@ type pool struct {
 
 	mu   sync.Mutex
 	idle []*pooled // most recently used last
+	out  int       // connections taken by sessions, which may come back: the pool dials only idle+out < size
 }
 
 type pooled struct {
@@ -55,14 +56,22 @@ func (p *pool) get() *pooled {
 	c := p.idle[n-1]
 	p.idle[n-1] = nil
 	p.idle = p.idle[:n-1]
-	p.nudge()
+	p.out++
 	return c
+}
+
+// release tells the pool that a connection taken by get is gone or about to be offered back by put.
+func (p *pool) release() {
+	p.mu.Lock()
+	p.out--
+	p.mu.Unlock()
+	p.nudge()
 }
 
 // put offers a connection; it is closed when the pool is full or closed.
 func (p *pool) put(c *pooled) bool {
 	p.mu.Lock()
-	if len(p.idle) < p.size && p.srv.ctx.Err() == nil {
+	if len(p.idle)+p.out < p.size && p.srv.ctx.Err() == nil {
 		c.since = p.srv.now()
 		p.idle = append(p.idle, c)
 		p.mu.Unlock()
@@ -108,27 +117,17 @@ func (p *pool) fill(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-p.wake:
-			// A connection was taken: give it a moment to come back (a short-lived client's clean upstream
-			// returns) before dialing a replacement.
-			select {
-			case <-ctx.Done():
-				return
-			case <-time.After(refillDelay):
-			}
 		case <-tick.C:
 		case <-time.After(wait):
 		}
 	}
 }
 
-// refillDelay is how long the pool waits after a connection was taken before dialing a replacement.
-const refillDelay = 100 * time.Millisecond
-
 // top dials until the pool is full.
 func (p *pool) top(ctx context.Context) error {
 	for {
 		p.mu.Lock()
-		full := len(p.idle) >= p.size
+		full := len(p.idle)+p.out >= p.size
 		p.mu.Unlock()
 		if full {
 			return nil

@@ -100,6 +100,7 @@ type session struct {
 	forceAuth    atomic.Bool // send the token even if it was sent before (the retry after WRONGPASS)
 
 	// Shared by both loops.
+	fromPool  bool                    // the upstream came from the pool (which counts it until it returns)
 	cut       atomic.Pointer[cutover] // a pub/sub handover in progress
 	recycling atomic.Bool             // the upstream goes back to the pool: the reply loop must not close it
 	subsMu    sync.Mutex              // guards subs: the reply loop writes, a handover reads
@@ -162,6 +163,11 @@ func (s *session) run(ctx context.Context) {
 		}
 	}()
 	cerr := s.clientLoop()
+	defer func() {
+		if s.fromPool { // a pooled connection that did not go back: the pool may replace it
+			s.srv.pool.release()
+		}
+	}()
 	if !s.recyclable(cerr) {
 		s.close(cerr)
 		wg.Wait()
@@ -177,6 +183,10 @@ func (s *session) run(ctx context.Context) {
 	wg.Wait()
 	up.SetReadDeadline(time.Time{})
 	if errors.Is(rerr, os.ErrDeadlineExceeded) {
+		if s.fromPool {
+			s.srv.pool.release()
+			s.fromPool = false
+		}
 		s.srv.pool.put(&pooled{conn: up, id: s.upID, secret: s.sentSecret})
 	} else {
 		up.Close()
@@ -198,7 +208,7 @@ func (s *session) finish() {
 		cause = s.closeErr.Error()
 	}
 	s.log.Info("client disconnected", "duration", time.Since(s.opened).Round(time.Millisecond).String(),
-		"bytes_in", s.bytesIn.Load(), "bytes_out", s.bytesOut.Load(), "upstream_client_id", s.upID, "cause", cause)
+		"bytes_in", s.bytesIn.Load(), "bytes_out", s.bytesOut.Load(), "cause", cause)
 }
 
 var (
@@ -243,7 +253,7 @@ func (s *session) connect(ctx context.Context) error {
 				c.conn.Close()
 				return errors.New("proxy shutting down")
 			}
-			s.up, s.upID, s.sentSecret = c.conn, c.id, c.secret
+			s.up, s.upID, s.sentSecret, s.fromPool = c.conn, c.id, c.secret, true
 			s.lastSent.Store(s.srv.now())
 			s.log = s.log.With("upstream_client_id", c.id)
 			s.srv.obs.Mechanism("pool_reuse")

@@ -76,7 +76,7 @@ PROXY_PORT=$(free_port)
 start_proxy() {
 	# No HTTP listener (metrics, health): nothing here reads it.
 	ENTRA_REDIS_PROXY_LISTEN=127.0.0.1:$PROXY_PORT ENTRA_REDIS_PROXY_HTTP_LISTEN= \
-		ENTRA_REDIS_PROXY_LOG_LEVEL=warn "$BIN/entra-redis-proxy" >>"$OUT/proxy.log" 2>&1 &
+		ENTRA_REDIS_PROXY_LOG_LEVEL=warn ENTRA_REDIS_PROXY_POOL_SIZE=${BENCH_POOL_SIZE:-20} "$BIN/entra-redis-proxy" >>"$OUT/proxy.log" 2>&1 &
 	PROXY_PID=$!
 	wait_until 30 "the proxy on port $PROXY_PORT to answer PING" proxy_up
 }
