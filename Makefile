@@ -5,7 +5,7 @@ FUZZTIME ?= 1m
 BENCH_ROUNDS ?= 3
 export FUZZTIME BENCH_ROUNDS
 
-.PHONY: help test demo bench bench-go fuzz build clean
+.PHONY: help test demo bench bench-go fuzz soak build clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -24,6 +24,10 @@ bench-go: ## run the Go benchmarks (command reading, reply framing, proxied roun
 
 fuzz: ## run each fuzz target for FUZZTIME (default 1m)
 	scripts/fuzz.sh
+
+SOAK ?= 10m
+soak: ## soak test: mixed clients through rotations every 3s with a flaky identity endpoint, for SOAK (default 10m)
+	PROXY_SOAK=$(SOAK) go test -race -count=1 -timeout 30m -run '^TestSoak$$' -v ./proxy/
 
 build: ## build a static bin/entra-redis-proxy, like the Dockerfile (VERSION defaults to git describe)
 	CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o bin/entra-redis-proxy ./cmd/entra-redis-proxy

@@ -112,7 +112,7 @@ func (s *session) handover(tok Token) error {
 		return errors.New("pub/sub handover: dropped")
 	}
 	old := s.up
-	s.up, s.upID, s.sentSecret = n, id, tok.Secret
+	s.up, s.upID, s.sentSecret, s.upWriteBy = n, id, tok.Secret, time.Time{}
 	s.dropConn(old)
 	old.Close()
 	// N's marker subscription goes; its confirmation comes after the marker itself, and is hidden.

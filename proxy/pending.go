@@ -43,6 +43,7 @@ type pending struct {
 	q       []entry // ring buffer; grows by doubling up to maxPending
 	head    int     // index of the oldest entry
 	n       int     // number of entries
+	unsent  int     // entries popped whose replies are not yet written to the client
 	closed  bool    // set by close; push and wait return at once
 }
 
@@ -116,15 +117,23 @@ func (p *pending) pop() {
 	p.q[p.head] = entry{}
 	p.head = (p.head + 1) % len(p.q)
 	p.n--
+	p.unsent++
 	if p.n == maxPending-1 {
 		p.notFull.Broadcast()
 	}
+	if p.n == 0 && len(p.q) > 64 {
+		p.q, p.head = nil, 0 // an idle connection keeps no large ring
+	}
+}
+
+// written records that the replies popped so far have been written to the client.
+func (p *pending) written() {
+	p.mu.Lock()
+	p.unsent = 0
 	if p.n == 0 {
 		p.empty.Broadcast()
-		if len(p.q) > 64 {
-			p.q, p.head = nil, 0 // an idle connection keeps no large ring
-		}
 	}
+	p.mu.Unlock()
 }
 
 // len returns the number of replies still expected.
@@ -134,8 +143,8 @@ func (p *pending) len() int {
 	return p.n
 }
 
-// waitEmpty waits until no reply is expected, the queue is closed, or d has passed; it reports whether no
-// reply is expected.
+// waitEmpty waits until every expected reply has been written to the client, the queue is closed, or d has
+// passed; it reports whether no reply is expected.
 func (p *pending) waitEmpty(d time.Duration) bool {
 	t := time.AfterFunc(d, func() {
 		p.mu.Lock()
@@ -146,7 +155,7 @@ func (p *pending) waitEmpty(d time.Duration) bool {
 	deadline := time.Now().Add(d)
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for p.n > 0 && !p.closed && time.Now().Before(deadline) {
+	for (p.n > 0 || p.unsent > 0) && !p.closed && time.Now().Before(deadline) {
 		p.empty.Wait()
 	}
 	return p.n == 0

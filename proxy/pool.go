@@ -68,9 +68,13 @@ func (p *pool) release() {
 	p.nudge()
 }
 
-// put offers a connection; it is closed when the pool is full or closed.
-func (p *pool) put(c *pooled) bool {
+// put offers a connection, returning its loan when it was taken by get (in the same step, so that the
+// filler does not dial a replacement first); it is closed when the pool is full or closed.
+func (p *pool) put(c *pooled, loaned bool) bool {
 	p.mu.Lock()
+	if loaned {
+		p.out--
+	}
 	if len(p.idle)+p.out < p.size && p.srv.ctx.Err() == nil {
 		c.since = p.srv.now()
 		p.idle = append(p.idle, c)
@@ -136,7 +140,7 @@ func (p *pool) top(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		p.put(c)
+		p.put(c, false)
 	}
 }
 
@@ -198,7 +202,7 @@ func (p *pool) tend(ctx context.Context) {
 			continue
 		}
 		c.secret = tok.Secret
-		p.put(c)
+		p.put(c, false)
 	}
 }
 

@@ -57,11 +57,13 @@ func TestPoolReusesCleanConnections(t *testing.T) {
 	r.send("SET pooled 1", "GET pooled")
 	r.expect("+OK\r\n" + bulk("1"))
 	r.c.Close()
-	waitFor(t, 10*time.Second, "the clean connection back in the pool", func() bool {
-		next, nr := f.clientID(t)
+	waitFor(t, 10*time.Second, "the client's session to end", func() bool { return f.srv.Clients() == 0 })
+	// The pool hands out the most recently returned connection first.
+	if next, nr := f.clientID(t); next != id {
+		t.Fatalf("next client got upstream %d, want the recycled %d", next, id)
+	} else {
 		nr.c.Close()
-		return next == id
-	})
+	}
 	waitFor(t, 10*time.Second, "no client connected", func() bool { return f.srv.Clients() == 0 })
 	if n := len(f.upstreamIDs(t)); n > 2 {
 		t.Fatalf("%d idle upstream connections, pool size 2", n)

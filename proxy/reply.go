@@ -139,9 +139,10 @@ func (s *session) emit(p []byte) {
 // writeClient writes what this read produced for the client, in one system call where it can.
 func (s *session) writeClient() error {
 	if len(s.outv) == 0 {
+		s.pend.written() // replies the proxy consumed count as handled
 		return nil
 	}
-	s.client.SetWriteDeadline(time.Now().Add(writeTimeout))
+	armWrite(s.client, &s.clientWriteBy)
 	var err error
 	if len(s.outv) == 1 {
 		_, err = s.client.Write(s.outv[0])
@@ -154,6 +155,7 @@ func (s *session) writeClient() error {
 	if err != nil {
 		return fmt.Errorf("write client: %w", err)
 	}
+	s.pend.written()
 	return nil
 }
 

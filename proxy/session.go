@@ -75,29 +75,31 @@ type session struct {
 	watching      bool     // WATCH sent, not yet ended by EXEC/DISCARD/UNWATCH/RESET
 	txCmds        [][]byte // the commands queued in the open MULTI, for a replay
 	txBytes       int
-	txOverflow    bool   // too many queued commands to keep: a rescue aborts instead
-	txAborted     bool   // the open MULTI was aborted by a rescue: answer locally until EXEC/DISCARD
-	sentSecret    string // the token last sent upstream
-	out           []byte // commands to write upstream
+	txOverflow    bool      // too many queued commands to keep: a rescue aborts instead
+	txAborted     bool      // the open MULTI was aborted by a rescue: answer locally until EXEC/DISCARD
+	sentSecret    string    // the token last sent upstream
+	upWriteBy     time.Time // the upstream write deadline in force
+	out           []byte    // commands to write upstream
 	entries       []entry
 	parser        resp.CommandParser
 	cmdScan       resp.Scanner
 
 	// Owned by the reply loop: the connection's state as the replies show it.
-	proto        int
-	monitor      bool
-	subs         [3]map[string]struct{} // per family: what the client is subscribed to
-	cur          entry                  // the entry of the frame being passed
-	curFwd       bool                   // whether the frame being passed goes to the client
-	curReply     bool                   // whether the frame is a reply (not a push or monitor line)
-	outv         [][]byte               // what to write to the client after this read
-	wbuf         net.Buffers
-	quitting     bool        // a local error was sent: close once written
-	markerSeen   bool        // the frame just passed was a handover's marker, sent to it by name
-	markerChan   string      // a handover's marker channel, while subscribed: its messages are hidden
-	skipToMarker bool        // on a new connection after a handover: drop messages up to the marker        // the frame just passed was a handover\'s marker
-	authRetried  bool        // a refused token was already retried with a fresh one
-	forceAuth    atomic.Bool // send the token even if it was sent before (the retry after WRONGPASS)
+	proto         int
+	monitor       bool
+	subs          [3]map[string]struct{} // per family: what the client is subscribed to
+	cur           entry                  // the entry of the frame being passed
+	curFwd        bool                   // whether the frame being passed goes to the client
+	curReply      bool                   // whether the frame is a reply (not a push or monitor line)
+	clientWriteBy time.Time              // the client write deadline in force
+	outv          [][]byte               // what to write to the client after this read
+	wbuf          net.Buffers
+	quitting      bool        // a local error was sent: close once written
+	markerSeen    bool        // the frame just passed was a handover's marker, sent to it by name
+	markerChan    string      // a handover's marker channel, while subscribed: its messages are hidden
+	skipToMarker  bool        // on a new connection after a handover: drop messages up to the marker        // the frame just passed was a handover\'s marker
+	authRetried   bool        // a refused token was already retried with a fresh one
+	forceAuth     atomic.Bool // send the token even if it was sent before (the retry after WRONGPASS)
 
 	// Shared by both loops.
 	fromPool  bool                    // the upstream came from the pool (which counts it until it returns)
@@ -183,11 +185,8 @@ func (s *session) run(ctx context.Context) {
 	wg.Wait()
 	up.SetReadDeadline(time.Time{})
 	if errors.Is(rerr, os.ErrDeadlineExceeded) {
-		if s.fromPool {
-			s.srv.pool.release()
-			s.fromPool = false
-		}
-		s.srv.pool.put(&pooled{conn: up, id: s.upID, secret: s.sentSecret})
+		s.srv.pool.put(&pooled{conn: up, id: s.upID, secret: s.sentSecret}, s.fromPool)
+		s.fromPool = false
 	} else {
 		up.Close()
 		s.srv.obs.UpstreamClosed()
@@ -460,8 +459,17 @@ func (s *session) flush() error {
 	return err
 }
 
+// armWrite gives writes on c a deadline of writeTimeout, re-arming it only once half of it is used: a timer
+// update on every write would cost more than the write's bookkeeping.
+func armWrite(c net.Conn, until *time.Time) {
+	if now := time.Now(); until.Sub(now) < writeTimeout/2 {
+		*until = now.Add(writeTimeout)
+		c.SetWriteDeadline(*until)
+	}
+}
+
 func (s *session) writeUp(p []byte) error {
-	s.up.SetWriteDeadline(time.Now().Add(writeTimeout))
+	armWrite(s.up, &s.upWriteBy)
 	if _, err := s.up.Write(p); err != nil {
 		return fmt.Errorf("write upstream: %w", err)
 	}
