@@ -25,17 +25,14 @@ const (
 )
 
 const (
-	maxInlineBuf   = 128 << 10 // an inline command (at most 64 KiB in redis) must be buffered whole
-	maxHeadBuf     = 1 << 20   // a reply's head (e.g. a pub/sub channel name) must be buffered whole
-	drainOnEOF     = 5 * time.Second
-	writeTimeout   = 60 * time.Second
-	upstreamOKWait = 10 * time.Second
+	maxInlineBuf = 128 << 10        // an inline command (at most 64 KiB in redis) must be buffered whole
+	maxHeadBuf   = 1 << 20          // a reply's head (e.g. a pub/sub channel name) must be buffered whole
+	drainOnEOF   = 5 * time.Second  // how long a client that closed its side waits for its replies
+	writeTimeout = 60 * time.Second // a write that makes no progress this long fails
 )
 
-var (
-	pokeTime = time.Unix(1, 0) // a read deadline in the past wakes a blocked Read at once
-	crlf     = []byte("\r\n")
-)
+// pokeTime is a read deadline in the past: it wakes a blocked Read at once.
+var pokeTime = time.Unix(1, 0)
 
 // session is one client connection and its own upstream connection.
 //
@@ -61,6 +58,7 @@ type session struct {
 	bytesOut atomic.Int64
 
 	// Owned by the client loop: what the commands sent so far did to the connection.
+	fromPool      bool     // the upstream came from the pool, which counts it until it returns
 	dirty         bool     // the client changed the connection state (see dirties): not for the pool
 	authed        bool     // the client gave LOCAL_PASSWORD, or none is set
 	inMulti       bool     // MULTI sent, EXEC/DISCARD not yet: an AUTH would be queued
@@ -94,15 +92,14 @@ type session struct {
 	clientWriteBy time.Time              // the client write deadline in force
 	outv          [][]byte               // what to write to the client after this read
 	wbuf          net.Buffers
-	quitting      bool        // a local error was sent: close once written
-	markerSeen    bool        // the frame just passed was a handover's marker, sent to it by name
-	markerChan    string      // a handover's marker channel, while subscribed: its messages are hidden
-	skipToMarker  bool        // on a new connection after a handover: drop messages up to the marker        // the frame just passed was a handover\'s marker
-	authRetried   bool        // a refused token was already retried with a fresh one
-	forceAuth     atomic.Bool // send the token even if it was sent before (the retry after WRONGPASS)
+	quitting      bool   // a local error was sent: close once written
+	markerSeen    bool   // the frame just passed was a handover's marker, sent to it by name
+	markerChan    string // a handover's marker channel, while subscribed: its messages are hidden
+	skipToMarker  bool   // on a new connection after a handover: drop messages up to the marker
+	authRetried   bool   // a refused token was already retried with a fresh one
 
 	// Shared by both loops.
-	fromPool  bool                    // the upstream came from the pool (which counts it until it returns)
+	forceAuth atomic.Bool             // send the token even if it was sent before (the retry after WRONGPASS)
 	cut       atomic.Pointer[cutover] // a pub/sub handover in progress
 	recycling atomic.Bool             // the upstream goes back to the pool: the reply loop must not close it
 	subsMu    sync.Mutex              // guards subs: the reply loop writes, a handover reads
@@ -534,15 +531,17 @@ func (s *session) handleCommand(cmd resp.Command, now int64) {
 	}
 	switch info.sp {
 	case spAuth:
-		if len(args) == 2 || len(args) == 3 {
-			// The client's credentials never reach Azure: a PING holds the reply's place.
+		// The client's credentials never reach Azure: the proxy answers.
+		switch {
+		case len(args) != 2 && len(args) != 3:
+			e.text = "-ERR wrong number of arguments for 'auth' command\r\n"
+		case s.localAuth(args[len(args)-1]):
 			e.text = "+OK\r\n"
-			if !s.localAuth(args[len(args)-1]) {
-				e.text = wrongPass
-			}
-			s.local(e)
-			return
+		default:
+			e.text = wrongPass
 		}
+		s.local(e)
+		return
 	case spHello:
 		if i := helloAuthAt(args); i > 0 && !s.localAuth(args[i+2]) {
 			e.text = wrongPass

@@ -3,7 +3,8 @@
 # TLS, and stunnel in client mode (the classic TLS tunnel for Redis). Everything runs on loopback:
 # the fake Azure cache (TLS redis-server, tokens from a fake managed identity endpoint), stunnel4,
 # the proxy, and redis-benchmark against each of the three in turn, for BENCH_ROUNDS rounds
-# (default 3). Prints one table of medians and ratios and writes it to .bench/results.md; raw
+# (default 3). The proxy's warm pool holds BENCH_POOL_SIZE (default 40: twice row e's clients, so a
+# client that reconnects finds the connection its predecessor returned). Prints one table of medians and ratios and writes it to .bench/results.md; raw
 # numbers and logs stay in .bench/. See issue 5 for the rows and targets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,7 +77,7 @@ PROXY_PORT=$(free_port)
 start_proxy() {
 	# No HTTP listener (metrics, health): nothing here reads it.
 	ENTRA_REDIS_PROXY_LISTEN=127.0.0.1:$PROXY_PORT ENTRA_REDIS_PROXY_HTTP_LISTEN= \
-		ENTRA_REDIS_PROXY_LOG_LEVEL=warn ENTRA_REDIS_PROXY_POOL_SIZE=${BENCH_POOL_SIZE:-20} "$BIN/entra-redis-proxy" >>"$OUT/proxy.log" 2>&1 &
+		ENTRA_REDIS_PROXY_LOG_LEVEL=warn ENTRA_REDIS_PROXY_POOL_SIZE=${BENCH_POOL_SIZE:-40} "$BIN/entra-redis-proxy" >>"$OUT/proxy.log" 2>&1 &
 	PROXY_PID=$!
 	wait_until 30 "the proxy on port $PROXY_PORT to answer PING" proxy_up
 }
