@@ -10,12 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
-
 	"github.com/entra-redis-proxy/entra-redis-proxy/internal/azurefake"
-	"github.com/entra-redis-proxy/entra-redis-proxy/proxy"
 	"github.com/entra-redis-proxy/entra-redis-proxy/resp"
-	"github.com/entra-redis-proxy/entra-redis-proxy/tokensource"
 )
 
 // The proxy runs in the benchmark's process, so allocs/op counts the proxy's allocations per operation
@@ -121,50 +117,10 @@ func (c *benchConn) roundTrip(b *testing.B, cmds, want []byte) {
 	}
 }
 
-// benchProxy starts what newFixture starts (a fake cache, the managed identity credential, a proxy) for a
-// benchmark, since newFixture takes a *testing.T, and returns a dialer for the proxy.
+// benchProxy starts a fixture (a fake cache, the managed identity credential, a proxy) and returns a
+// dialer for the proxy.
 func benchProxy(b *testing.B) func() (net.Conn, error) {
 	b.Helper()
-	// Token lifetime: see newFixture.
-	env := azurefake.StartT(b, azurefake.Options{TokenLifetime: 2 * time.Minute})
-	b.Setenv("IDENTITY_ENDPOINT", env.IdentityEndpoint)
-	b.Setenv("IDENTITY_HEADER", env.IdentityHeader)
-	log := testLogger(b)
-	src, err := tokensource.New(func() (azcore.TokenCredential, error) {
-		return tokensource.NewCredential("managed-identity", "", "")
-	}, tokensource.Options{Scope: "https://redis.azure.com/.default", Logger: log})
-	if err != nil {
-		b.Fatal(err)
-	}
-	srv, err := proxy.New(proxy.Options{
-		Tokens: tokens{src}, Logger: log, DialTimeout: 5 * time.Second,
-		Dialer: &proxy.TLSDialer{Addr: env.RedisAddr, Config: env.ClientTLSConfig()},
-	})
-	if err != nil {
-		b.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	runDone, serveDone := make(chan struct{}), make(chan struct{})
-	go func() { defer close(runDone); src.Run(ctx) }()
-	go func() { defer close(serveDone); srv.Serve(ln) }()
-	b.Cleanup(func() {
-		ln.Close()
-		<-serveDone
-		cctx, ccancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer ccancel()
-		srv.Close(cctx)
-		cancel()
-		<-runDone
-	})
-	select {
-	case <-src.Ready():
-	case <-time.After(10 * time.Second):
-		b.Fatal("no token from the fake identity endpoint")
-	}
-	addr := ln.Addr().String()
+	addr := newFixture(b, fixtureOpts{}).addr
 	return func() (net.Conn, error) { return net.DialTimeout("tcp", addr, benchIOLimit) }
 }

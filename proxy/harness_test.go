@@ -72,7 +72,7 @@ func (w testWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func newFixture(t *testing.T, o fixtureOpts) *fixture {
+func newFixture(t testing.TB, o fixtureOpts) *fixture {
 	t.Helper()
 	if o.lifetime == 0 {
 		// Long enough for no rotation in a test, and short enough that MSAL's process-wide managed identity
@@ -83,7 +83,7 @@ func newFixture(t *testing.T, o fixtureOpts) *fixture {
 	return newProxyFor(t, env, o)
 }
 
-func newProxyFor(t *testing.T, env *azurefake.Env, o fixtureOpts) *fixture {
+func newProxyFor(t testing.TB, env *azurefake.Env, o fixtureOpts) *fixture {
 	t.Helper()
 	t.Setenv("IDENTITY_ENDPOINT", env.IdentityEndpoint)
 	t.Setenv("IDENTITY_HEADER", env.IdentityHeader)
