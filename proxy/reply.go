@@ -86,7 +86,7 @@ func (s *session) replyLoop(up net.Conn) error {
 			stallArmed = mid
 			deadline := time.Time{}
 			if mid {
-				deadline = time.Now().Add(stallTimeout)
+				deadline = time.Now().Add(s.srv.opts.StallTimeout)
 			}
 			up.SetReadDeadline(deadline)
 		}
@@ -104,9 +104,6 @@ func (s *session) replyLoop(up net.Conn) error {
 }
 
 var errClientProtocol = errors.New("closed after a client protocol error")
-
-// stallTimeout bounds the wait for the rest of a reply that has started to arrive.
-const stallTimeout = 30 * time.Second
 
 // switchUpstream waits for the handover's new connection and takes it over, with the bytes it already sent.
 func (s *session) switchUpstream() (net.Conn, *readBuf) {
@@ -142,7 +139,7 @@ func (s *session) writeClient() error {
 		s.pend.written() // replies the proxy consumed count as handled
 		return nil
 	}
-	armWrite(s.client, &s.clientWriteBy)
+	armWrite(s.client, &s.clientWriteBy, s.srv.opts.WriteTimeout)
 	var err error
 	if len(s.outv) == 1 {
 		_, err = s.client.Write(s.outv[0])

@@ -38,6 +38,11 @@ type Options struct {
 	// arrives, so thousands of AUTHs don't hit the cache at one instant. Default 30s; the window is also at
 	// most a tenth of the old token's remaining life.
 	ReauthSpread time.Duration
+	// WriteTimeout: a write to a client or the upstream that makes no progress this long fails and closes the
+	// connection; default 60s. A client that stops reading its replies is closed after it.
+	WriteTimeout time.Duration
+	// StallTimeout: a reply that stops halfway this long closes the connection; default 30s.
+	StallTimeout time.Duration
 }
 
 // Server is the proxy: it accepts clients and runs a session for each.
@@ -81,6 +86,12 @@ func New(opts Options) (*Server, error) {
 	}
 	if opts.ReauthSpread <= 0 {
 		opts.ReauthSpread = 30 * time.Second
+	}
+	if opts.WriteTimeout <= 0 {
+		opts.WriteTimeout = 60 * time.Second
+	}
+	if opts.StallTimeout <= 0 {
+		opts.StallTimeout = 30 * time.Second
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{

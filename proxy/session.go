@@ -25,10 +25,9 @@ const (
 )
 
 const (
-	maxInlineBuf = 128 << 10        // an inline command (at most 64 KiB in redis) must be buffered whole
-	maxHeadBuf   = 1 << 20          // a reply's head (e.g. a pub/sub channel name) must be buffered whole
-	drainOnEOF   = 5 * time.Second  // how long a client that closed its side waits for its replies
-	writeTimeout = 60 * time.Second // a write that makes no progress this long fails
+	maxInlineBuf = 128 << 10       // an inline command (at most 64 KiB in redis) must be buffered whole
+	maxHeadBuf   = 1 << 20         // a reply's head (e.g. a pub/sub channel name) must be buffered whole
+	drainOnEOF   = 5 * time.Second // how long a client that closed its side waits for its replies
 )
 
 // pokeTime is a read deadline in the past: it wakes a blocked Read at once.
@@ -456,17 +455,17 @@ func (s *session) flush() error {
 	return err
 }
 
-// armWrite gives writes on c a deadline of writeTimeout, re-arming it only once half of it is used: a timer
+// armWrite gives writes on c a deadline of timeout, re-arming it only once half of it is used: a timer
 // update on every write would cost more than the write's bookkeeping.
-func armWrite(c net.Conn, until *time.Time) {
-	if now := time.Now(); until.Sub(now) < writeTimeout/2 {
-		*until = now.Add(writeTimeout)
+func armWrite(c net.Conn, until *time.Time, timeout time.Duration) {
+	if now := time.Now(); until.Sub(now) < timeout/2 {
+		*until = now.Add(timeout)
 		c.SetWriteDeadline(*until)
 	}
 }
 
 func (s *session) writeUp(p []byte) error {
-	armWrite(s.up, &s.upWriteBy)
+	armWrite(s.up, &s.upWriteBy, s.srv.opts.WriteTimeout)
 	if _, err := s.up.Write(p); err != nil {
 		return fmt.Errorf("write upstream: %w", err)
 	}
@@ -500,7 +499,7 @@ func (s *session) handleCommands(b *readBuf) error {
 			if ferr := s.flush(); ferr != nil {
 				return ferr
 			}
-			s.pend.waitEmpty(writeTimeout)
+			s.pend.waitEmpty(s.srv.opts.WriteTimeout)
 			return fmt.Errorf("client protocol error: %w", err)
 		}
 		b.r += n
