@@ -57,12 +57,44 @@ func (t tokens) Refresh(ctx context.Context) (proxy.Token, error) {
 	return proxy.Token(tok), err
 }
 
+// testLogger prints the proxy's warnings (everything with PROXY_TEST_DEBUG set), and fails the test if the
+// proxy ever got a reply it did not expect: reply accounting must be exact in every test.
 func testLogger(t testing.TB) *slog.Logger {
-	level := slog.LevelWarn
+	show := slog.LevelWarn
 	if os.Getenv("PROXY_TEST_DEBUG") != "" {
-		level = slog.LevelDebug
+		show = slog.LevelDebug
 	}
-	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: level}))
+	text := slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})
+	return slog.New(&checkHandler{Handler: text, t: t, show: show})
+}
+
+// unexpectedReply is the proxy's debug message for a reply with no command waiting for it.
+const unexpectedReply = "reply with no command waiting; passing it on"
+
+type checkHandler struct {
+	slog.Handler
+	t    testing.TB
+	show slog.Level
+}
+
+func (h *checkHandler) Enabled(context.Context, slog.Level) bool { return true }
+
+func (h *checkHandler) Handle(ctx context.Context, r slog.Record) error {
+	if r.Message == unexpectedReply {
+		h.t.Errorf("the proxy got a reply it did not expect: reply accounting is off")
+	}
+	if r.Level < h.show {
+		return nil
+	}
+	return h.Handler.Handle(ctx, r)
+}
+
+func (h *checkHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return &checkHandler{Handler: h.Handler.WithAttrs(as), t: h.t, show: h.show}
+}
+
+func (h *checkHandler) WithGroup(name string) slog.Handler {
+	return &checkHandler{Handler: h.Handler.WithGroup(name), t: h.t, show: h.show}
 }
 
 type testWriter struct{ t testing.TB }

@@ -436,15 +436,16 @@ func (s *session) expect(e entry) {
 
 // flush queues the expected replies, then writes the commands upstream in one write.
 func (s *session) flush() error {
-	if len(s.out) == 0 {
-		return nil
-	}
+	// Entries first, even with nothing in out: a streamed command's entry precedes its bytes.
 	if len(s.entries) > 0 {
 		if !s.pend.push(s.entries) {
 			return errUpstreamGone
 		}
 		clear(s.entries)
 		s.entries = s.entries[:0]
+	}
+	if len(s.out) == 0 {
+		return nil
 	}
 	err := s.writeUp(s.out)
 	if cap(s.out) > 4*bigBufSize {
