@@ -386,9 +386,8 @@ func (s *session) inject() error {
 		return nil
 	}
 	now := s.srv.now()
-	if s.wantAuth && s.tailBlocked() {
-		// An AUTH would wait behind the blocking command; the deadline rescue handles it if need be.
-	} else if s.wantAuth {
+	// Behind an unanswered blocking command an AUTH would wait: it stays due (the deadline rescue unblocks).
+	if s.wantAuth && !s.tailBlocked() {
 		s.wantAuth = false
 		force := s.forceAuth.Swap(false)
 		tok, _ := s.srv.opts.Tokens.Current()
