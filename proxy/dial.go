@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -106,7 +107,7 @@ func readReplies(c net.Conn, n int) ([]string, error) {
 		k, err := c.Read(tmp)
 		buf = append(buf, tmp[:k]...)
 		for {
-			i := strings.Index(string(buf), "\r\n")
+			i := bytes.Index(buf, []byte("\r\n"))
 			if i < 0 {
 				break
 			}

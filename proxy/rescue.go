@@ -115,11 +115,14 @@ func (b *blocked) again(d time.Duration) *blocked {
 // isTimeoutReply reports whether the frame at p is what a blocking command answers when it times out: a
 // null, or for WAIT fewer replicas than asked. ok is false when more bytes are needed.
 func (b *blocked) isTimeoutReply(p []byte) (timeout, ok bool) {
+	if bytes.HasPrefix(p, []byte("_\r")) { // RESP3 null
+		return true, true
+	}
 	if len(p) < 4 {
 		return false, bytes.IndexByte(p, '\n') >= 0
 	}
 	switch {
-	case bytes.HasPrefix(p, []byte("*-1\r")), bytes.HasPrefix(p, []byte("$-1\r")), bytes.HasPrefix(p, []byte("_\r")):
+	case bytes.HasPrefix(p, []byte("*-1\r")), bytes.HasPrefix(p, []byte("$-1\r")):
 		return true, true
 	case p[0] == ':' && strings.EqualFold(b.args[0], "wait"):
 		i := bytes.IndexByte(p, '\r')

@@ -260,3 +260,36 @@ func TestIdleConnectionKeptAlive(t *testing.T) {
 		t.Fatalf("CLIENT ID = %d, %v; want %d (the same upstream, kept alive)", got, err, id)
 	}
 }
+
+// The same for a RESP3 client, whose timeout reply is a RESP3 null.
+func TestBlockedRESP3AcrossRotations(t *testing.T) {
+	f := newFixture(t, fixtureOpts{lifetime: 3 * time.Second})
+	ctx := t.Context()
+	c, other := f.client(t, 3), f.client(t, 2)
+	type result struct {
+		v   []string
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		v, err := c.BLPop(ctx, 0, "list3r").Result()
+		done <- result{v, err}
+	}()
+	f.rotations(t, 3)
+	select {
+	case r := <-done:
+		t.Fatalf("BLPOP returned before any push: %v, %v", r.v, r.err)
+	default:
+	}
+	if err := other.LPush(ctx, "list3r", "v").Err(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-done:
+		if r.err != nil || len(r.v) != 2 || r.v[1] != "v" {
+			t.Fatalf("BLPOP = %v, %v", r.v, r.err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("BLPOP did not return the pushed element")
+	}
+}
