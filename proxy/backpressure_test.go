@@ -207,31 +207,6 @@ type fixedTokens struct{ tok proxy.Token }
 func (f fixedTokens) Current() (proxy.Token, <-chan struct{})      { return f.tok, nil }
 func (f fixedTokens) Refresh(context.Context) (proxy.Token, error) { return f.tok, nil }
 
-// startProxy runs a Server built from opts on a loopback listener until the test ends.
-func startProxy(t *testing.T, opts proxy.Options) (*proxy.Server, string) {
-	t.Helper()
-	srv, err := proxy.New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { defer close(done); srv.Serve(ln) }()
-	t.Cleanup(func() {
-		ln.Close()
-		<-done
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if cut := srv.Close(ctx); cut > 0 {
-			t.Errorf("%d client connections still open at the end", cut)
-		}
-	})
-	return srv, ln.Addr().String()
-}
-
 // stallingUpstream is a TLS server that accepts the proxy's handshake, then answers a GET with the start of
 // a reply (chosen by the key) and sends nothing more.
 type stallingUpstream struct {

@@ -27,15 +27,14 @@ import (
 // fixture is an Azure-like cache (TLS redis-server, a new ACL user per token, deleted at expiry), the real
 // azidentity managed identity credential talking to the fake identity endpoint, and a proxy in front.
 type fixture struct {
-	env    *azurefake.Env
-	src    *tokensource.Source
-	srv    *proxy.Server
-	addr   string // the proxy's listener
-	cancel context.CancelFunc
+	env  *azurefake.Env
+	src  *tokensource.Source
+	srv  *proxy.Server
+	addr string // the proxy's listener
 }
 
 type fixtureOpts struct {
-	lifetime   time.Duration // token lifetime; default 1h
+	lifetime   time.Duration // token lifetime; default 2m
 	idlePing   time.Duration // proxy.Options.IdlePing
 	username   string        // token source username override
 	caFile     string        // trust this CA instead of the fake's
@@ -149,6 +148,24 @@ func newProxyFor(t testing.TB, env *azurefake.Env, o fixtureOpts) *fixture {
 	if o.proxyOpt != nil {
 		o.proxyOpt(&opts)
 	}
+	ctx, cancel := context.WithCancel(context.Background())
+	runDone := make(chan struct{})
+	go func() { defer close(runDone); src.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-runDone }) // after the proxy's cleanup (cleanups run last first)
+	srv, addr := startProxy(t, opts)
+	f := &fixture{env: env, src: src, srv: srv, addr: addr}
+	select {
+	case <-src.Ready():
+	case <-time.After(10 * time.Second):
+		t.Fatal("no token from the fake identity endpoint")
+	}
+	return f
+}
+
+// startProxy runs a Server built from opts on a loopback listener until the test ends, and checks then that
+// no client connection had to be cut.
+func startProxy(t testing.TB, opts proxy.Options) (*proxy.Server, string) {
+	t.Helper()
 	srv, err := proxy.New(opts)
 	if err != nil {
 		t.Fatal(err)
@@ -157,27 +174,18 @@ func newProxyFor(t testing.TB, env *azurefake.Env, o fixtureOpts) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	f := &fixture{env: env, src: src, srv: srv, addr: ln.Addr().String(), cancel: cancel}
-	runDone := make(chan struct{})
-	go func() { defer close(runDone); src.Run(ctx) }()
-	serveDone := make(chan struct{})
-	go func() { defer close(serveDone); srv.Serve(ln) }()
+	done := make(chan struct{})
+	go func() { defer close(done); srv.Serve(ln) }()
 	t.Cleanup(func() {
 		ln.Close()
-		<-serveDone
-		cctx, ccancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer ccancel()
-		srv.Close(cctx)
-		cancel()
-		<-runDone
+		<-done
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if cut := srv.Close(ctx); cut > 0 {
+			t.Errorf("%d client connections still open at the end", cut)
+		}
 	})
-	select {
-	case <-src.Ready():
-	case <-time.After(10 * time.Second):
-		t.Fatal("no token from the fake identity endpoint")
-	}
-	return f
+	return srv, ln.Addr().String()
 }
 
 // client returns a go-redis client of the proxy that keeps exactly one connection.
