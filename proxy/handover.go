@@ -30,14 +30,12 @@ import (
 
 // cutover is a handover in progress, shared by the client loop (which sets it up) and the reply loop.
 type cutover struct {
-	marker     string
-	nonce      string
+	marker     string        // the private channel: unique per handover
 	subscribed chan struct{} // closed by the reply loop: O confirmed the marker subscription
-	ready      chan struct{} // closed by the client loop: conn, buf, id are set (or failed is)
+	ready      chan struct{} // closed by the client loop: conn and buf are set (or failed is)
 	done       chan struct{} // closed by the reply loop: it reads N now (or dropped the handover)
 	conn       net.Conn
 	buf        *readBuf
-	id         int64
 	failed     bool // the client loop gave up; the reply loop drops the marker and stays on O
 	switched   bool // set by the reply loop before done
 }
@@ -54,7 +52,7 @@ func (s *session) handover(tok Token) error {
 	var nonce [12]byte
 	rand.Read(nonce[:])
 	cut := &cutover{
-		marker: "__entra_redis_proxy:handover:" + hex.EncodeToString(nonce[:]), nonce: hex.EncodeToString(nonce[:4]),
+		marker:     "__entra_redis_proxy:handover:" + hex.EncodeToString(nonce[:]),
 		subscribed: make(chan struct{}), ready: make(chan struct{}), done: make(chan struct{}),
 	}
 	s.cut.Store(cut)
@@ -94,12 +92,12 @@ func (s *session) handover(tok Token) error {
 		return errors.New("session closed")
 	}
 	// 3. The marker, from a connection that is not subscribed.
-	if err := publish(ctx, s.srv.opts.Dialer, tok, cut.marker, cut.nonce); err != nil {
+	if err := publish(ctx, s.srv.opts.Dialer, tok, cut.marker, "cut"); err != nil {
 		s.dropConn(n)
 		n.Close()
 		return abort(err)
 	}
-	cut.conn, cut.buf, cut.id = n, buf, id
+	cut.conn, cut.buf = n, buf
 	close(cut.ready)
 
 	// 3. The reply loop switches to N when the marker arrives on O.
