@@ -46,7 +46,8 @@ const handoverTimeout = 10 * time.Second
 // failure of the old connection; other failures leave the client on its old connection and are retried.
 func (s *session) handover(tok Token) error {
 	if !s.pend.waitEmpty(handoverTimeout) {
-		return nil // replies still outstanding; try again at the next poke
+		s.retryLater() // replies still outstanding: the subscriptions are not known yet
+		return nil
 	}
 	subs := s.snapshotSubs()
 	var nonce [12]byte
