@@ -46,7 +46,7 @@ const handoverTimeout = 10 * time.Second
 // failure of the old connection; other failures leave the client on its old connection and are retried.
 func (s *session) handover(tok Token) error {
 	if !s.pend.waitEmpty(handoverTimeout) {
-		s.retryLater() // replies still outstanding: the subscriptions are not known yet
+		s.retryLater(pokeReauth) // replies still outstanding: the subscriptions are not known yet
 		return nil
 	}
 	subs := s.snapshotSubs()
@@ -71,7 +71,7 @@ func (s *session) handover(tok Token) error {
 		s.log.Warn("pub/sub handover failed; staying on the current connection and retrying", "err", err)
 		cut.failed = true
 		close(cut.ready)
-		s.retryLater()
+		s.retryLater(pokeReauth)
 		// Drop the marker subscription so the client's subscription counts stay right.
 		s.out = resp.AppendCommand(s.out, "UNSUBSCRIBE", cut.marker)
 		s.entries = append(s.entries, entry{act: actMarker, cmd: cmdOther, start: s.srv.now()})
@@ -242,7 +242,7 @@ func (s *session) snapshotSubs() [3][]string {
 	return out
 }
 
-// retryLater asks for another re-authentication attempt in a second.
-func (s *session) retryLater() {
-	time.AfterFunc(time.Second, func() { s.poke(pokeReauth) })
+// retryLater pokes the client loop again in a second, for another attempt at a failed rescue.
+func (s *session) retryLater(bits uint32) {
+	time.AfterFunc(time.Second, func() { s.poke(bits) })
 }

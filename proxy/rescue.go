@@ -146,18 +146,21 @@ func (s *session) unblock(tok Token) error {
 	defer cancel()
 	c, err := s.srv.opts.Dialer.DialContext(ctx)
 	if err != nil {
-		s.log.Warn("cannot unblock the connection for re-AUTH", "err", err)
+		s.log.Warn("cannot unblock the connection for re-AUTH; retrying", "err", err)
+		s.retryLater(pokeDeadline)
 		return nil
 	}
 	defer c.Close()
 	if _, _, err := handshake(ctx, c, tok, fixedToken(tok)); err != nil {
-		s.log.Warn("cannot unblock the connection for re-AUTH", "err", err)
+		s.log.Warn("cannot unblock the connection for re-AUTH; retrying", "err", err)
+		s.retryLater(pokeDeadline)
 		return nil
 	}
 	deadline, _ := ctx.Deadline()
 	c.SetDeadline(deadline)
 	if err := pinStreamIDs(c, b); err != nil {
-		s.log.Warn("cannot unblock the connection for re-AUTH", "err", err)
+		s.log.Warn("cannot unblock the connection for re-AUTH; retrying", "err", err)
+		s.retryLater(pokeDeadline)
 		return nil
 	}
 	// The reply loop sets answered, then reads unblocking; this sets unblocking, then reads answered: at
