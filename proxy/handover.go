@@ -60,9 +60,7 @@ func (s *session) handover(tok Token) error {
 	defer s.cut.Store(nil)
 
 	// 1. The marker subscription on O.
-	s.out = resp.AppendCommand(s.out, "SUBSCRIBE", cut.marker)
-	s.entries = append(s.entries, entry{act: actMarker, cmd: cmdOther, start: s.srv.now()})
-	if err := s.flush(); err != nil {
+	if err := s.sendMarker("SUBSCRIBE", cut.marker); err != nil {
 		return err
 	}
 	ctx, cancel := context.WithTimeout(s.srv.ctx, handoverTimeout)
@@ -73,9 +71,7 @@ func (s *session) handover(tok Token) error {
 		close(cut.ready)
 		s.retryLater(pokeReauth)
 		// Drop the marker subscription so the client's subscription counts stay right.
-		s.out = resp.AppendCommand(s.out, "UNSUBSCRIBE", cut.marker)
-		s.entries = append(s.entries, entry{act: actMarker, cmd: cmdOther, start: s.srv.now()})
-		return s.flush()
+		return s.sendMarker("UNSUBSCRIBE", cut.marker)
 	}
 	select {
 	case <-cut.subscribed:
@@ -101,7 +97,7 @@ func (s *session) handover(tok Token) error {
 	cut.conn, cut.buf = n, buf
 	close(cut.ready)
 
-	// 3. The reply loop switches to N when the marker arrives on O.
+	// 4. The reply loop switches to N when the marker arrives on O.
 	select {
 	case <-cut.done:
 	case <-ctx.Done():
@@ -115,17 +111,20 @@ func (s *session) handover(tok Token) error {
 	s.dropConn(old)
 	old.Close()
 	// N's marker subscription goes; its confirmation comes after the marker itself, and is hidden.
-	s.out = resp.AppendCommand(s.out, "UNSUBSCRIBE", cut.marker)
-	s.entries = append(s.entries, entry{act: actMarker, cmd: cmdOther, start: s.srv.now()})
-	if err := s.flush(); err != nil {
+	if err := s.sendMarker("UNSUBSCRIBE", cut.marker); err != nil {
 		return err
 	}
-	s.srv.obs.UpstreamClosed()
-	s.srv.obs.UpstreamOpened(0)
 	s.srv.obs.Mechanism("handover")
 	s.log.Info("pub/sub connection handed over to a new upstream", "upstream_client_id", id,
 		"channels", len(subs[famChannel]), "patterns", len(subs[famPattern]), "shard_channels", len(subs[famShard]))
 	return nil
+}
+
+// sendMarker (un)subscribes the upstream to the marker, with the confirmation hidden from the client.
+func (s *session) sendMarker(verb, marker string) error {
+	s.out = resp.AppendCommand(s.out, verb, marker)
+	s.entries = append(s.entries, entry{act: actMarker, cmd: cmdOther, start: s.srv.now()})
+	return s.flush()
 }
 
 // dialSubscriber opens N and subscribes it to the marker and subs. It returns N's buffer holding whatever N

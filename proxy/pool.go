@@ -102,8 +102,6 @@ func (p *pool) fill(ctx context.Context) {
 	if p.srv.opts.IdlePing > 0 {
 		every = min(every, p.srv.opts.IdlePing/2)
 	}
-	tick := time.NewTicker(every)
-	defer tick.Stop()
 	var backoff time.Duration
 	for {
 		p.tend(ctx)
@@ -121,7 +119,6 @@ func (p *pool) fill(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-p.wake:
-		case <-tick.C:
 		case <-time.After(wait):
 		}
 	}
@@ -136,33 +133,14 @@ func (p *pool) top(ctx context.Context) error {
 		if full {
 			return nil
 		}
-		c, err := p.dial(ctx)
+		dctx, cancel := context.WithTimeout(ctx, p.srv.opts.DialTimeout)
+		c, err := p.srv.dialUpstream(dctx)
+		cancel()
 		if err != nil {
 			return err
 		}
 		p.put(c, false)
 	}
-}
-
-func (p *pool) dial(ctx context.Context) (*pooled, error) {
-	ctx, cancel := context.WithTimeout(ctx, p.srv.opts.DialTimeout)
-	defer cancel()
-	tok, err := p.srv.waitToken(ctx)
-	if err != nil {
-		return nil, err
-	}
-	start := time.Now()
-	conn, err := p.srv.opts.Dialer.DialContext(ctx)
-	if err != nil {
-		return nil, err
-	}
-	id, tok, err := handshake(ctx, conn, tok, p.srv.opts.Tokens)
-	if err != nil {
-		conn.Close()
-		return nil, err
-	}
-	p.srv.obs.UpstreamOpened(time.Since(start))
-	return &pooled{conn: conn, id: id, secret: tok.Secret}, nil
 }
 
 // tend re-authenticates idle connections on an old token and PINGs those idle too long; a connection that
@@ -186,7 +164,7 @@ func (p *pool) tend(ctx context.Context) {
 	p.mu.Unlock()
 	for _, c := range work {
 		cmd := resp.AppendCommand(nil, "PING")
-		if c.secret != tok.Secret {
+		if tok.Secret != "" && c.secret != tok.Secret {
 			cmd = resp.AppendCommand(nil, "AUTH", tok.Username, tok.Secret)
 		}
 		c.conn.SetDeadline(time.Now().Add(p.srv.opts.DialTimeout))
@@ -201,7 +179,9 @@ func (p *pool) tend(ctx context.Context) {
 			p.srv.obs.UpstreamClosed()
 			continue
 		}
-		c.secret = tok.Secret
+		if tok.Secret != "" {
+			c.secret = tok.Secret
+		}
 		p.put(c, false)
 	}
 }

@@ -168,7 +168,8 @@ func (s *session) unblock(tok Token) error {
 	b.unblocking.Store(true)
 	if !b.answered.Load() {
 		cmd := resp.AppendCommand(nil, "CLIENT", "UNBLOCK", strconv.FormatInt(s.upID, 10), "TIMEOUT")
-		if _, err := c.Write(cmd); err == nil {
+		_, err := c.Write(cmd)
+		if err == nil {
 			_, err = readReplies(c, 1)
 		}
 		if err != nil {
@@ -183,9 +184,7 @@ func (s *session) unblock(tok Token) error {
 		return nil
 	}
 	now := s.srv.now()
-	s.out = resp.AppendCommand(s.out, "AUTH", tok.Username, tok.Secret)
-	s.expect(entry{act: actAuth, cmd: cmdOther, start: now, text: tok.Secret})
-	s.sentSecret = tok.Secret
+	s.appendAuth(tok, now)
 	if res.reissue {
 		nb := b.again(res.remaining)
 		s.out = resp.AppendCommand(s.out, nb.args...)
@@ -283,9 +282,7 @@ func (s *session) rescueMulti(tok Token) {
 	now := s.srv.now()
 	s.out = resp.AppendCommand(s.out, "DISCARD")
 	s.expect(entry{act: actDrop, cmd: cmdOther, start: now})
-	s.out = resp.AppendCommand(s.out, "AUTH", tok.Username, tok.Secret)
-	s.expect(entry{act: actAuth, cmd: cmdOther, start: now, text: tok.Secret})
-	s.sentSecret = tok.Secret
+	s.appendAuth(tok, now)
 	if s.watching || s.txOverflow {
 		s.txAborted, s.watching = true, false
 		s.txCmds = nil

@@ -238,6 +238,33 @@ func (s *Server) waitToken(ctx context.Context) (Token, error) {
 	}
 }
 
+// dialUpstream opens and authenticates an upstream connection, waiting for the first token if need be.
+func (s *Server) dialUpstream(ctx context.Context) (*pooled, error) {
+	tok, err := s.waitToken(ctx)
+	if err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	conn, err := s.opts.Dialer.DialContext(ctx)
+	if err != nil {
+		var de *DialError
+		kind := "dial"
+		if errors.As(err, &de) {
+			kind = de.Stage
+		}
+		s.obs.UpstreamError(kind)
+		return nil, err
+	}
+	id, tok, err := handshake(ctx, conn, tok, s.opts.Tokens)
+	if err != nil {
+		conn.Close()
+		s.obs.UpstreamError("auth")
+		return nil, err
+	}
+	s.obs.UpstreamOpened(time.Since(start))
+	return &pooled{conn: conn, id: id, secret: tok.Secret}, nil
+}
+
 // rotateLoop re-authenticates every live connection after each new token, spread over a jittered window
 // that ends well before the old token expires.
 func (s *Server) rotateLoop(ctx context.Context) {

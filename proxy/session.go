@@ -139,6 +139,9 @@ func (s *session) run(ctx context.Context) {
 	s.log.Info("client connected", "client", s.client.RemoteAddr().String())
 
 	if err := s.connect(ctx); err != nil {
+		if s.fromPool {
+			s.srv.pool.release()
+		}
 		s.refuse(err)
 		s.finish()
 		return
@@ -238,52 +241,30 @@ func (s *session) poke(bits uint32) {
 func (s *session) connect(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, s.srv.opts.DialTimeout)
 	defer cancel()
-	tok, err := s.srv.waitToken(ctx)
-	if err != nil {
-		return err
-	}
+	var c *pooled
 	if s.srv.pool != nil {
-		if c := s.srv.pool.get(); c != nil {
-			if !s.addConn(c.conn) {
-				c.conn.Close()
-				return errors.New("proxy shutting down")
-			}
-			s.up, s.upID, s.sentSecret, s.fromPool = c.conn, c.id, c.secret, true
-			s.lastSent.Store(s.srv.now())
-			s.log = s.log.With("upstream_client_id", c.id)
-			s.srv.obs.Mechanism("pool_reuse")
-			if c.secret != tok.Secret {
-				s.poke(pokeReauth) // pooled before the last rotation: catch up at once
-			}
-			return nil
+		c = s.srv.pool.get()
+	}
+	if c != nil {
+		s.fromPool = true
+		s.srv.obs.Mechanism("pool_reuse")
+	} else {
+		var err error
+		if c, err = s.srv.dialUpstream(ctx); err != nil {
+			return err
 		}
 	}
-	start := time.Now()
-	up, err := s.srv.opts.Dialer.DialContext(ctx)
-	if err != nil {
-		var de *DialError
-		kind := "dial"
-		if errors.As(err, &de) {
-			kind = de.Stage
-		}
-		s.srv.obs.UpstreamError(kind)
-		return err
-	}
-	id, tok, err := handshake(ctx, up, tok, s.srv.opts.Tokens)
-	if err != nil {
-		up.Close()
-		s.srv.obs.UpstreamError("auth")
-		return err
-	}
-	s.srv.obs.UpstreamOpened(time.Since(start))
-	if !s.addConn(up) {
-		up.Close()
+	if !s.addConn(c.conn) {
+		c.conn.Close()
 		return errors.New("proxy shutting down")
 	}
-	s.up, s.upID, s.sentSecret = up, id, tok.Secret
+	s.up, s.upID, s.sentSecret = c.conn, c.id, c.secret
 	s.lastSent.Store(s.srv.now())
-	s.log = s.log.With("upstream_client_id", id)
-	s.log.Debug("upstream authenticated", "username", tok.Username, "dial", time.Since(start).String())
+	s.log = s.log.With("upstream_client_id", c.id)
+	s.log.Debug("upstream ready", "pooled", s.fromPool)
+	if tok, _ := s.srv.opts.Tokens.Current(); tok.Secret != c.secret {
+		s.poke(pokeReauth) // authenticated before the last rotation: catch up at once
+	}
 	return nil
 }
 
@@ -402,9 +383,7 @@ func (s *session) inject() error {
 				return err
 			}
 		default:
-			s.out = resp.AppendCommand(s.out, "AUTH", tok.Username, tok.Secret)
-			s.expect(entry{act: actAuth, cmd: cmdOther, start: now, text: tok.Secret})
-			s.sentSecret = tok.Secret
+			s.appendAuth(tok, now)
 		}
 	}
 	if s.wantPing {
@@ -416,6 +395,13 @@ func (s *session) inject() error {
 		}
 	}
 	return nil
+}
+
+// appendAuth adds the proxy's AUTH with tok to the commands going upstream; its reply is consumed.
+func (s *session) appendAuth(tok Token, now int64) {
+	s.out = resp.AppendCommand(s.out, "AUTH", tok.Username, tok.Secret)
+	s.expect(entry{act: actAuth, cmd: cmdOther, start: now, text: tok.Secret})
+	s.sentSecret = tok.Secret
 }
 
 // tailBlocked reports whether the last command sent is a blocking one still waiting for its reply.
@@ -563,9 +549,7 @@ func (s *session) handleCommand(cmd resp.Command, now int64) {
 		s.expect(e)
 		// RESET logs the connection out: authenticate again before anything else runs.
 		if tok, _ := s.srv.opts.Tokens.Current(); tok.Secret != "" {
-			s.out = resp.AppendCommand(s.out, "AUTH", tok.Username, tok.Secret)
-			s.expect(entry{act: actAuth, cmd: cmdOther, start: now, text: tok.Secret})
-			s.sentSecret = tok.Secret
+			s.appendAuth(tok, now)
 		}
 		return
 	case spMulti:
