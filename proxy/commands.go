@@ -27,7 +27,8 @@ const (
 	spReset
 	spQuit
 	spMulti
-	spExec    // EXEC and DISCARD: the transaction ends
+	spExec    // EXEC: the transaction runs
+	spDiscard // DISCARD: the transaction ends without running
 	spClient  // CLIENT REPLY changes which commands get replies
 	spSub     // SUBSCRIBE, PSUBSCRIBE, SSUBSCRIBE
 	spUnsub   // UNSUBSCRIBE, PUNSUBSCRIBE, SUNSUBSCRIBE
@@ -36,6 +37,7 @@ const (
 	spWatch   // WATCH
 	spUnwatch // UNWATCH
 	spState   // other commands that change the connection's state: SELECT, READONLY...
+	spCount   // the number of kinds
 )
 
 // family is a pub/sub family: the three kinds of subscription redis keeps apart.
@@ -66,7 +68,7 @@ var commandTable = func() map[string]cmdInfo {
 	}
 	sp := map[string]cmdInfo{
 		"auth": {sp: spAuth}, "hello": {sp: spHello}, "reset": {sp: spReset}, "quit": {sp: spQuit},
-		"multi": {sp: spMulti}, "exec": {sp: spExec}, "discard": {sp: spExec}, "client": {sp: spClient},
+		"multi": {sp: spMulti}, "exec": {sp: spExec}, "discard": {sp: spDiscard}, "client": {sp: spClient},
 		"subscribe": {sp: spSub, fam: famChannel}, "psubscribe": {sp: spSub, fam: famPattern},
 		"ssubscribe": {sp: spSub, fam: famShard}, "unsubscribe": {sp: spUnsub, fam: famChannel},
 		"punsubscribe": {sp: spUnsub, fam: famPattern}, "sunsubscribe": {sp: spUnsub, fam: famShard},

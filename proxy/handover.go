@@ -42,14 +42,23 @@ type cutover struct {
 
 const handoverTimeout = 10 * time.Second
 
+// markerState is the reply loop's view of a handover: which marker it watches for, and where it is.
+type markerState struct {
+	cut      *cutover // the handover whose marker is subscribed; nil when none
+	seen     bool     // the frame just passed was the marker sent to its channel by name
+	skipping bool     // reading N: drop messages up to N's copy of the marker (O delivered them)
+}
+
+func (m *markerState) active() bool { return m.cut != nil }
+
 // handover moves a RESP2 subscriber to a new upstream authenticated with tok. It returns an error only for a
 // failure of the old connection; other failures leave the client on its old connection and are retried.
 func (s *session) handover(tok Token) error {
-	if !s.pend.waitEmpty(handoverTimeout) {
+	if !s.led.waitIdle(handoverTimeout) {
 		s.retryLater(pokeReauth) // replies still outstanding: the subscriptions are not known yet
 		return nil
 	}
-	subs := s.snapshotSubs()
+	subs := s.subs.snapshot()
 	var nonce [12]byte
 	rand.Read(nonce[:])
 	cut := &cutover{
@@ -106,10 +115,12 @@ func (s *session) handover(tok Token) error {
 	if !cut.switched {
 		return errors.New("pub/sub handover: dropped")
 	}
-	old := s.up
-	s.up, s.upID, s.sentSecret, s.upWriteBy = n, id, tok.Secret, time.Time{}
+	old := s.cl.up
+	s.cl.up, s.cl.secret, s.cl.writeBy = n, tok.Secret, time.Time{}
+	s.upID.Store(id)
 	s.dropConn(old)
 	old.Close()
+	s.srv.obs.UpstreamClosed()
 	// N's marker subscription goes; its confirmation comes after the marker itself, and is hidden.
 	if err := s.sendMarker("UNSUBSCRIBE", cut.marker); err != nil {
 		return err
@@ -120,10 +131,78 @@ func (s *session) handover(tok Token) error {
 	return nil
 }
 
+// watchMarker starts watching for the marker of a handover in progress, if there is one.
+func (s *session) watchMarker() bool {
+	if cut := s.cut.Load(); cut != nil {
+		s.rl.marker.cut = cut
+		return true
+	}
+	return false
+}
+
+// markerConfirmed handles the confirmation of the proxy's own marker (un)subscription.
+func (s *session) markerConfirmed(h *resp.Head) {
+	if len(h.Elems) == 1 && equalFold(h.Elems[0], "subscribe") {
+		if s.rl.marker.cut != nil || s.watchMarker() {
+			close(s.rl.marker.cut.subscribed)
+		}
+		return
+	}
+	s.rl.marker = markerState{} // the marker is unsubscribed: no copy of it can follow
+}
+
+// handoverMessage classifies a message while a handover's marker is subscribed: the marker's copies are
+// hidden, the one sent to the marker channel by name is the cut point, and on the new connection everything
+// before the cut point is dropped (the old connection delivered it).
+func (s *session) handoverMessage(p []byte, h *resp.Head) (bool, error) {
+	isPattern := equalFold(h.Elems[0], "pmessage")
+	want := 2
+	if isPattern {
+		want = 3
+	}
+	if ok, err := resp.PeekHead(p, want, h); !ok || err != nil {
+		return ok, err
+	}
+	m := &s.rl.marker
+	if len(h.Elems) == want && string(h.Elems[want-1]) == m.cut.marker {
+		s.rl.frame.fwd = false
+		m.seen = m.seen || !isPattern
+		return true, nil
+	}
+	s.rl.frame.fwd = !m.skipping
+	return true, nil
+}
+
+// markerPassed is called after each frame: after O's copy of the marker it returns N and N's buffer to
+// continue on; nil otherwise (also when the handover was given up).
+func (s *session) markerPassed() (net.Conn, *readBuf) {
+	m := &s.rl.marker
+	if !m.seen {
+		return nil, nil
+	}
+	m.seen = false
+	if m.skipping {
+		m.skipping = false // N's copy: what follows is new
+		return nil, nil
+	}
+	cut := m.cut
+	defer close(cut.done)
+	select {
+	case <-cut.ready:
+	case <-time.After(handoverTimeout):
+		return nil, nil
+	}
+	if cut.failed {
+		return nil, nil
+	}
+	cut.switched, m.skipping = true, true
+	return cut.conn, cut.buf
+}
+
 // sendMarker (un)subscribes the upstream to the marker, with the confirmation hidden from the client.
 func (s *session) sendMarker(verb, marker string) error {
-	s.out = resp.AppendCommand(s.out, verb, marker)
-	s.entries = append(s.entries, entry{act: actMarker, cmd: cmdOther, start: s.srv.now()})
+	s.cl.out = resp.AppendCommand(s.cl.out, verb, marker)
+	s.cl.entries = append(s.cl.entries, entry{act: actMarker, cmd: cmdOther, start: s.srv.now()})
 	return s.flush()
 }
 
@@ -157,7 +236,7 @@ func (s *session) dialSubscriber(ctx context.Context, tok Token, subs [3][]strin
 	// Count the confirmations; messages among them come before the marker: O delivers them.
 	buf := &readBuf{}
 	var sc resp.Scanner
-	sc.MaxBulk, sc.MaxDepth = 1<<40, 128
+	sc.MaxBulk = 1 << 40
 	var h resp.Head
 	for want > 0 {
 		ok, perr := resp.PeekHead(buf.buf[buf.r:buf.w], 1, &h)
@@ -226,19 +305,6 @@ func publish(ctx context.Context, d Dialer, tok Token, channel, msg string) erro
 		return fmt.Errorf("publish marker: %s", replies[0])
 	}
 	return nil
-}
-
-// snapshotSubs copies the client's subscriptions.
-func (s *session) snapshotSubs() [3][]string {
-	s.subsMu.Lock()
-	defer s.subsMu.Unlock()
-	var out [3][]string
-	for f, set := range s.subs {
-		for name := range set {
-			out[f] = append(out[f], name)
-		}
-	}
-	return out
 }
 
 // retryLater pokes the client loop again in a second, for another attempt at a failed rescue.

@@ -18,13 +18,16 @@ var queued = []byte("+QUEUED\r")
 // pubsubMessages are the first elements of pub/sub messages: pushed by the server, never replies.
 var pubsubMessages = []string{"message", "pmessage", "smessage"}
 
-// replyLoop reads the upstream up and passes replies to the client until either side fails.
+// replyLoop reads the upstream up and passes replies to the client until either side fails. Each frame is
+// classified from its head (whose is it, does it go to the client), then streamed through to its last byte;
+// only then is its entry settled, and only once written is it delivered.
 func (s *session) replyLoop(up net.Conn) error {
 	b := &readBuf{}
 	defer func() { b.release() }()
-	sc := resp.Scanner{MaxBulk: 1 << 40, MaxDepth: 128}
+	sc := resp.Scanner{MaxBulk: 1 << 40}
 	var h resp.Head
-	inFrame, switched, stallArmed := false, false, false
+	inFrame, switched := false, false
+	var stallBy time.Time // the read deadline guarding a reply that stopped halfway; zero when none
 	for {
 		if b.full() && !inFrame && !b.grow(maxHeadBuf) {
 			s.srv.obs.UpstreamError("protocol")
@@ -58,147 +61,147 @@ func (s *session) replyLoop(up net.Conn) error {
 				s.srv.obs.UpstreamError("protocol")
 				return fmt.Errorf("upstream protocol error: %w", err)
 			}
-			if s.curFwd {
+			if s.rl.frame.fwd {
 				s.emit(b.buf[b.r : b.r+k])
 			}
 			b.r += k
-			if done {
-				inFrame = false
-				s.frameDone()
-				if s.markerSeen {
-					s.markerSeen = false
-					if s.skipToMarker {
-						s.skipToMarker = false // N's copy: what follows is new
-					} else if n, nb := s.switchUpstream(); n != nil {
-						// O's copy: everything O sent before it was passed; continue on N after N's copy.
-						b.release()
-						up, b, rerr, switched, s.skipToMarker, stallArmed = n, nb, nil, true, true, false
-						break
-					}
-				}
+			if !done {
+				continue
+			}
+			inFrame = false
+			s.frameDone()
+			if n, nb := s.markerPassed(); n != nil {
+				// O's copy of the marker: everything O sent before it was passed; continue on N, after
+				// N's own copy of the marker.
+				b.release()
+				up, b, rerr, switched, stallBy = n, nb, nil, true, time.Time{}
+				break
 			}
 		}
 		if err := s.writeClient(); err != nil {
 			return err
 		}
-		// A reply that stops halfway is an upstream fault, not a slow command: close rather than hang.
-		if mid := inFrame || b.r < b.w; mid != stallArmed {
-			stallArmed = mid
-			deadline := time.Time{}
-			if mid {
-				deadline = time.Now().Add(s.srv.opts.StallTimeout)
+		// A reply that makes no progress for StallTimeout is an upstream fault, not a slow command: close
+		// rather than hang. The guard is re-armed while bytes flow, so a long reply is never cut.
+		if mid := inFrame || b.r < b.w; mid {
+			if now := time.Now(); stallBy.Sub(now) < s.srv.opts.StallTimeout/2 {
+				stallBy = now.Add(s.srv.opts.StallTimeout)
+				up.SetReadDeadline(stallBy)
 			}
-			up.SetReadDeadline(deadline)
+		} else if !stallBy.IsZero() {
+			stallBy = time.Time{}
+			up.SetReadDeadline(stallBy)
 		}
-		if s.quitting {
-			return errClientProtocol
+		if s.rl.closing != nil {
+			return s.rl.closing
 		}
 		if rerr != nil {
-			if errors.Is(rerr, io.EOF) {
-				s.srv.obs.UpstreamError("closed")
-				return errUpstreamGone
-			}
-			return fmt.Errorf("read upstream: %w", rerr)
+			return s.upstreamReadError(rerr, inFrame || b.r < b.w)
 		}
 	}
 }
 
-var errClientProtocol = errors.New("closed after a client protocol error")
+// upstreamReadError turns the error that ended the reply loop's read into the session's cause.
+func (s *session) upstreamReadError(err error, mid bool) error {
+	switch {
+	case isPoke(err) && s.recycling.Load():
+		if mid {
+			return errors.New("upstream sent unsolicited bytes: not reusable")
+		}
+		return errRecycled
+	case errors.Is(err, io.EOF):
+		s.srv.obs.UpstreamError("closed")
+		return s.lost(errUpstreamGone)
+	case isPoke(err):
+		s.srv.obs.UpstreamError("stalled")
+		return s.lost(fmt.Errorf("upstream reply stalled for %s", s.srv.opts.StallTimeout))
+	}
+	return s.lost(fmt.Errorf("read upstream: %w", err))
+}
 
-// switchUpstream waits for the handover's new connection and takes it over, with the bytes it already sent.
-func (s *session) switchUpstream() (net.Conn, *readBuf) {
-	cut := s.cut.Load()
-	defer close(cut.done)
+// lost reports a connection the proxy is about to lose through no act of the client: always a warning, with
+// what might explain it.
+func (s *session) lost(err error) error {
 	select {
-	case <-cut.ready:
-	case <-time.After(handoverTimeout):
-		return nil, nil
+	case <-s.done:
+		return err // the session was already closing (client gone, shutdown): not a loss
+	default:
 	}
-	if cut.failed {
-		return nil, nil
-	}
-	cut.switched = true
-	return cut.conn, cut.buf
+	tok, _ := s.srv.opts.Tokens.Current()
+	s.log.Warn("upstream connection lost; closing the client connection", "err", err,
+		"upstream_client_id", s.upID.Load(), "replies_outstanding", s.led.len(),
+		"on_current_token", s.cl.secret == tok.Secret)
+	return err
 }
 
 // emit queues p for the client, merging it with the previous piece when they are adjacent in the buffer.
 func (s *session) emit(p []byte) {
-	if n := len(s.outv); n > 0 {
-		last := s.outv[n-1]
+	if n := len(s.rl.outv); n > 0 {
+		last := s.rl.outv[n-1]
 		if cap(last) > len(last) && len(p) > 0 && &last[:len(last)+1][len(last)] == &p[0] {
-			s.outv[n-1] = last[:len(last)+len(p)]
+			s.rl.outv[n-1] = last[:len(last)+len(p)]
 			return
 		}
 	}
-	s.outv = append(s.outv, p)
+	s.rl.outv = append(s.rl.outv, p)
 }
 
-// writeClient writes what this read produced for the client, in one system call where it can.
+// writeClient writes what this read produced for the client, in one system call where it can, and then
+// records the replies it completed as delivered.
 func (s *session) writeClient() error {
-	if len(s.outv) == 0 {
-		s.pend.written() // replies the proxy consumed count as handled
+	r := &s.rl
+	if len(r.outv) == 0 {
+		s.led.delivered() // replies the proxy consumed count as handled
 		return nil
 	}
-	armWrite(s.client, &s.clientWriteBy, s.srv.opts.WriteTimeout)
+	armWrite(s.client, &r.writeBy, s.srv.opts.WriteTimeout)
 	var err error
-	if len(s.outv) == 1 {
-		_, err = s.client.Write(s.outv[0])
+	if len(r.outv) == 1 {
+		_, err = s.client.Write(r.outv[0])
 	} else {
-		s.wbuf = s.outv
-		_, err = s.wbuf.WriteTo(s.client)
+		r.wbuf = r.outv
+		_, err = r.wbuf.WriteTo(s.client)
 	}
-	clear(s.outv)
-	s.outv = s.outv[:0]
+	clear(r.outv)
+	r.outv = r.outv[:0]
 	if err != nil {
 		return fmt.Errorf("write client: %w", err)
 	}
-	s.pend.written()
+	s.led.delivered()
 	return nil
 }
 
 // classify decides, from the head of the frame at the start of p, whether it is a reply and to what, and
 // whether it goes to the client. It returns false when more bytes are needed to decide.
 func (s *session) classify(p []byte, h *resp.Head) (bool, error) {
-	s.curFwd, s.curReply = true, false
-	switch t := p[0]; {
-	case t == '>':
-		// A RESP3 push: not a reply, unless it confirms the (un)subscribe command whose reply is due.
-		if ok, err := resp.PeekHead(p, 1, h); !ok || err != nil {
-			return ok, err
-		}
-		if e, ok := s.pend.front(); ok && e.act == actSubscribe && len(h.Elems) == 1 && isConfirm(h.Elems[0], e.fam) {
-			return s.confirm(p, h, e)
-		}
-		return true, nil
-	case t == '*' && s.resp2Sub.Load():
-		// RESP2 subscribed mode: messages arrive between replies.
-		if ok, err := resp.PeekHead(p, 1, h); !ok || err != nil {
-			return ok, err
-		}
-		if len(h.Elems) == 1 && oneOf(h.Elems[0], pubsubMessages) {
-			if cut := s.cut.Load(); cut != nil && s.markerChan == "" {
-				s.markerChan = cut.marker
+	f := &s.rl.frame
+	*f = frame{fwd: true}
+	switch p[0] {
+	case '>':
+		return s.classifyPush(p, h)
+	case '*':
+		if s.resp2Sub.Load() {
+			if ok, handled, err := s.classifyMessage(p, h); handled || !ok || err != nil {
+				return ok, err
 			}
-			if s.markerChan != "" {
-				return s.handoverMessage(p, h)
+		}
+	case '+':
+		if s.rl.monitor {
+			if len(p) < 2 {
+				return false, nil
 			}
-			return true, nil
-		}
-	case t == '+' && s.monitor:
-		if len(p) < 2 {
-			return false, nil
-		}
-		if '0' <= p[1] && p[1] <= '9' {
-			return true, nil // a monitor line ("+1700000000.123456 [0 ...] ...")
+			if '0' <= p[1] && p[1] <= '9' {
+				return true, nil // a monitor line ("+1700000000.123456 [0 ...] ...")
+			}
 		}
 	}
-
-	e, ok := s.pend.front()
+	e, ok := s.led.front()
 	if !ok {
 		// Nothing is expected (a CLIENT REPLY state the proxy could not foresee): the client may be.
 		s.log.Debug("reply with no command waiting; passing it on")
 		return true, nil
 	}
+	f.e, f.reply, f.last = e, true, true
 	if e.blk != nil {
 		return s.blockedReply(p, e)
 	}
@@ -208,56 +211,79 @@ func (s *session) classify(p []byte, h *resp.Head) (bool, error) {
 			if ok, err := resp.PeekHead(p, 1, h); !ok || err != nil {
 				return ok, err
 			}
-			if len(h.Elems) == 1 && isConfirm(h.Elems[0], e.fam) {
-				return s.confirm(p, h, e)
+			if len(h.Elems) == 1 {
+				if ok, _ := isConfirm(h.Elems[0], e.fam); ok {
+					return s.confirm(p, h, e)
+				}
 			}
 		}
 	case actAuth:
 		if ok, err := resp.PeekHead(p, 0, h); !ok || err != nil {
 			return ok, err
 		}
-		s.authResult(h, e)
-		s.curFwd = false
-	case actDrop, actFail, actExecNull:
-		s.curFwd = false
+		s.authResult(h)
+		f.fwd = false
+	case actDrop, actFail, actExecNull, actQuit:
+		f.fwd = false
 	case actReplace:
 		if len(p) < len(queued) && bytes.HasPrefix(queued, p) {
 			return false, nil
 		}
 		if bytes.HasPrefix(p, queued) {
-			e.act = actForward // inside MULTI the client expects its AUTH to be queued
+			f.e.act = actForward // inside MULTI the client expects its command to be queued
 		} else {
-			s.curFwd = false
+			f.fwd = false
 		}
 	case actMarker:
 		if ok, err := resp.PeekHead(p, 1, h); !ok || err != nil {
 			return ok, err
 		}
-		s.curFwd = false
-		if len(h.Elems) == 1 && equalFold(h.Elems[0], "subscribe") {
-			if cut := s.cut.Load(); cut != nil {
-				close(cut.subscribed)
-			}
-		} else {
-			s.markerChan = "" // the marker is unsubscribed: no copy of it can follow
-		}
+		f.fwd = false
+		s.markerConfirmed(h)
 	case actHello, actMonitor, actReset:
 		if ok, err := resp.PeekHead(p, 0, h); !ok || err != nil {
 			return ok, err
 		}
 		s.stateReply(h, e)
 	}
-	s.pend.pop()
-	s.cur, s.curReply = e, true
 	return true, nil
 }
 
+// classifyPush handles a RESP3 push: not a reply, unless it confirms the (un)subscribe command whose reply
+// is due.
+func (s *session) classifyPush(p []byte, h *resp.Head) (bool, error) {
+	if ok, err := resp.PeekHead(p, 1, h); !ok || err != nil {
+		return ok, err
+	}
+	if e, ok := s.led.front(); ok && e.act == actSubscribe && len(h.Elems) == 1 {
+		if ok, _ := isConfirm(h.Elems[0], e.fam); ok {
+			s.rl.frame = frame{fwd: true, reply: true, last: true, e: e}
+			return s.confirm(p, h, e)
+		}
+	}
+	return true, nil
+}
+
+// classifyMessage recognises a RESP2 pub/sub message (handled reports it was one).
+func (s *session) classifyMessage(p []byte, h *resp.Head) (ok, handled bool, err error) {
+	if ok, err := resp.PeekHead(p, 1, h); !ok || err != nil {
+		return ok, true, err
+	}
+	if len(h.Elems) != 1 || !oneOf(h.Elems[0], pubsubMessages) {
+		return true, false, nil
+	}
+	if s.rl.marker.active() || s.watchMarker() {
+		ok, err := s.handoverMessage(p, h)
+		return ok, true, err
+	}
+	return true, true, nil
+}
+
 // blockedReply handles the reply to a blocking command. After a CLIENT UNBLOCK by the proxy, a timeout
-// reply with time left is hidden and the client loop re-issues the command; every outcome is reported to it.
+// reply with time left is hidden and the client loop re-issues the command; every outcome is reported to
+// it. Either way the commands held back behind it may go now.
 func (s *session) blockedReply(p []byte, e entry) (bool, error) {
 	b := e.blk
-	// Set answered before reading unblocking; the client loop does the opposite (see unblock).
-	b.answered.Store(true)
 	var res unblockResult
 	if b.unblocking.Load() {
 		timeout, ok := b.isTimeoutReply(p)
@@ -268,85 +294,52 @@ func (s *session) blockedReply(p []byte, e entry) (bool, error) {
 			res.remaining, res.reissue = b.remaining(time.Now())
 		}
 	}
-	b.result <- res // buffered: one reply per blocking command
-	s.pend.pop()
+	b.answered.Store(true)
+	b.result <- res // buffered: one reply per blocking command; a rescue in progress waits for it
 	if res.reissue {
-		s.curFwd = false
-		s.cur, s.curReply = entry{}, false
-		return true, nil
+		s.rl.frame.fwd = false
+		s.rl.frame.e.act = actDrop // its place goes to the re-issued command
+	} else {
+		s.poke(pokeResume)
 	}
-	s.cur, s.curReply = e, true
 	return true, nil
 }
 
-// handoverMessage classifies a message while a handover's marker is subscribed: the marker's copies are
-// hidden, the one sent to the marker channel by name is the cut point, and on the new connection everything
-// before the cut point is dropped (the old connection delivered it).
-func (s *session) handoverMessage(p []byte, h *resp.Head) (bool, error) {
-	isPattern := equalFold(h.Elems[0], "pmessage")
-	want := 2
-	if isPattern {
-		want = 3
-	}
-	if ok, err := resp.PeekHead(p, want, h); !ok || err != nil {
-		return ok, err
-	}
-	if len(h.Elems) == want && string(h.Elems[want-1]) == s.markerChan {
-		s.curFwd = false
-		s.markerSeen = s.markerSeen || !isPattern
-		return true, nil
-	}
-	s.curFwd = !s.skipToMarker
-	return true, nil
-}
-
-// confirm handles one pub/sub (un)subscribe confirmation for the entry e: the reply to its command, or part of it.
+// confirm handles one pub/sub (un)subscribe confirmation for the entry e: the reply to its command, or part
+// of it.
 func (s *session) confirm(p []byte, h *resp.Head, e entry) (bool, error) {
 	if ok, err := resp.PeekHead(p, 3, h); !ok || err != nil {
 		return ok, err
 	}
 	remaining := e.arg
 	if remaining < 0 { // UNSUBSCRIBE with no arguments: one per current subscription, or one if none
-		remaining = int32(max(1, len(s.subs[e.fam])))
+		remaining = int32(max(1, s.subs.count(e.fam)))
 	}
-	if len(h.Elems) >= 2 && h.Elems[1] != nil {
-		s.subsMu.Lock()
-		defer s.subsMu.Unlock()
-		if equalFold(h.Elems[0], confirmKinds[e.fam][1]) {
-			delete(s.subs[e.fam], string(h.Elems[1]))
-		} else {
-			if s.subs[e.fam] == nil {
-				s.subs[e.fam] = make(map[string]struct{})
-			}
-			s.subs[e.fam][string(h.Elems[1])] = struct{}{}
-		}
+	if len(h.Elems) >= 2 {
+		_, sub := isConfirm(h.Elems[0], e.fam)
+		s.subs.confirm(e.fam, sub, h.Elems[1])
 	}
 	s.updateSubscribed()
-	remaining--
-	if remaining > 0 {
-		s.pend.setFrontArg(remaining)
-		s.cur, s.curReply = entry{act: actForward, cmd: cmdOther}, false
-		return true, nil
+	if remaining--; remaining > 0 {
+		s.led.setFrontArg(remaining)
+		s.rl.frame.last = false
 	}
-	s.pend.pop()
-	s.cur, s.curReply = e, true
 	return true, nil
 }
 
 // updateSubscribed records whether the connection is in RESP2 subscribed mode, where redis refuses AUTH, and
 // asks for a re-AUTH when it leaves it (one may have been refused meanwhile).
 func (s *session) updateSubscribed() {
-	n := len(s.subs[famChannel]) + len(s.subs[famPattern]) + len(s.subs[famShard])
-	now := s.proto == 2 && n > 0
+	now := s.rl.proto == 2 && s.subs.total() > 0
 	if was := s.resp2Sub.Swap(now); was && !now {
 		s.poke(pokeReauth)
 	}
 }
 
 // authResult handles the reply to the proxy's own AUTH.
-func (s *session) authResult(h *resp.Head, e entry) {
+func (s *session) authResult(h *resp.Head) {
 	if h.Type == '+' {
-		s.authRetried = false
+		s.rl.authRetried = false
 		s.srv.obs.ReAuth("ok")
 		s.log.Debug("re-authenticated")
 		return
@@ -367,12 +360,12 @@ func (s *session) authResult(h *resp.Head, e entry) {
 // retryAuth fetches a fresh token after Azure refused one, and has the client loop send it. A second refusal
 // of a fresh token closes the connection: the identity has lost access.
 func (s *session) retryAuth(msg string) {
-	if s.authRetried {
+	if s.rl.authRetried {
 		s.log.Error("upstream refused a freshly fetched token; closing the connection", "error", msg, "remedy", remedyFor(msg))
-		s.close(fmt.Errorf("re-AUTH refused: %s", msg))
+		s.rl.closing = fmt.Errorf("re-AUTH refused: %s", msg)
 		return
 	}
-	s.authRetried = true
+	s.rl.authRetried = true
 	s.log.Warn("upstream refused the token; fetching a fresh one", "error", msg)
 	s.srv.goTracked(func(ctx context.Context) {
 		ctx, cancel := context.WithTimeout(ctx, s.srv.opts.DialTimeout)
@@ -390,50 +383,49 @@ func (s *session) stateReply(h *resp.Head, e entry) {
 	switch e.act {
 	case actHello:
 		if h.Type != '-' && e.arg != 0 {
-			s.proto = int(e.arg)
+			s.rl.proto = int(e.arg)
 			s.updateSubscribed()
 		}
 	case actMonitor:
-		s.monitor = s.monitor || h.Type == '+'
+		s.rl.monitor = s.rl.monitor || h.Type == '+'
 	case actReset:
 		if h.Type == '+' {
-			s.proto, s.monitor = 2, false
-			s.subsMu.Lock()
-			s.subs = [3]map[string]struct{}{}
-			s.subsMu.Unlock()
+			s.rl.proto, s.rl.monitor = 2, false
+			s.subs.reset()
 			s.updateSubscribed()
 		}
 	}
 }
 
-// frameDone finishes the frame just passed: local replies, latency.
+// frameDone finishes the frame just passed: the proxy's own answers, latency, and the entry's settlement.
 func (s *session) frameDone() {
-	if !s.curReply {
+	f := &s.rl.frame
+	if !f.reply || !f.last {
 		return
 	}
-	e := s.cur
+	e := f.e
 	switch e.act {
 	case actReplace:
-		s.outv = append(s.outv, []byte(e.text))
+		s.rl.outv = append(s.rl.outv, []byte(e.text))
 	case actFail:
-		s.outv = append(s.outv, resp.AppendError(nil, e.text))
-		s.quitting = true
+		s.rl.outv = append(s.rl.outv, resp.AppendError(nil, e.text))
+		s.rl.closing = errClientProtocol
 	case actExecNull:
-		if s.proto == 3 {
-			s.outv = append(s.outv, []byte("_\r\n"))
+		if s.rl.proto == 3 {
+			s.rl.outv = append(s.rl.outv, []byte("_\r\n"))
 		} else {
-			s.outv = append(s.outv, []byte("*-1\r\n"))
+			s.rl.outv = append(s.rl.outv, []byte("*-1\r\n"))
 		}
+	case actQuit:
+		s.rl.outv = append(s.rl.outv, []byte("+OK\r\n"))
 	}
-	if e.act != actAuth && e.act != actDrop && e.act != actFail {
+	s.led.settle()
+	switch e.act {
+	case actAuth, actDrop, actFail, actMarker:
+	default:
 		s.srv.obs.CommandDone(commandName(e.cmd), time.Duration(s.srv.now()-e.start))
 	}
-	s.cur = entry{}
-}
-
-// isConfirm reports whether kind is the confirmation of a (un)subscribe command of family f.
-func isConfirm(kind []byte, f family) bool {
-	return equalFold(kind, confirmKinds[f][0]) || equalFold(kind, confirmKinds[f][1])
+	*f = frame{}
 }
 
 func oneOf(b []byte, words []string) bool {

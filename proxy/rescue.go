@@ -138,9 +138,10 @@ func (b *blocked) isTimeoutReply(p []byte) (timeout, ok bool) {
 
 // unblock rescues a connection blocked past the deadline (see above).
 func (s *session) unblock(tok Token) error {
-	b := s.lastBlk
-	if b == nil || b.answered.Load() || s.pend.len() != 1 {
-		return nil // not blocked, or commands queued behind it that a re-issue would overtake
+	b := s.cl.hold.cmd
+	if b == nil || b.answered.Load() || s.led.len() != 1 {
+		s.retryLater(pokeDeadline) // replies before it still due: it is not the only one outstanding yet
+		return nil
 	}
 	ctx, cancel := context.WithTimeout(s.srv.ctx, handoverTimeout)
 	defer cancel()
@@ -163,11 +164,11 @@ func (s *session) unblock(tok Token) error {
 		s.retryLater(pokeDeadline)
 		return nil
 	}
-	// The reply loop sets answered, then reads unblocking; this sets unblocking, then reads answered: at
-	// least one sees the other, and the reply loop reports every blocking command's reply on result.
+	// The reply loop sets answered, then reports on result; this sets unblocking, then reads answered: the
+	// reply loop sees unblocking for any reply the CLIENT UNBLOCK caused.
 	b.unblocking.Store(true)
 	if !b.answered.Load() {
-		cmd := resp.AppendCommand(nil, "CLIENT", "UNBLOCK", strconv.FormatInt(s.upID, 10), "TIMEOUT")
+		cmd := resp.AppendCommand(nil, "CLIENT", "UNBLOCK", strconv.FormatInt(s.upID.Load(), 10), "TIMEOUT")
 		_, err := c.Write(cmd)
 		if err == nil {
 			_, err = readReplies(c, 1)
@@ -187,9 +188,9 @@ func (s *session) unblock(tok Token) error {
 	s.appendAuth(tok, now)
 	if res.reissue {
 		nb := b.again(res.remaining)
-		s.out = resp.AppendCommand(s.out, nb.args...)
+		s.cl.out = resp.AppendCommand(s.cl.out, nb.args...)
 		s.expect(entry{act: actForward, cmd: lookup([]byte(nb.args[0])).idx, start: now, blk: nb})
-		s.lastBlk = nb
+		s.cl.hold.cmd = nb
 		s.srv.obs.Mechanism("unblock_reissue")
 		s.log.Debug("blocked command re-issued after re-AUTH", "command", nb.args[0])
 	}
@@ -264,7 +265,7 @@ func lastStreamID(c net.Conn, key string) (string, error) {
 // drainFrame reads until the frame starting in buf is complete.
 func drainFrame(c net.Conn, buf []byte) error {
 	var sc resp.Scanner
-	sc.MaxBulk, sc.MaxDepth = 1<<40, 128
+	sc.MaxBulk = 1 << 40
 	_, done, err := sc.Scan(buf)
 	tmp := make([]byte, 4096)
 	for !done && err == nil {
@@ -279,46 +280,50 @@ func drainFrame(c net.Conn, buf []byte) error {
 
 // rescueMulti re-authenticates a connection inside MULTI (see above).
 func (s *session) rescueMulti(tok Token) {
+	c := &s.cl
 	now := s.srv.now()
-	s.out = resp.AppendCommand(s.out, "DISCARD")
+	c.out = resp.AppendCommand(c.out, "DISCARD")
 	s.expect(entry{act: actDrop, cmd: cmdOther, start: now})
 	s.appendAuth(tok, now)
-	if s.watching || s.txOverflow {
-		s.txAborted, s.watching = true, false
-		s.txCmds = nil
+	if !c.tx.canReplay() {
+		c.tx.abort()
 		s.srv.obs.Mechanism("tx_abort")
-		s.log.Info("transaction with WATCH held open past the token's deadline: EXEC will answer null")
+		s.log.Info("transaction held open past the token's deadline cannot be rebuilt (WATCH, or over 1 MiB queued): EXEC will fail")
 		return
 	}
-	s.out = resp.AppendCommand(s.out, "MULTI")
+	c.out = resp.AppendCommand(c.out, "MULTI")
 	s.expect(entry{act: actDrop, cmd: cmdOther, start: now})
-	for _, c := range s.txCmds {
-		s.out = append(s.out, c...)
+	c.out = append(c.out, c.tx.queued...)
+	for range c.tx.count {
 		s.expect(entry{act: actDrop, cmd: cmdOther, start: now})
 	}
 	s.srv.obs.Mechanism("tx_replay")
-	s.log.Debug("transaction replayed on the re-authenticated connection", "commands", len(s.txCmds))
+	s.log.Debug("transaction replayed on the re-authenticated connection", "commands", c.tx.count)
 }
 
 // abortedTx answers a command of a transaction that was aborted by rescueMulti, without running it.
-func (s *session) abortedTx(info cmdInfo, now int64) {
-	e := entry{act: actReplace, cmd: info.idx, start: now, text: "+QUEUED\r\n"}
+func (s *session) abortedTx(info cmdInfo, e entry) {
+	e.text = "+QUEUED\r\n"
 	switch info.sp {
 	case spExec:
-		s.txAborted, s.inMulti = false, false
-		if commandName(info.idx) == "exec" {
-			e.act = actExecNull
+		if s.cl.tx.nullExec {
+			e.act = actExecNull // as if a watched key had changed
 		} else {
-			e.text = "+OK\r\n" // DISCARD
+			e.text = "-EXECABORT Transaction discarded because of previous errors.\r\n"
 		}
+		s.cl.tx.end()
+	case spDiscard:
+		e.text = "+OK\r\n"
+		s.cl.tx.end()
 	case spMulti:
 		e.text = "-ERR MULTI calls can not be nested\r\n"
 	case spWatch:
 		e.text = "-ERR WATCH inside MULTI is not allowed\r\n"
 	}
-	s.out = resp.AppendCommand(s.out, "PING")
-	s.expect(e)
+	if e.act == actExecNull {
+		s.cl.out = resp.AppendCommand(s.cl.out, "PING")
+		s.expect(e)
+		return
+	}
+	s.local(e)
 }
-
-// maxTxBytes bounds the queued commands kept for a replay; a larger transaction is aborted instead.
-const maxTxBytes = 1 << 20

@@ -1,0 +1,537 @@
+package proxy
+
+import (
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+	"time"
+
+	"github.com/entra-redis-proxy/entra-redis-proxy/resp"
+)
+
+// clientLoop reads the client's commands and writes them upstream until either side fails or the client
+// leaves (QUIT, EOF), after every reply it asked for has reached it.
+func (s *session) clientLoop() error {
+	var b readBuf
+	defer b.release()
+	c := &s.cl
+	c.stream.scan = resp.Scanner{Commands: true, MaxBulk: s.srv.opts.MaxBulk}
+	c.authed = s.srv.opts.LocalPassword == ""
+	c.parser.MaxBulk = s.srv.opts.MaxBulk
+	eof := false
+	for {
+		if err := s.handleCommands(&b); err != nil {
+			return err
+		}
+		if c.want.auth || c.want.ping || c.want.deadline {
+			if err := s.inject(); err != nil {
+				return err
+			}
+		}
+		if err := s.flush(); err != nil {
+			return err
+		}
+		switch {
+		case c.quit:
+			s.led.waitIdle(drainQuiet)
+			return errClientQuit
+		case c.draining && !c.stream.active:
+			// Every command read so far was sent: deliver its replies, then close. The server cuts a
+			// drain that outlasts its shutdown delay by closing the session, which ends this wait.
+			s.led.waitIdle(forever)
+			return errDrained
+		case eof && !c.hold.holding():
+			// A client that half-closed still gets the replies to what it sent, however long they
+			// take to stream, as long as they make progress.
+			s.led.waitIdle(drainQuiet)
+			return errClientQuit
+		case eof || (c.hold.holding() && b.full()):
+			// Nothing to read: wait for the blocked command's answer (or other work).
+			switch s.waitWake(drainQuiet) {
+			case wakeClosed:
+				return errUpstreamGone
+			case wakeTimeout:
+				if eof {
+					return errClientQuit
+				}
+			}
+			s.takePokes()
+			continue
+		}
+		n, err := b.readFrom(s.client)
+		if n > 0 {
+			s.bytesIn.Add(int64(n))
+			s.srv.obs.BytesIn(n)
+		}
+		switch {
+		case err == nil:
+		case isPoke(err):
+			s.client.SetReadDeadline(time.Time{})
+			s.takePokes()
+		case errors.Is(err, io.EOF):
+			eof = true
+		default:
+			return fmt.Errorf("read client: %w", err)
+		}
+	}
+}
+
+// forever is a wait bounded only by the session's close.
+const forever = 1 << 62
+
+type wakeReason uint8
+
+const (
+	wakePoke wakeReason = iota
+	wakeClosed
+	wakeTimeout
+)
+
+// waitWake waits for a poke, the session's close, or d.
+func (s *session) waitWake(d time.Duration) wakeReason {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-s.wake:
+		return wakePoke
+	case <-s.done:
+		return wakeClosed
+	case <-t.C:
+		return wakeTimeout
+	}
+}
+
+// takePokes moves work handed over by other goroutines into the client loop's own state.
+func (s *session) takePokes() {
+	p := s.pokes.Swap(0)
+	w := &s.cl.want
+	w.auth = w.auth || p&pokeReauth != 0
+	w.ping = w.ping || p&pokePing != 0
+	w.deadline = w.deadline || p&pokeDeadline != 0
+	s.cl.draining = s.cl.draining || p&pokeDrain != 0
+}
+
+// drain asks the session to close at its next safe point: the commands already read are sent, their
+// replies delivered, and no more input is read.
+func (s *session) drain() { s.poke(pokeDrain) }
+
+// handleCommands handles every complete command in b, and streams a command too large to buffer. Behind
+// an unanswered blocking command nothing is handled: the bytes wait in b.
+func (s *session) handleCommands(b *readBuf) error {
+	c := &s.cl
+	now := s.srv.now()
+	for b.r < b.w && !c.quit {
+		if c.stream.active {
+			if err := s.continueStream(b); err != nil {
+				return err
+			}
+			continue
+		}
+		if c.hold.holding() || c.draining {
+			return nil
+		}
+		cmd, n, err := c.parser.Parse(b.buf[b.r:b.w])
+		if errors.Is(err, resp.ErrIncomplete) {
+			break
+		}
+		if err != nil {
+			var pe *resp.ProtocolError
+			if !errors.As(err, &pe) {
+				return err
+			}
+			return s.protocolError(pe, now)
+		}
+		b.r += n
+		if len(cmd.Args) > 0 {
+			s.handleCommand(cmd, now)
+		}
+	}
+	if b.full() && !c.stream.active && !c.hold.holding() && !c.quit && !c.draining {
+		if _, ok := resp.CommandName(b.buf[b.r:b.w]); ok && b.buf[b.r] == '*' {
+			// A multibulk command larger than the buffer: forward it as it arrives.
+			if err := s.startStream(b); err != nil {
+				return err
+			}
+			return s.handleCommands(b)
+		}
+		if !b.grow(maxInlineBuf) {
+			// Parse reports lines over 64 KiB, so this cannot happen with a correct parser.
+			return errors.New("client command line does not fit the buffer")
+		}
+	}
+	return nil
+}
+
+// protocolError answers a malformed command like redis: the replies to the commands before it, then the
+// error, then the connection closes.
+func (s *session) protocolError(pe *resp.ProtocolError, now int64) error {
+	s.cl.out = resp.AppendCommand(s.cl.out, "PING")
+	s.cl.entries = append(s.cl.entries, entry{act: actFail, cmd: cmdOther, start: now, text: "ERR " + pe.Error()})
+	if err := s.flush(); err != nil {
+		return err
+	}
+	s.led.waitIdle(s.srv.opts.WriteTimeout)
+	return fmt.Errorf("client protocol error: %w", pe)
+}
+
+// A handler forwards (or answers) one complete command of its kind; e is its reply's entry so far.
+type handler func(s *session, cmd resp.Command, e entry)
+
+// handlers maps each kind of command to its handler (set in init: some handlers refer to the table).
+var handlers [spCount]handler
+
+func init() {
+	handlers = [spCount]handler{
+		spNone: (*session).forward, spState: (*session).forward,
+		spAuth: (*session).onAuth, spHello: (*session).onHello, spReset: (*session).onReset,
+		spQuit: (*session).onQuit, spMulti: (*session).onMulti, spExec: (*session).onExec,
+		spDiscard: (*session).onExec, spClient: (*session).onClient, spSub: (*session).onSubscribe,
+		spUnsub: (*session).onSubscribe, spMonitor: (*session).onMonitor, spBlock: (*session).onBlocking,
+		spWatch: (*session).onWatch, spUnwatch: (*session).onUnwatch,
+	}
+}
+
+// handleCommand forwards one complete command, tracking what it does to the connection's state.
+func (s *session) handleCommand(cmd resp.Command, now int64) {
+	c := &s.cl
+	info := lookup(cmd.Args[0])
+	c.dirty = c.dirty || dirties(info, cmd.Args)
+	e := entry{act: actForward, cmd: info.idx, start: now}
+	switch {
+	case c.tx.state == txAborted && info.sp != spReset && info.sp != spQuit:
+		s.abortedTx(info, e)
+		return
+	case !c.authed && info.sp != spAuth && info.sp != spHello && info.sp != spQuit:
+		e.text = "-NOAUTH Authentication required.\r\n"
+		s.local(e)
+		return
+	}
+	// Inside MULTI redis queues every command but these; what the proxy sent for it is kept for a replay.
+	queued := c.tx.open() && !oneOfSp(info.sp, spExec, spDiscard, spMulti, spWatch, spReset, spQuit)
+	mark := len(c.out)
+	handlers[info.sp](s, cmd, e)
+	if queued {
+		c.tx.queue(c.out[mark:], true)
+	}
+}
+
+func oneOfSp(sp special, of ...special) bool {
+	for _, x := range of {
+		if sp == x {
+			return true
+		}
+	}
+	return false
+}
+
+// forward sends the command as it came, its reply going to the client.
+func (s *session) forward(cmd resp.Command, e entry) {
+	s.cl.out = append(s.cl.out, cmd.Raw...)
+	s.expect(e)
+}
+
+// onAuth answers the client's AUTH itself: the client's credentials never reach Azure.
+func (s *session) onAuth(cmd resp.Command, e entry) {
+	args := cmd.Args
+	switch {
+	case len(args) != 2 && len(args) != 3:
+		e.text = "-ERR wrong number of arguments for 'auth' command\r\n"
+	case s.localAuth(args[len(args)-1]):
+		e.text = "+OK\r\n"
+	default:
+		e.text = wrongPass
+	}
+	s.local(e)
+}
+
+// onHello forwards HELLO without its AUTH option; the reply sets the protocol.
+func (s *session) onHello(cmd resp.Command, e entry) {
+	args := cmd.Args
+	if i := helloAuthAt(args); i > 0 && !s.localAuth(args[i+2]) {
+		e.text = wrongPass
+		s.local(e)
+		return
+	} else if i < 0 && !s.cl.authed {
+		e.text = "-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n"
+		s.local(e)
+		return
+	}
+	e.act, e.arg = actHello, int32(helloProto(args))
+	s.cl.out = appendHello(s.cl.out, args)
+	s.expect(e)
+}
+
+// onReset forwards RESET, which turns replies back on before it answers and logs the connection out: the
+// proxy authenticates again before anything else runs.
+func (s *session) onReset(cmd resp.Command, e entry) {
+	c := &s.cl
+	c.tx.end()
+	c.tx.watching = false
+	c.mode = replyOn
+	c.out = append(c.out, cmd.Raw...)
+	e.act = actReset
+	s.expect(e)
+	if tok, _ := s.srv.opts.Tokens.Current(); tok.Secret != "" {
+		s.appendAuth(tok, e.start)
+	}
+}
+
+// onQuit answers QUIT itself (+OK, then the session ends): the upstream stays open and clean for the pool.
+func (s *session) onQuit(_ resp.Command, e entry) {
+	e.act = actQuit
+	s.cl.out = resp.AppendCommand(s.cl.out, "PING")
+	s.expect(e)
+	s.cl.quit = true
+}
+
+func (s *session) onMulti(cmd resp.Command, e entry) {
+	if len(cmd.Args) == 1 {
+		s.cl.tx.multi()
+	}
+	s.forward(cmd, e)
+}
+
+// onExec handles EXEC and DISCARD, which end an open transaction (without one they are errors that leave
+// the watches in place).
+func (s *session) onExec(cmd resp.Command, e entry) {
+	if s.cl.tx.open() {
+		s.cl.tx.end()
+	}
+	s.forward(cmd, e)
+}
+
+func (s *session) onWatch(cmd resp.Command, e entry) {
+	s.cl.tx.watch()
+	s.forward(cmd, e)
+}
+
+func (s *session) onUnwatch(cmd resp.Command, e entry) {
+	s.cl.tx.unwatch()
+	s.forward(cmd, e)
+}
+
+// onClient tracks CLIENT REPLY, which decides which commands get replies.
+func (s *session) onClient(cmd resp.Command, e entry) {
+	c := &s.cl
+	args := cmd.Args
+	if len(args) != 3 || !equalFold(args[1], "reply") || c.tx.open() {
+		s.forward(cmd, e)
+		return
+	}
+	c.out = append(c.out, cmd.Raw...)
+	switch {
+	case equalFold(args[2], "on"):
+		c.mode = replyOn
+		c.entries = append(c.entries, e) // ON is answered even when replies were off
+	case equalFold(args[2], "off"):
+		c.mode = replyOff
+	case equalFold(args[2], "skip"):
+		if c.mode != replyOff {
+			c.mode = replySkip // the SKIP itself gets no reply either
+		}
+	default:
+		s.expect(e) // an error
+	}
+}
+
+// onSubscribe handles the (P|S)(UN)SUBSCRIBE family: one confirmation per channel, or for a bare
+// unsubscribe one per current subscription (counted when the replies come).
+func (s *session) onSubscribe(cmd resp.Command, e entry) {
+	info := lookup(cmd.Args[0])
+	e.act, e.fam, e.arg = actSubscribe, info.fam, int32(len(cmd.Args)-1)
+	if info.sp == spUnsub && len(cmd.Args) == 1 {
+		e.arg = -1
+	}
+	s.forward(cmd, e)
+}
+
+func (s *session) onMonitor(cmd resp.Command, e entry) {
+	e.act = actMonitor
+	s.forward(cmd, e)
+}
+
+// onBlocking forwards a command that may block; until it is answered nothing is sent behind it.
+func (s *session) onBlocking(cmd resp.Command, e entry) {
+	c := &s.cl
+	if !c.tx.open() && c.mode == replyOn { // inside MULTI it does not block; without a reply it can't be tracked
+		e.blk = newBlocked(cmd.Args, lookup(cmd.Args[0]), s.srv.epoch.Add(time.Duration(e.start)))
+		c.hold.cmd = e.blk
+	}
+	s.forward(cmd, e)
+}
+
+// expect queues the entry for the next command's reply, unless CLIENT REPLY OFF/SKIP means none comes.
+func (s *session) expect(e entry) {
+	if s.cl.mode.takes() {
+		s.cl.entries = append(s.cl.entries, e)
+	}
+}
+
+// local answers a command with e.text instead of running it; a PING holds the reply's place, so the answer
+// comes in order and follows the connection's reply mode.
+func (s *session) local(e entry) {
+	e.act = actReplace
+	s.cl.out = resp.AppendCommand(s.cl.out, "PING")
+	s.expect(e)
+}
+
+const wrongPass = "-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+
+// localAuth checks a password a client gave against LOCAL_PASSWORD, in constant time; without one, any
+// password is accepted (the proxy authenticates the upstream itself).
+func (s *session) localAuth(password []byte) bool {
+	want := s.srv.opts.LocalPassword
+	if want == "" {
+		return true
+	}
+	ok := subtle.ConstantTimeCompare(password, []byte(want)) == 1
+	s.cl.authed = s.cl.authed || ok
+	if !ok {
+		s.srv.obs.ClientRejected("local_auth")
+	}
+	return ok
+}
+
+// flush queues the expected replies, then writes the commands upstream in one write.
+func (s *session) flush() error {
+	c := &s.cl
+	// Entries first, even with nothing in out: a streamed command's entry precedes its bytes.
+	if len(c.entries) > 0 {
+		if !s.led.push(c.entries) {
+			return errUpstreamGone
+		}
+		clear(c.entries)
+		c.entries = c.entries[:0]
+	}
+	if len(c.out) == 0 {
+		return nil
+	}
+	err := s.writeUp(c.out)
+	if cap(c.out) > 4*bigBufSize {
+		c.out = nil // a burst's large batch is not kept by an idle connection
+	} else {
+		c.out = c.out[:0]
+	}
+	return err
+}
+
+// armWrite gives writes on c a deadline of timeout, re-arming it only once half of it is used: a timer
+// update on every write would cost more than the write's bookkeeping.
+func armWrite(c interface{ SetWriteDeadline(time.Time) error }, until *time.Time, timeout time.Duration) {
+	if now := time.Now(); until.Sub(now) < timeout/2 {
+		*until = now.Add(timeout)
+		c.SetWriteDeadline(*until)
+	}
+}
+
+func (s *session) writeUp(p []byte) error {
+	armWrite(s.cl.up, &s.cl.writeBy, s.srv.opts.WriteTimeout)
+	if _, err := s.cl.up.Write(p); err != nil {
+		return fmt.Errorf("write upstream: %w", err)
+	}
+	s.lastSent.Store(s.srv.now())
+	return nil
+}
+
+// startStream begins forwarding a command too large for the buffer, as it arrives.
+func (s *session) startStream(b *readBuf) error {
+	c := &s.cl
+	p := b.buf[b.r:b.w]
+	name, _ := resp.CommandName(p)
+	info := lookup(name)
+	c.dirty = c.dirty || dirties(info, nil)
+	e := entry{act: actForward, cmd: info.idx, start: s.srv.now()}
+	c.stream.discard = false
+	switch info.sp {
+	case spAuth, spHello:
+		// Credentials are never forwarded, and no real AUTH or HELLO is this long: answer, don't forward.
+		e.act, e.text = actReplace, "-ERR entra-redis-proxy: "+string(name)+" command too long\r\n"
+		c.out = resp.AppendCommand(c.out, "PING")
+		c.stream.discard = true
+		if c.tx.open() {
+			c.tx.queue(c.out[len(c.out)-len("*1\r\n$4\r\nPING\r\n"):], true)
+		}
+	case spSub, spUnsub:
+		e.act, e.fam = actSubscribe, info.fam
+		e.arg = int32(multibulkCount(p) - 1)
+	}
+	s.expect(e)
+	if err := s.flush(); err != nil {
+		return err
+	}
+	c.stream.active = true
+	c.stream.scan.Reset()
+	return nil
+}
+
+// continueStream forwards the next part of a command being streamed; inside MULTI its bytes are kept for a
+// replay like any queued command's.
+func (s *session) continueStream(b *readBuf) error {
+	c := &s.cl
+	first := !c.stream.scan.InFrame()
+	n, done, err := c.stream.scan.Scan(b.buf[b.r:b.w])
+	if err != nil {
+		return fmt.Errorf("client protocol error: %w", err)
+	}
+	if !c.stream.discard {
+		part := b.buf[b.r : b.r+n]
+		if c.tx.open() {
+			c.tx.queue(part, first)
+		}
+		if err := s.writeUp(part); err != nil {
+			return err
+		}
+	}
+	b.r += n
+	if done {
+		c.stream.active, c.stream.discard = false, false
+	}
+	return nil
+}
+
+// multibulkCount reads N from a "*N\r\n" header.
+func multibulkCount(p []byte) int {
+	n := 0
+	for i := 1; i < len(p) && p[i] >= '0' && p[i] <= '9' && n < 1<<30; i++ {
+		n = n*10 + int(p[i]-'0')
+	}
+	return n
+}
+
+// helloAuthAt returns the index of HELLO's AUTH option (followed by username and password), or -1.
+func helloAuthAt(args [][]byte) int {
+	for i := 2; i+2 < len(args); i++ {
+		if equalFold(args[i], "auth") {
+			return i
+		}
+	}
+	return -1
+}
+
+// helloProto returns the protocol HELLO asks for, or 0 when it keeps the current one (or errs).
+func helloProto(args [][]byte) int {
+	if len(args) < 2 {
+		return 0
+	}
+	p, err := strconv.Atoi(string(args[1]))
+	if err != nil {
+		return 0
+	}
+	return p
+}
+
+// appendHello appends HELLO without its AUTH option: the proxy authenticates the upstream, and the client's
+// credentials never reach it.
+func appendHello(dst []byte, args [][]byte) []byte {
+	kept := make([]string, 0, len(args))
+	for i := 0; i < len(args); i++ {
+		if i >= 2 && equalFold(args[i], "auth") && i+2 < len(args) {
+			i += 2
+			continue
+		}
+		kept = append(kept, string(args[i]))
+	}
+	return resp.AppendCommand(dst, kept...)
+}

@@ -1,0 +1,199 @@
+package proxy
+
+import (
+	"sync"
+	"time"
+)
+
+// action says what the reply loop does with the reply (or replies) to one command sent upstream.
+type action uint8
+
+const (
+	actForward   action = iota // pass the reply to the client
+	actAuth                    // our AUTH: consume the reply, record whether the token took
+	actDrop                    // our PING, or a replayed command: consume the reply
+	actReplace                 // a command the proxy answers, sent as a PING: consume the reply, send text
+	actFail                    // a protocol error, sent as a PING: consume the reply, send the error, close
+	actHello                   // pass the reply; on success the protocol becomes entry.arg
+	actSubscribe               // pass arg confirmations of family fam (arg < 0: one per current subscription)
+	actMonitor                 // pass the reply; on +OK the connection streams monitor lines
+	actReset                   // pass the reply; on +RESET the connection state is back to defaults
+	actMarker                  // the handover marker's (un)subscription: consume the confirmation
+	actExecNull                // EXEC of a transaction a rescue aborted, sent as a PING: answer null
+	actQuit                    // the client's QUIT, sent as a PING: answer +OK, then end the session
+)
+
+// entry is one expected reply (or group of pub/sub confirmations), queued before its command is written.
+type entry struct {
+	act   action
+	fam   family   // pub/sub family, for actSubscribe
+	cmd   uint8    // index into CommandNames, or cmdOther
+	arg   int32    // actHello: protocol; actSubscribe: confirmations expected
+	start int64    // when the command was read, for latency: nanoseconds since the server's epoch
+	text  string   // actReplace: the reply to send; actFail: the error line
+	blk   *blocked // a blocking command, for a re-issue after an unblock
+}
+
+// owned reports whether the reply belongs to the proxy rather than the client.
+func (e entry) owned() bool {
+	switch e.act {
+	case actAuth, actDrop, actReplace, actFail, actMarker, actExecNull, actQuit:
+		return true
+	}
+	return false
+}
+
+// ledger is what a session's upstream still owes: one entry per command written, oldest first. The client
+// loop adds entries before it writes their commands; the reply loop settles the oldest when the last byte
+// of its reply has been framed, and records when what it framed has been written to the client.
+//
+// It answers the question every move of a connection depends on, "at a safe point?" (idle): no reply is
+// expected, none is half-passed, and every reply asked for has reached the client. The pool, the drain of a
+// half-closed client, shutdown, handovers and rescues all use it.
+type ledger struct {
+	mu      sync.Mutex
+	changed sync.Cond // broadcast on settle, delivery, space and close
+	q       []entry   // ring buffer; grows by doubling up to maxPending
+	head    int       // index of the oldest entry
+	n       int       // entries not settled
+	unsent  int       // entries settled whose replies are not yet written to the client
+	sent    uint64    // deliveries so far: progress, for waits re-armed on progress
+	closed  bool      // push and waits return at once
+}
+
+// maxPending bounds the commands in flight on one connection (redis has no such bound, but this is far
+// above what any client pipelines and keeps a runaway client's memory bounded): push blocks while it is
+// full, which stops reading from the client.
+const maxPending = 1 << 16
+
+func newLedger() *ledger {
+	l := &ledger{}
+	l.changed.L = &l.mu
+	return l
+}
+
+// push appends es, blocking while the ledger is full. It returns false once the ledger is closed.
+func (l *ledger) push(es []entry) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, e := range es {
+		for l.n == maxPending && !l.closed {
+			l.changed.Wait()
+		}
+		if l.closed {
+			return false
+		}
+		if l.n == len(l.q) {
+			l.grow()
+		}
+		l.q[(l.head+l.n)%len(l.q)] = e
+		l.n++
+	}
+	return !l.closed
+}
+
+func (l *ledger) grow() {
+	size := max(2*len(l.q), 16)
+	q := make([]entry, size)
+	for i := range l.n {
+		q[i] = l.q[(l.head+i)%len(l.q)]
+	}
+	l.q, l.head = q, 0
+}
+
+// front returns the oldest unsettled entry.
+func (l *ledger) front() (entry, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.n == 0 {
+		return entry{}, false
+	}
+	return l.q[l.head], true
+}
+
+// setFrontArg updates the oldest entry's arg (the confirmations a pub/sub command still expects).
+func (l *ledger) setFrontArg(arg int32) {
+	l.mu.Lock()
+	if l.n > 0 {
+		l.q[l.head].arg = arg
+	}
+	l.mu.Unlock()
+}
+
+// settle removes the oldest entry: its reply has been framed to its last byte.
+func (l *ledger) settle() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.n == 0 {
+		return
+	}
+	l.q[l.head] = entry{}
+	l.head = (l.head + 1) % len(l.q)
+	l.n--
+	l.unsent++
+	if l.n == maxPending-1 {
+		l.changed.Broadcast()
+	}
+	if l.n == 0 && len(l.q) > 64 {
+		l.q, l.head = nil, 0 // an idle connection keeps no large ring
+	}
+}
+
+// delivered records that everything framed so far has been written to the client (or consumed).
+func (l *ledger) delivered() {
+	l.mu.Lock()
+	if l.unsent > 0 {
+		l.unsent = 0
+		l.sent++
+		l.changed.Broadcast()
+	}
+	l.mu.Unlock()
+}
+
+// len returns how many replies are still expected.
+func (l *ledger) len() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.n
+}
+
+// idle reports a safe point: nothing expected, nothing settled but unsent. (A frame being passed is
+// always an expected entry's, or a push, which the reply loop accounts for itself.)
+func (l *ledger) idle() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.n == 0 && l.unsent == 0
+}
+
+// waitIdle waits for a safe point, until the ledger is closed, or until no reply has been delivered for
+// quiet (the wait is re-armed on every delivery). It reports whether the safe point was reached.
+func (l *ledger) waitIdle(quiet time.Duration) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for !l.closed && (l.n > 0 || l.unsent > 0) {
+		seen := l.sent
+		timedOut := false
+		t := time.AfterFunc(quiet, func() {
+			l.mu.Lock()
+			timedOut = true
+			l.changed.Broadcast()
+			l.mu.Unlock()
+		})
+		for !l.closed && (l.n > 0 || l.unsent > 0) && l.sent == seen && !timedOut {
+			l.changed.Wait()
+		}
+		t.Stop()
+		if l.sent == seen && timedOut {
+			break
+		}
+	}
+	return l.n == 0 && l.unsent == 0
+}
+
+// close wakes every waiter; later pushes fail.
+func (l *ledger) close() {
+	l.mu.Lock()
+	l.closed = true
+	l.changed.Broadcast()
+	l.mu.Unlock()
+}
