@@ -147,9 +147,7 @@ func (s *session) dropConn(c net.Conn) {
 
 // run serves the client until either side closes. It owns the session's goroutines and waits for them.
 func (s *session) run(ctx context.Context) {
-	s.led = newLedger()
-	s.wake, s.done = make(chan struct{}, 1), make(chan struct{})
-	s.rl.proto = 2
+	s.init()
 	s.log.Info("client connected", "client", s.client.RemoteAddr().String())
 
 	if err := s.connect(ctx); err != nil {
@@ -166,7 +164,12 @@ func (s *session) run(ctx context.Context) {
 		return
 	}
 	defer s.srv.untrack(s)
+	s.serve()
+}
 
+// serve runs the two loops on the connected upstream until the session ends, then pools the upstream if
+// the client left it clean.
+func (s *session) serve() {
 	var wg sync.WaitGroup
 	var rerr error
 	wg.Add(1)
@@ -206,6 +209,12 @@ func (s *session) run(ctx context.Context) {
 		s.srv.obs.UpstreamClosed()
 	}
 	s.finish()
+}
+
+func (s *session) init() {
+	s.led = newLedger()
+	s.wake, s.done = make(chan struct{}, 1), make(chan struct{})
+	s.rl.proto = 2
 }
 
 // recyclable reports whether the client left its upstream in the state a pooled connection has.

@@ -187,4 +187,6 @@ func isConfirm(kind []byte, f family) (ok, subscribe bool) {
 }
 
 // authCmd appends the proxy's AUTH with tok.
-func authCmd(dst []byte, tok Token) []byte { return resp.AppendCommand(dst, "AUTH", tok.Username, tok.Secret) }
+func authCmd(dst []byte, tok Token) []byte {
+	return resp.AppendCommand(dst, "AUTH", tok.Username, tok.Secret)
+}
