@@ -87,10 +87,16 @@ func (s *session) replyLoop(up net.Conn) error {
 			if now := time.Now(); stallBy.Sub(now) < s.srv.opts.StallTimeout/2 {
 				stallBy = now.Add(s.srv.opts.StallTimeout)
 				up.SetReadDeadline(stallBy)
+				if s.recycling.Load() {
+					up.SetReadDeadline(pokeTime)
+				}
 			}
 		} else if !stallBy.IsZero() {
 			stallBy = time.Time{}
 			up.SetReadDeadline(stallBy)
+			if s.recycling.Load() {
+				up.SetReadDeadline(pokeTime) // the stop for the pool came meanwhile: don't undo it
+			}
 		}
 		if s.rl.closing != nil {
 			return s.rl.closing

@@ -1,0 +1,172 @@
+package proxy
+
+import (
+	"testing"
+	"testing/synctest"
+	"time"
+)
+
+func TestTransaction(t *testing.T) {
+	var tx transaction
+	tx.watch()
+	if !tx.watching || tx.open() {
+		t.Fatalf("after WATCH: %+v", tx)
+	}
+	tx.multi()
+	tx.queue([]byte("SET a 1\r\n"), true)
+	tx.queue([]byte("*3\r\n$3\r\nSET\r\n"), true) // a streamed command, in two pieces
+	tx.queue([]byte("$1\r\nb\r\n$1\r\n2\r\n"), false)
+	tx.multi() // nested: an error, changes nothing
+	if !tx.open() || tx.count != 2 || string(tx.queued) != "SET a 1\r\n*3\r\n$3\r\nSET\r\n$1\r\nb\r\n$1\r\n2\r\n" {
+		t.Fatalf("queued %d %q", tx.count, tx.queued)
+	}
+	if tx.canReplay() {
+		t.Fatal("a transaction with WATCH can't be replayed")
+	}
+	tx.unwatch() // queued inside MULTI: runs at EXEC
+	if !tx.watching {
+		t.Fatal("UNWATCH inside MULTI ended the watches early")
+	}
+	tx.abort()
+	if tx.state != txAborted || !tx.nullExec || tx.open() {
+		t.Fatalf("after abort: %+v", tx)
+	}
+	tx.end()
+	if tx.state != txNone || tx.watching || tx.count != 0 || len(tx.queued) != 0 {
+		t.Fatalf("after end: %+v", tx)
+	}
+
+	// Over the bound: nothing is kept, and the rescue aborts (EXECABORT, not null: no WATCH).
+	tx.multi()
+	tx.queue(make([]byte, maxTxBytes-1), true)
+	tx.queue([]byte("xy"), true)
+	if tx.canReplay() || tx.queued != nil {
+		t.Fatal("a transaction over maxTxBytes must not be replayed")
+	}
+	tx.abort()
+	if tx.nullExec {
+		t.Fatal("without WATCH an aborted EXEC is not a null")
+	}
+}
+
+func TestReplyMode(t *testing.T) {
+	for _, tc := range []struct {
+		mode replyMode
+		want []bool // takes() for three commands in a row
+	}{
+		{replyOn, []bool{true, true, true}},
+		{replyOff, []bool{false, false, false}},
+		{replySkip, []bool{false, true, true}},
+	} {
+		m := tc.mode
+		for i, want := range tc.want {
+			if got := m.takes(); got != want {
+				t.Errorf("mode %d, command %d: takes() = %v, want %v", tc.mode, i, got, want)
+			}
+		}
+	}
+}
+
+func TestHoldBack(t *testing.T) {
+	var h holdBack
+	if h.holding() {
+		t.Fatal("nothing in flight, yet holding")
+	}
+	h.cmd = newBlocked([][]byte{[]byte("BLPOP"), []byte("k"), []byte("0")}, lookup([]byte("blpop")), time.Now())
+	if !h.holding() {
+		t.Fatal("a blocking command in flight must hold back later commands")
+	}
+	h.cmd.answered.Store(true)
+	if h.holding() {
+		t.Fatal("still holding after the answer")
+	}
+}
+
+func TestSubscriptions(t *testing.T) {
+	var s subscriptions
+	s.confirm(famChannel, true, []byte("a"))
+	s.confirm(famChannel, true, []byte("b"))
+	s.confirm(famPattern, true, []byte("p*"))
+	s.confirm(famShard, true, []byte("s"))
+	s.confirm(famChannel, true, []byte("a")) // again: still one
+	if s.total() != 4 || s.count(famChannel) != 2 {
+		t.Fatalf("total %d, channels %d", s.total(), s.count(famChannel))
+	}
+	if n := s.confirm(famChannel, false, nil); n != 4 { // UNSUBSCRIBE with nothing to unsubscribe
+		t.Fatalf("nil confirmation changed the count to %d", n)
+	}
+	s.confirm(famChannel, false, []byte("a"))
+	snap := s.snapshot()
+	if len(snap[famChannel]) != 1 || snap[famChannel][0] != "b" || len(snap[famPattern]) != 1 {
+		t.Fatalf("snapshot %v", snap)
+	}
+	s.reset()
+	if s.total() != 0 {
+		t.Fatal("reset kept subscriptions")
+	}
+}
+
+// The ledger reaches a safe point only when every reply has been framed to its last byte and written.
+func TestLedgerSafePoint(t *testing.T) {
+	l := newLedger()
+	if !l.idle() {
+		t.Fatal("a new ledger is not idle")
+	}
+	l.push([]entry{{act: actForward}, {act: actAuth}})
+	l.settle()
+	if l.idle() {
+		t.Fatal("idle with a reply still expected")
+	}
+	l.settle()
+	if l.idle() {
+		t.Fatal("idle before the replies were written to the client")
+	}
+	l.delivered()
+	if !l.idle() {
+		t.Fatal("not idle after every reply was delivered")
+	}
+}
+
+// waitIdle gives up only after quiet passes with no delivery; each delivery re-arms it.
+func TestLedgerWaitIdleRearmedOnProgress(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		l := newLedger()
+		l.push(make([]entry, 4))
+		go func() {
+			for range 3 {
+				time.Sleep(4 * time.Second) // each under the 5 s quiet bound; 12 s in all
+				l.settle()
+				l.delivered()
+			}
+		}()
+		start := time.Now()
+		if l.waitIdle(5 * time.Second) {
+			t.Fatal("idle with one reply never delivered")
+		}
+		if got := time.Since(start); got != 17*time.Second {
+			t.Fatalf("gave up after %v, want 17s (12s of progress, then 5s quiet)", got)
+		}
+		l.settle()
+		l.delivered()
+		if !l.waitIdle(time.Second) {
+			t.Fatal("not idle at the end")
+		}
+	})
+}
+
+func TestLedgerCloseWakesWaiters(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		l := newLedger()
+		l.push([]entry{{}})
+		done := make(chan bool)
+		go func() { done <- l.waitIdle(forever) }()
+		synctest.Wait()
+		l.close()
+		if <-done {
+			t.Fatal("closed with a reply outstanding, yet reported idle")
+		}
+		if l.push([]entry{{}}) {
+			t.Fatal("push after close succeeded")
+		}
+	})
+}
