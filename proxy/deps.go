@@ -4,16 +4,15 @@ import (
 	"context"
 	"net"
 	"time"
+
+	"github.com/entra-redis-proxy/entra-redis-proxy/tokensource"
 )
 
-// Token is what the proxy needs of an Entra access token.
-type Token struct {
-	Username  string    // AUTH username: the token's oid claim, or the configured override
-	Secret    string    // the access token, sent as the AUTH password; never logged
-	ExpiresOn time.Time // when Azure stops accepting it
-}
+// Token is tokensource's token, whose String, Format, LogValue and JSON never show the secret: the
+// proxy shares it rather than keeping a copy that prints in full.
+type Token = tokensource.Token
 
-// TokenSource hands out the current token.
+// TokenSource hands out the current token. *tokensource.Source is one.
 type TokenSource interface {
 	// Current returns the newest token and a channel that is closed when a newer token
 	// replaces it. Before the first token, Secret is empty.
@@ -21,6 +20,8 @@ type TokenSource interface {
 	// Refresh fetches a token now (after Azure refused the current one) and returns it.
 	Refresh(ctx context.Context) (Token, error)
 }
+
+var _ TokenSource = (*tokensource.Source)(nil)
 
 // Dialer opens an authenticated-ready (TLS, not yet AUTHed) connection to the upstream.
 type Dialer interface {

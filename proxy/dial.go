@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"strconv"
 	"strings"
 	"time"
 
@@ -66,23 +65,16 @@ func (e *AuthError) Error() string {
 }
 
 // handshake authenticates a fresh upstream connection and asks its CLIENT ID (0 if the cache refuses to say).
-// When Azure refuses the token with WRONGPASS, it tries once more with a freshly fetched one.
-func handshake(ctx context.Context, c net.Conn, tok Token, tokens TokenSource) (int64, Token, error) {
-	deadline, _ := ctx.Deadline()
-	c.SetDeadline(deadline)
-	defer c.SetDeadline(time.Time{})
+// When Azure refuses the token with WRONGPASS, it tries once more with a freshly fetched one. It returns
+// the token that was accepted.
+func (c *ctrlConn) handshake(ctx context.Context, tok Token, tokens TokenSource) (int64, Token, error) {
 	for attempt := 0; ; attempt++ {
-		cmd := resp.AppendCommand(nil, "AUTH", tok.Username, tok.Secret)
-		cmd = resp.AppendCommand(cmd, "CLIENT", "ID")
-		if _, err := c.Write(cmd); err != nil {
-			return 0, tok, fmt.Errorf("write AUTH: %w", err)
-		}
-		replies, err := readReplies(c, 2)
+		rs, err := c.pipeline(ctx, resp.AppendCommand(appendAuthCmd(nil, tok), "CLIENT", "ID"), 2)
 		if err != nil {
-			return 0, tok, fmt.Errorf("read AUTH reply: %w", err)
+			return 0, tok, fmt.Errorf("AUTH: %w", err)
 		}
-		if replies[0][0] == '-' {
-			authErr := &AuthError{Username: tok.Username, Reply: string(replies[0][1:])}
+		if rs[0].typ == '-' {
+			authErr := &AuthError{Username: tok.Username, Reply: rs[0].text}
 			if attempt > 0 || !strings.HasPrefix(authErr.Reply, "WRONGPASS") {
 				return 0, tok, authErr
 			}
@@ -93,12 +85,25 @@ func handshake(ctx context.Context, c net.Conn, tok Token, tokens TokenSource) (
 			tok = fresh
 			continue
 		}
-		id, _ := strconv.ParseInt(strings.TrimPrefix(replies[1], ":"), 10, 64)
+		if err := rs[0].expect('+'); err != nil {
+			return 0, tok, fmt.Errorf("AUTH: %w", err)
+		}
+		var id int64
+		if rs[1].typ == ':' {
+			id = rs[1].num
+		}
 		return id, tok, nil
 	}
 }
 
+// handshake is ctrlConn.handshake on a connection that is read by something else afterwards (a fresh
+// connection has nothing buffered after the replies).
+func handshake(ctx context.Context, c net.Conn, tok Token, tokens TokenSource) (int64, Token, error) {
+	return newCtrlConn(c).handshake(ctx, tok, tokens)
+}
+
 // readReplies reads n small single-line replies (status, error, integer) and returns their lines.
+// It stays until pool.go, handover.go and rescue.go use ctrlConn.
 func readReplies(c net.Conn, n int) ([]string, error) {
 	var buf []byte
 	var lines []string
@@ -181,21 +186,17 @@ func Probe(ctx context.Context, d Dialer, tok Token) (int64, error) {
 		return 0, err
 	}
 	defer c.Close()
-	id, _, err := handshake(ctx, c, tok, fixedToken(tok))
+	cc := newCtrlConn(c)
+	id, _, err := cc.handshake(ctx, tok, fixedToken(tok))
 	if err != nil {
 		return 0, err
 	}
-	deadline, _ := ctx.Deadline()
-	c.SetDeadline(deadline)
-	if _, err := c.Write(resp.AppendCommand(nil, "PING")); err != nil {
-		return 0, &probeError{err}
-	}
-	replies, err := readReplies(c, 1)
+	r, err := cc.do(ctx, "PING")
 	if err != nil {
 		return 0, &probeError{err}
 	}
-	if replies[0] != "+PONG" {
-		return 0, &probeError{fmt.Errorf("PING answered %q", replies[0])}
+	if r.typ != '+' || r.text != "PONG" {
+		return 0, &probeError{fmt.Errorf("PING answered %s", r)}
 	}
 	return id, nil
 }

@@ -43,19 +43,6 @@ type fixtureOpts struct {
 	proxyOpt   func(*proxy.Options)
 }
 
-// tokens adapts tokensource.Source to proxy.TokenSource, as main does.
-type tokens struct{ *tokensource.Source }
-
-func (t tokens) Current() (proxy.Token, <-chan struct{}) {
-	tok, ch := t.Source.Current()
-	return proxy.Token(tok), ch
-}
-
-func (t tokens) Refresh(ctx context.Context) (proxy.Token, error) {
-	tok, err := t.Source.Refresh(ctx)
-	return proxy.Token(tok), err
-}
-
 // testLogger prints the proxy's warnings (everything with PROXY_TEST_DEBUG set), and fails the test if the
 // proxy ever got a reply it did not expect: reply accounting must be exact in every test.
 func testLogger(t testing.TB) *slog.Logger {
@@ -141,7 +128,7 @@ func newProxyFor(t testing.TB, env *azurefake.Env, o fixtureOpts) *fixture {
 		upstream = o.upstream
 	}
 	opts := proxy.Options{
-		Tokens: tokens{src}, Logger: log, IdlePing: o.idlePing, DialTimeout: 5 * time.Second,
+		Tokens: src, Logger: log, IdlePing: o.idlePing, DialTimeout: 5 * time.Second,
 		Dialer:       &proxy.TLSDialer{Addr: upstream, Config: &tls.Config{ServerName: env.ServerName, RootCAs: pool}},
 		ReauthSpread: 200 * time.Millisecond,
 	}

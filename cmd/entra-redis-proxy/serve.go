@@ -70,19 +70,6 @@ func tlsConfig(cfg *Config) (*tls.Config, error) {
 	return c, nil
 }
 
-// tokens adapts the token source to what the proxy needs.
-type tokens struct{ *tokensource.Source }
-
-func (t tokens) Current() (proxy.Token, <-chan struct{}) {
-	tok, ch := t.Source.Current()
-	return proxy.Token(tok), ch
-}
-
-func (t tokens) Refresh(ctx context.Context) (proxy.Token, error) {
-	tok, err := t.Source.Refresh(ctx)
-	return proxy.Token(tok), err
-}
-
 func newTokenSource(cfg *Config, log *slog.Logger, onRefresh func(string, time.Time)) (*tokensource.Source, error) {
 	newCred := func() (azcore.TokenCredential, error) {
 		return tokensource.NewCredential(cfg.Credential, cfg.MIClientID, cfg.MIResourceID)
@@ -140,7 +127,7 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger) int {
 		return exitConfig
 	}
 	srv, err := proxy.New(proxy.Options{
-		Tokens: tokens{src}, Dialer: &proxy.TLSDialer{Addr: cfg.Upstream, Config: tc},
+		Tokens: src, Dialer: &proxy.TLSDialer{Addr: cfg.Upstream, Config: tc},
 		Logger: log, Observer: m, MaxConnections: cfg.MaxConnections, DialTimeout: cfg.DialTimeout,
 		IdlePing: cfg.IdlePing, MaxBulk: int64(cfg.MaxBulkBytes), LocalPassword: cfg.LocalPassword,
 		PoolSize: cfg.PoolSize,
