@@ -284,25 +284,24 @@ func (s *session) dialSubscriber(ctx context.Context, tok Token, subs [3][]strin
 
 // publish sends PUBLISH channel msg from a short-lived connection.
 func publish(ctx context.Context, d Dialer, tok Token, channel, msg string) error {
-	c, err := d.DialContext(ctx)
+	conn, err := d.DialContext(ctx)
 	if err != nil {
 		return err
 	}
-	defer c.Close()
-	if _, _, err := handshake(ctx, c, tok, fixedToken(tok)); err != nil {
+	defer conn.Close()
+	c := newCtrlConn(conn)
+	if _, _, err := c.handshake(ctx, tok, fixedToken(tok)); err != nil {
 		return err
 	}
-	deadline, _ := ctx.Deadline()
-	c.SetDeadline(deadline)
-	if _, err := c.Write(resp.AppendCommand(nil, "PUBLISH", channel, msg)); err != nil {
-		return fmt.Errorf("publish marker: %w", err)
+	r, err := c.do(ctx, "PUBLISH", channel, msg)
+	if err == nil {
+		err = r.expect(':')
 	}
-	replies, err := readReplies(c, 1)
+	if err == nil && r.num == 0 {
+		err = errors.New("no subscriber received it")
+	}
 	if err != nil {
 		return fmt.Errorf("publish marker: %w", err)
-	}
-	if replies[0] == ":0" || replies[0][0] != ':' {
-		return fmt.Errorf("publish marker: %s", replies[0])
 	}
 	return nil
 }

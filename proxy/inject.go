@@ -76,7 +76,7 @@ func (s *session) reauth() error {
 
 // appendAuth adds the proxy's AUTH with tok to the commands going upstream; its reply is consumed.
 func (s *session) appendAuth(tok Token, now int64) {
-	s.cl.out = authCmd(s.cl.out, tok)
+	s.cl.out = appendAuthCmd(s.cl.out, tok)
 	s.expect(entry{act: actAuth, cmd: cmdOther, start: now})
 	s.cl.secret = tok.Secret
 }

@@ -3,9 +3,7 @@ package proxy
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
-	"net"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -145,21 +143,20 @@ func (s *session) unblock(tok Token) error {
 	}
 	ctx, cancel := context.WithTimeout(s.srv.ctx, handoverTimeout)
 	defer cancel()
-	c, err := s.srv.opts.Dialer.DialContext(ctx)
+	conn, err := s.srv.opts.Dialer.DialContext(ctx)
 	if err != nil {
 		s.log.Warn("cannot unblock the connection for re-AUTH; retrying", "err", err)
 		s.retryLater(pokeDeadline)
 		return nil
 	}
-	defer c.Close()
-	if _, _, err := handshake(ctx, c, tok, fixedToken(tok)); err != nil {
+	defer conn.Close()
+	c := newCtrlConn(conn)
+	if _, _, err := c.handshake(ctx, tok, fixedToken(tok)); err != nil {
 		s.log.Warn("cannot unblock the connection for re-AUTH; retrying", "err", err)
 		s.retryLater(pokeDeadline)
 		return nil
 	}
-	deadline, _ := ctx.Deadline()
-	c.SetDeadline(deadline)
-	if err := pinStreamIDs(c, b); err != nil {
+	if err := pinStreamIDs(ctx, c, b); err != nil {
 		s.log.Warn("cannot unblock the connection for re-AUTH; retrying", "err", err)
 		s.retryLater(pokeDeadline)
 		return nil
@@ -168,10 +165,9 @@ func (s *session) unblock(tok Token) error {
 	// reply loop sees unblocking for any reply the CLIENT UNBLOCK caused.
 	b.unblocking.Store(true)
 	if !b.answered.Load() {
-		cmd := resp.AppendCommand(nil, "CLIENT", "UNBLOCK", strconv.FormatInt(s.upID.Load(), 10), "TIMEOUT")
-		_, err := c.Write(cmd)
+		r, err := c.do(ctx, "CLIENT", "UNBLOCK", strconv.FormatInt(s.upID.Load(), 10), "TIMEOUT")
 		if err == nil {
-			_, err = readReplies(c, 1)
+			err = r.expect(':')
 		}
 		if err != nil {
 			s.log.Warn("CLIENT UNBLOCK failed", "err", err)
@@ -199,7 +195,7 @@ func (s *session) unblock(tok Token) error {
 
 // pinStreamIDs replaces "$" in a blocked XREAD with each stream's last ID, read on c while the client is
 // still blocked, so that entries added between the unblock and the re-issue are not missed.
-func pinStreamIDs(c net.Conn, b *blocked) error {
+func pinStreamIDs(ctx context.Context, c *ctrlConn, b *blocked) error {
 	if !strings.EqualFold(b.args[0], "xread") && !strings.EqualFold(b.args[0], "xreadgroup") {
 		return nil
 	}
@@ -217,65 +213,21 @@ func pinStreamIDs(c net.Conn, b *blocked) error {
 		if b.args[streams+n+i] != "$" {
 			continue
 		}
-		id, err := lastStreamID(c, b.args[streams+i])
+		key := b.args[streams+i]
+		r, err := c.do(ctx, "XINFO", "STREAM", key)
 		if err != nil {
-			return err
+			return fmt.Errorf("XINFO STREAM: %w", err)
+		}
+		id, ok := r.field("last-generated-id")
+		switch {
+		case r.typ == '-':
+			id = "0-0" // no such key: "$" means 0-0
+		case !ok:
+			return fmt.Errorf("XINFO STREAM %s: no last-generated-id in %s", key, r)
 		}
 		b.args[streams+n+i] = id
 	}
 	return nil
-}
-
-// lastStreamID returns the last-generated-id of a stream ("0-0" if it does not exist).
-func lastStreamID(c net.Conn, key string) (string, error) {
-	if _, err := c.Write(resp.AppendCommand(nil, "XINFO", "STREAM", key)); err != nil {
-		return "", err
-	}
-	var buf []byte
-	tmp := make([]byte, 4096)
-	var h resp.Head
-	for {
-		n, err := c.Read(tmp)
-		buf = append(buf, tmp[:n]...)
-		if ok, perr := resp.PeekHead(buf, 16, &h); perr != nil {
-			return "", perr
-		} else if ok {
-			if h.Type == '-' {
-				return "0-0", nil // no such key: "$" means 0-0
-			}
-			for i := 0; i+1 < len(h.Elems); i += 2 {
-				if string(h.Elems[i]) == "last-generated-id" {
-					// Drain the rest of the reply so the connection stays usable.
-					return string(h.Elems[i+1]), drainFrame(c, buf)
-				}
-			}
-			if len(h.Elems) >= 8 {
-				return "", errors.New("XINFO STREAM: no last-generated-id")
-			}
-		}
-		if err != nil {
-			return "", fmt.Errorf("XINFO STREAM: %w", err)
-		}
-		if len(buf) > 1<<20 {
-			return "", errors.New("XINFO STREAM: reply too large")
-		}
-	}
-}
-
-// drainFrame reads until the frame starting in buf is complete.
-func drainFrame(c net.Conn, buf []byte) error {
-	var sc resp.Scanner
-	sc.MaxBulk = 1 << 40
-	_, done, err := sc.Scan(buf)
-	tmp := make([]byte, 4096)
-	for !done && err == nil {
-		var n int
-		n, err = c.Read(tmp)
-		if n > 0 {
-			_, done, err = sc.Scan(tmp[:n])
-		}
-	}
-	return err
 }
 
 // rescueMulti re-authenticates a connection inside MULTI (see above).

@@ -1,10 +1,6 @@
 package proxy
 
-import (
-	"sync"
-
-	"github.com/entra-redis-proxy/entra-redis-proxy/resp"
-)
+import "sync"
 
 // The small trackers below each own one concern of a connection's state. The client loop owns
 // transaction, replyMode and holdBack (they follow the commands it sends); the reply loop owns
@@ -184,9 +180,4 @@ func isConfirm(kind []byte, f family) (ok, subscribe bool) {
 		return true, false
 	}
 	return false, false
-}
-
-// authCmd appends the proxy's AUTH with tok.
-func authCmd(dst []byte, tok Token) []byte {
-	return resp.AppendCommand(dst, "AUTH", tok.Username, tok.Secret)
 }
