@@ -54,6 +54,7 @@ func BenchmarkScanReplies(b *testing.B) {
 		{"Mixed", mixed, 9, 0},
 		{"Bulk100KB", large, 1, 0},
 		{"Bulk100KBChunks16KB", large, 1, 16 << 10},
+		{"Nested100", []byte(nest(100)), 1, 0},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			var s Scanner
@@ -106,6 +107,7 @@ func BenchmarkPeekHead(b *testing.B) {
 		{"Bulk", []byte("$5\r\nhello\r\n"), 0},
 		{"PubSubMessage", []byte("*3\r\n$7\r\nmessage\r\n$7\r\nchannel\r\n$5\r\nhello\r\n"), 2},
 		{"Push", []byte(">3\r\n$7\r\nmessage\r\n$7\r\nchannel\r\n$5\r\nhello\r\n"), 3},
+		{"Attribute", []byte("|1\r\n+key-popularity\r\n%1\r\n$1\r\na\r\n,0.19\r\n*2\r\n:2039123\r\n:9543892\r\n"), 2},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			var h Head

@@ -63,7 +63,7 @@ func FuzzScanCommands(f *testing.F) {
 	})
 }
 
-// FuzzScanReplies checks the reply Scanner in random chunks against one call, and against skipElem's
+// FuzzScanReplies checks the reply Scanner in random chunks against one call, and against skipElems'
 // buffered framing and PeekHead.
 func FuzzScanReplies(f *testing.F) {
 	for _, tc := range replyCases {

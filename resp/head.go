@@ -28,13 +28,13 @@ type Head struct {
 // elements of an aggregate. ok is false when p does not yet hold enough bytes for what was asked: the whole
 // of any leading attribute, the value's header line and maxElems elements (or all of them, if fewer); the
 // caller reads more, or gives up classifying if its buffer is full. Errors wrap ErrInvalidReply and are
-// the Scanner's, except that PeekHead does not apply MaxBulk. PeekHead only reads; framing the reply is
-// the Scanner's job.
+// the Scanner's, except that PeekHead applies neither MaxBulk nor the bound on pending elements (past it
+// PeekHead asks for more). PeekHead only reads; framing the reply is the Scanner's job.
 func PeekHead(p []byte, maxElems int, h *Head) (ok bool, err error) {
 	*h = Head{Elems: h.Elems[:0]}
 	off := 0
 	for off < len(p) && p[off] == '|' {
-		n, ok, err := skipAttr(p[off:], 0)
+		n, ok, err := skipAttr(p[off:])
 		if !ok || err != nil {
 			return false, err
 		}
@@ -158,8 +158,8 @@ func bulkEnd(p []byte, t byte, from int, size int64) (int, bool, error) {
 }
 
 // skipAttr returns the length of the attribute at the start of p (its header and pairs, not the value it
-// annotates). depth counts the aggregates around it.
-func skipAttr(p []byte, depth int) (int, bool, error) {
+// annotates).
+func skipAttr(p []byte) (int, bool, error) {
 	line, next, ok, err := replyLine(p, 1)
 	if !ok || err != nil {
 		return 0, false, err
@@ -168,62 +168,54 @@ func skipAttr(p []byte, depth int) (int, bool, error) {
 	if err != nil {
 		return 0, false, err
 	}
-	return skipElems(p, next, 2*n, depth+1)
+	return skipElems(p, next, 2*n)
 }
 
-// skipElems returns the offset after count elements starting at p[from], nested at depth.
-func skipElems(p []byte, from int, count int64, depth int) (int, bool, error) {
-	if count > 0 && depth > DefaultMaxDepth {
-		return 0, false, fmt.Errorf("%w: nesting deeper than %d", ErrInvalidReply, DefaultMaxDepth)
-	}
-	for ; count > 0; count-- {
-		n, ok, err := skipElem(p[from:], depth)
+// skipElems returns the offset after count elements starting at p[from], attributes included. It is the
+// Scanner's framing for buffered elements, and like it needs no stack at any depth: an aggregate's elements
+// replace it in the count of elements still to skip, and an attribute adds its own before the value.
+func skipElems(p []byte, from int, count int64) (int, bool, error) {
+	for count > 0 {
+		if from == len(p) {
+			return 0, false, nil
+		}
+		t := p[from]
+		switch t {
+		case '+', '-', ':', ',', '(', '#', '_', '$', '!', '=', '*', '~', '>', '%', '|':
+		default:
+			return 0, false, fmt.Errorf("%w: unexpected type byte %q", ErrInvalidReply, t)
+		}
+		line, next, ok, err := replyLine(p, from+1)
 		if !ok || err != nil {
 			return 0, false, err
 		}
-		from += n
+		from = next
+		switch t {
+		case '+', '-', ':', ',', '(', '#', '_':
+			count--
+			continue
+		}
+		n, err := replyLength(t, line)
+		switch {
+		case err != nil:
+			return 0, false, err
+		case n == -1:
+			count--
+		case t == '$' || t == '!' || t == '=':
+			if from, ok, err = bulkEnd(p, t, next, n); !ok || err != nil {
+				return 0, false, err
+			}
+			count--
+		case t == '|':
+			count += 2 * n
+		case t == '%':
+			count += 2*n - 1
+		default:
+			count += n - 1
+		}
+		// A count this large cannot reach 0 within any buffer: saturate rather than overflow, and let
+		// the input run out (the Scanner reports such a reply as an error).
+		count = min(count, maxPending)
 	}
 	return from, true, nil
-}
-
-// skipElem returns the length of the complete element at the start of p, attributes included. It is
-// the Scanner's framing for a buffered element, recursive and bounded by DefaultMaxDepth.
-func skipElem(p []byte, depth int) (int, bool, error) {
-	if len(p) == 0 {
-		return 0, false, nil
-	}
-	t := p[0]
-	if t == '|' {
-		n, ok, err := skipAttr(p, depth)
-		if !ok || err != nil {
-			return 0, false, err
-		}
-		m, ok, err := skipElem(p[n:], depth)
-		return n + m, ok, err
-	}
-	switch t {
-	case '+', '-', ':', ',', '(', '#', '_', '$', '!', '=', '*', '~', '>', '%':
-	default:
-		return 0, false, fmt.Errorf("%w: unexpected type byte %q", ErrInvalidReply, t)
-	}
-	line, next, ok, err := replyLine(p, 1)
-	if !ok || err != nil {
-		return 0, false, err
-	}
-	switch t {
-	case '+', '-', ':', ',', '(', '#', '_':
-		return next, true, nil
-	}
-	n, err := replyLength(t, line)
-	switch {
-	case err != nil:
-		return 0, false, err
-	case n == -1:
-		return next, true, nil
-	case t == '$' || t == '!' || t == '=':
-		return bulkEnd(p, t, next, n)
-	case t == '%':
-		n *= 2
-	}
-	return skipElems(p, next, n, depth+1)
 }

@@ -68,7 +68,9 @@ func TestPeekHead(t *testing.T) {
 		{name: "bad element trailer", in: "*1\r\n$1\r\nabc", max: 1, err: true},
 		{name: "bad element length", in: "*1\r\n$-5\r\n", max: 1, err: true},
 		{name: "bad attribute", in: "|1\r\n?\r\n", err: true},
-		{name: "attribute too deep", in: "|1\r\n+k\r\n" + nest(128), err: true},
+		{name: "attribute deep", in: "|1\r\n+k\r\n" + nest(200) + "*1\r\n:1\r\n", max: 1, ok: true, typ: '*', len: 1,
+			elems: []string{"1"}, attr: 4 + 4 + 4*200 + 4},
+		{name: "attribute deep partial", in: "|1\r\n+k\r\n" + nest(200), max: 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var h Head

@@ -123,7 +123,7 @@ func checkCommands(t testing.TB, in []byte, rng *rand.Rand) {
 	}
 }
 
-// checkReplies checks the reply Scanner whole against in chunks, against the buffered framing of skipElem,
+// checkReplies checks the reply Scanner whole against in chunks, against the buffered framing of skipElems,
 // and PeekHead against both.
 func checkReplies(t testing.TB, in []byte, rng *rand.Rand) {
 	s := Scanner{MaxBulk: math.MaxInt64}
@@ -136,11 +136,11 @@ func checkReplies(t testing.TB, in []byte, rng *rand.Rand) {
 	start := 0
 	for i := 0; i <= len(want.ends); i++ {
 		rest := in[start:]
-		n, ok, err := skipElem(rest, 0)
+		n, ok, err := skipElems(rest, 0, 1)
 		hok, herr := PeekHead(rest, 3, &h)
 		if i < len(want.ends) { // the Scanner found a frame of want.ends[i]-start bytes
 			if !ok || err != nil || n != want.ends[i]-start {
-				t.Fatalf("input %.200q: Scanner frame %d, skipElem %d, %v, %v", rest, want.ends[i]-start, n, ok, err)
+				t.Fatalf("input %.200q: Scanner frame %d, skipElems %d, %v, %v", rest, want.ends[i]-start, n, ok, err)
 			}
 			if !hok || herr != nil || h.AttrLen >= n || h.Type != rest[h.AttrLen] || len(h.Elems) > 3 {
 				t.Fatalf("input %.200q: PeekHead on a complete frame = %v, %v, %+v", rest, hok, herr, h)
@@ -151,9 +151,9 @@ func checkReplies(t testing.TB, in []byte, rng *rand.Rand) {
 		// The stream ends with an incomplete frame or an error.
 		switch {
 		case ok:
-			t.Fatalf("input %.200q: skipElem found a frame of %d the Scanner did not (%v)", rest, n, want)
+			t.Fatalf("input %.200q: skipElems found a frame of %d the Scanner did not (%v)", rest, n, want)
 		case err != nil && want.err != "invalid reply":
-			t.Fatalf("input %.200q: skipElem error %v, Scanner %v", rest, err, want)
+			t.Fatalf("input %.200q: skipElems error %v, Scanner %v", rest, err, want)
 		case herr != nil && want.err != "invalid reply":
 			t.Fatalf("input %.200q: PeekHead error %v, Scanner %v", rest, herr, want)
 		}

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 )
@@ -195,4 +196,132 @@ func startRedis(t *testing.T) string {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// TestRedisDeepReplies runs Lua scripts returning deeply nested tables on a real redis-server and checks
+// that the Scanner, fed each read as it arrives, frames the exact reply as one frame: it must end where
+// the PONG pipelined after it begins. Redis 7.0 turns a Lua table into a reply recursively and stops at
+// its Lua stack limit (about 8000 levels): it then sends "-ERR reached lua stack limit" in place of the
+// table it could not descend into, so the reply stays well formed.
+func TestRedisDeepReplies(t *testing.T) {
+	sock := startRedis(t)
+	const chain = "local a={} local c=a for i=1,tonumber(ARGV[1]) do local n={} c[1]=n c=n end return a"
+	// Levels cycle through an array of two (the nested table, then i), an array of one, and a map
+	// {k = nested} (a RESP3 map for a RESP3 client, a flat array of two for a RESP2 one).
+	const mixed = "redis.setresp(3) local a={} local c=a for i=1,tonumber(ARGV[1]) do local n={} " +
+		"if i%3==0 then c.map={k=n} elseif i%3==1 then c[1]=n c[2]=i else c[1]=n end c=n end return a"
+	const limitErr = "-ERR reached lua stack limit\r\n"
+	for _, tc := range []struct {
+		name   string
+		resp3  bool
+		script string
+		depth  int
+		want   []byte // the exact reply, or nil to ask check instead
+		check  func(t *testing.T, reply []byte) bool
+	}{
+		{name: "array 200", script: chain, depth: 200, want: []byte(strings.Repeat("*1\r\n", 200) + "*0\r\n")},
+		{name: "mixed RESP2 300", script: mixed, depth: 300, want: luaMixedReply(300, false)},
+		{name: "mixed RESP3 300", resp3: true, script: mixed, depth: 300, want: luaMixedReply(300, true)},
+		{name: "array at the Lua limit", script: chain, depth: 100_000, check: func(t *testing.T, reply []byte) bool {
+			levels := bytes.Count(reply, []byte("*1\r\n"))
+			t.Logf("Redis nested %d levels, then %q", levels, reply[4*levels:])
+			return levels > 1000 && string(reply) == strings.Repeat("*1\r\n", levels)+limitErr
+		}},
+		{name: "mixed RESP3 at the Lua limit", resp3: true, script: mixed, depth: 100_000, check: func(t *testing.T, reply []byte) bool {
+			return bytes.Count(reply, []byte("%1\r\n")) > 1000 && bytes.Contains(reply, []byte(limitErr))
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var in []byte
+			frames := 2
+			if tc.resp3 {
+				in = AppendCommand(in, "HELLO", "3")
+				frames++
+			}
+			in = AppendCommand(in, "EVAL", tc.script, "0", strconv.Itoa(tc.depth))
+			in = AppendCommand(in, "PING")
+			data, ends := redisFrames(t, sock, in, frames)
+			start := 0
+			if tc.resp3 {
+				start = ends[0]
+			}
+			reply, after := data[start:ends[frames-2]], data[ends[frames-2]:]
+			if string(after) != "+PONG\r\n" {
+				t.Fatalf("after the reply (%d bytes): %.200q, want the PONG", len(reply), after)
+			}
+			switch {
+			case tc.want != nil && !bytes.Equal(reply, tc.want):
+				t.Fatalf("reply %d bytes, want %d:\n%.300q\nwant\n%.300q", len(reply), len(tc.want), reply, tc.want)
+			case tc.check != nil && !tc.check(t, reply):
+				t.Fatalf("unexpected reply of %d bytes: %.300q ... %.300q", len(reply), reply, reply[max(0, len(reply)-300):])
+			}
+		})
+	}
+}
+
+// luaMixedReply is the reply to TestRedisDeepReplies's mixed script, below Lua's limit.
+func luaMixedReply(depth int, resp3 bool) []byte {
+	var reply []byte
+	var ints []int
+	for i := 1; i <= depth; i++ {
+		switch {
+		case i%3 == 0 && resp3:
+			reply = append(reply, "%1\r\n$1\r\nk\r\n"...)
+		case i%3 == 0:
+			reply = append(reply, "*2\r\n$1\r\nk\r\n"...)
+		case i%3 == 1:
+			reply = append(reply, "*2\r\n"...)
+			ints = append(ints, i)
+		default:
+			reply = append(reply, "*1\r\n"...)
+		}
+	}
+	reply = append(reply, "*0\r\n"...)
+	for i := len(ints) - 1; i >= 0; i-- {
+		reply = append(strconv.AppendInt(append(reply, ':'), int64(ints[i]), 10), "\r\n"...)
+	}
+	return reply
+}
+
+// redisFrames writes in on a new connection and feeds what comes back to a reply Scanner read by read,
+// until frames frames have ended. It returns the bytes read, which must end with the last frame, and
+// where each frame ended.
+func redisFrames(t *testing.T, sock string, in []byte, frames int) ([]byte, []int) {
+	t.Helper()
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatalf("dial redis-server: %v", err)
+	}
+	defer c.Close()
+	if err := c.SetDeadline(time.Now().Add(10 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Write(in); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	var s Scanner
+	var data []byte
+	var ends []int
+	buf := make([]byte, 4096)
+	for len(ends) < frames {
+		n, err := c.Read(buf)
+		for off := 0; off < n; {
+			if len(ends) == frames {
+				t.Fatalf("more bytes after the last frame: %.200q", buf[off:n])
+			}
+			k, done, serr := s.Scan(buf[off:n])
+			if serr != nil {
+				t.Fatalf("Scan after %d bytes: %v", len(data)+off+k, serr)
+			}
+			off += k
+			if done {
+				ends = append(ends, len(data)+off)
+			}
+		}
+		data = append(data, buf[:n]...)
+		if err != nil && len(ends) < frames {
+			t.Fatalf("read after %d bytes and %d frames: %v", len(data), len(ends), err)
+		}
+	}
+	return data, ends
 }

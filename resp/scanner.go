@@ -6,11 +6,13 @@ import (
 )
 
 const (
-	// DefaultMaxDepth is the deepest aggregate nesting a Scanner accepts when MaxDepth is 0.
-	DefaultMaxDepth = 128
 	// maxAggregate bounds an aggregate's count, far above anything Redis sends (a list holds at most
 	// 2^32-1 elements), so that counts and their doubling for maps cannot overflow.
 	maxAggregate = 1 << 40
+	// maxPending bounds the elements a reply has announced and not yet sent. A reply that reached it
+	// would need 2^62 more elements of at least 3 bytes each; the bound only keeps the count (which
+	// grows by at most 2*maxAggregate per header) from overflowing.
+	maxPending = 1 << 62
 )
 
 // Scanner finds where frames end, a chunk at a time, without buffering them: a 400 MiB value streams
@@ -22,6 +24,9 @@ const (
 //     attributes; an attribute '|' and the value it annotates are one frame. Streamed strings and
 //     aggregates ("$?", "*?") are rejected, since Redis never sends them. Errors wrap ErrInvalidReply.
 //     Simple lines are only checked for their CRLF end; bulk bodies must be followed by CRLF.
+//     Nesting is not limited and costs no memory: to find where a frame ends the Scanner only needs to
+//     count the elements still to come, an aggregate adding its own. Redis sends deep replies (a Lua
+//     script's nested tables reach about 8000 levels; a module's are limited by nothing).
 //
 // To stream a command that Parse could not buffer whole, feed the Scanner from the command's first byte.
 // The zero value scans replies with the default bounds. After an error the state is undefined: Reset it
@@ -29,7 +34,6 @@ const (
 type Scanner struct {
 	Commands bool  // scan client commands instead of replies
 	MaxBulk  int64 // largest bulk length; 0 means DefaultMaxBulk
-	MaxDepth int   // deepest nesting of aggregates and attributes in replies; 0 means DefaultMaxDepth
 
 	state   uint8
 	inFrame bool
@@ -40,17 +44,10 @@ type Scanner struct {
 	lastCR  bool // the previous byte of the current line was '\r'
 	numLen  int  // bytes of the number in the current header line (may exceed len(num))
 	num     [20]byte
-	left    int64   // bulk arguments still to come (commands)
-	body    int64   // bulk body bytes still to skip (plus the two trailer bytes, for commands)
-	quote   uint8   // inline quote state
-	stack   []level // open aggregates (replies)
-}
-
-// level is an open aggregate in a reply: how many elements it still holds, and whether it is an
-// attribute (which is not itself an element of its parent: the value it annotates is).
-type level struct {
-	left int64
-	attr bool
+	left    int64 // bulk arguments still to come (commands)
+	body    int64 // bulk body bytes still to skip (plus the two trailer bytes, for commands)
+	quote   uint8 // inline quote state
+	elems   int64 // elements of the reply still to come after the one being read, at any depth
 }
 
 const (
@@ -98,7 +95,7 @@ func (s *Scanner) InFrame() bool { return s.inFrame }
 func (s *Scanner) Reset() {
 	s.state = stFrame
 	s.inFrame = false
-	s.stack = s.stack[:0]
+	s.elems = 0
 }
 
 func (s *Scanner) maxBulk() int64 {
@@ -106,13 +103,6 @@ func (s *Scanner) maxBulk() int64 {
 		return s.MaxBulk
 	}
 	return DefaultMaxBulk
-}
-
-func (s *Scanner) maxDepth() int {
-	if s.MaxDepth > 0 {
-		return s.MaxDepth
-	}
-	return DefaultMaxDepth
 }
 
 func (s *Scanner) endFrame() {
@@ -424,32 +414,28 @@ func (s *Scanner) header() (done bool, err error) {
 		n *= 2
 	}
 	s.state = stType
-	if n == 0 {
-		if s.typ == '|' {
-			return false, nil // an empty attribute: the value it annotates follows
-		}
+	switch {
+	case s.typ == '|':
+		// An attribute is not an element: its n elements come first, then the value it annotates.
+		s.elems += n
+	case n == 0:
 		return s.elementDone(), nil
+	default:
+		// The aggregate's first element takes its place; the other n-1 come after.
+		s.elems += n - 1
 	}
-	if len(s.stack) >= s.maxDepth() {
-		return false, fmt.Errorf("%w: nesting deeper than %d", ErrInvalidReply, s.maxDepth())
+	if s.elems > maxPending {
+		return false, fmt.Errorf("%w: more than %d elements pending", ErrInvalidReply, int64(maxPending))
 	}
-	s.stack = append(s.stack, level{left: n, attr: s.typ == '|'})
 	return false, nil
 }
 
-// elementDone records the end of an element and reports whether it ended the frame.
+// elementDone records the end of an element that holds no others and reports whether it ended the frame.
 func (s *Scanner) elementDone() bool {
 	s.state = stType
-	for len(s.stack) > 0 {
-		top := &s.stack[len(s.stack)-1]
-		if top.left--; top.left > 0 {
-			return false
-		}
-		attr := top.attr
-		s.stack = s.stack[:len(s.stack)-1]
-		if attr {
-			return false // the annotated value is still to come, and it is the element
-		}
+	if s.elems > 0 {
+		s.elems--
+		return false
 	}
 	s.endFrame()
 	return true
