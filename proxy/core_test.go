@@ -144,3 +144,17 @@ func (o *countingObserver) ClientClosed() { o.clientClosed <- struct{}{} }
 
 func (o *countingObserver) errors() int       { o.mu.Lock(); defer o.mu.Unlock(); return o.upErrors }
 func (o *countingObserver) minUpstreams() int { o.mu.Lock(); defer o.mu.Unlock(); return o.low }
+
+// Issue 9, defect 4: a reply nested deeper than any small constant (a Lua table 200 levels deep) passes
+// through like any other.
+func TestDeeplyNestedReply(t *testing.T) {
+	f := newFixture(t, fixtureOpts{})
+	r := f.raw(t)
+	var cmd []byte
+	cmd = resp.AppendCommand(cmd, "EVAL", "local a={} local c=a for i=1,200 do local n={} c[1]=n c=n end return a", "0")
+	cmd = resp.AppendCommand(cmd, "PING")
+	if _, err := r.c.Write(cmd); err != nil {
+		t.Fatal(err)
+	}
+	r.expect(strings.Repeat("*1\r\n", 200) + "*0\r\n+PONG\r\n")
+}
