@@ -682,9 +682,9 @@ func genDiffSeq(seed uint64) *diffSeq {
 		s.steps++
 		cmds = g.closeStep(cmds, sentinel)
 		if last && s.halfClose {
-			// A reply larger than any one read, just before the half-close: PING answers it in every state.
-			big := []string{"PING", strings.Repeat("h", 100<<10+g.r.IntN(100<<10))}
-			cmds = slices.Insert(cmds, len(cmds)-1, big)
+			// The last reply before the half-close is larger than any one read: the sentinel's own, made big (its
+			// answer still ends in CRLF, sentinel, CRLF).
+			cmds[len(cmds)-1] = []string{"PING", strings.Repeat("h", 100<<10+g.r.IntN(100<<10)) + "\r\n" + sentinel}
 		}
 		s.ops = append(s.ops, diffOp{kind: opStep, cmds: cmds, sentinel: sentinel, blockFor: g.blockFor})
 		if last {
