@@ -168,7 +168,7 @@ func startProxy(t testing.TB, opts proxy.Options) (*proxy.Server, string) {
 		<-done
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		if cut := srv.Close(ctx); cut > 0 {
+		if cut := srv.Shutdown(ctx); cut > 0 {
 			t.Errorf("%d client connections still open at the end", cut)
 		}
 	})

@@ -15,6 +15,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -44,6 +45,21 @@ type Options struct {
 	StallTimeout time.Duration
 }
 
+// ErrServerClosed is returned by Serve once Shutdown or Close has been called, as net/http's is.
+var ErrServerClosed = errors.New("proxy: Server closed")
+
+// errCut is the cause a session cut by Close (or by Shutdown's deadline) logs.
+var errCut = errors.New("proxy shutting down: connection cut")
+
+// serverState is where a Server is in its life; it only moves forward.
+type serverState uint8
+
+const (
+	stateServing  serverState = iota // accepting clients
+	stateDraining                    // Shutdown began: no new client; sessions end at their next safe point
+	stateStopped                     // Close (or Shutdown's deadline) cut the sessions; background loops stop
+)
+
 // Server is the proxy: it accepts clients and runs a session for each.
 type Server struct {
 	opts  Options
@@ -54,9 +70,15 @@ type Server struct {
 	nextID  atomic.Uint64
 	clients atomic.Int64 // open client connections, counted from accept to close
 
-	mu       sync.Mutex
-	sessions map[*session]struct{} // sessions with an upstream, for re-AUTH and idle pings
-	closed   bool                  // Close has cut the sessions: no new one may start
+	mu        sync.Mutex
+	state     serverState
+	listeners map[*net.Listener]struct{} // those given to Serve and not yet closed
+	conns     map[*session]struct{}      // every client connection, from accept until its goroutine ends
+	sessions  map[*session]struct{}      // sessions with an upstream, for re-AUTH and idle pings
+	cut       int                        // client connections open when the server stopped
+	closeErr  error                      // the first error closing a listener
+	closing   chan struct{}              // closed when the state leaves serving: wakes Serve's backoff
+	drained   chan struct{}              // closed once the state left serving and conns is empty
 
 	pool *pool // nil without Options.PoolSize
 
@@ -95,7 +117,9 @@ func New(opts Options) (*Server, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{
 		opts: opts, log: opts.Logger, obs: opts.Observer, epoch: time.Now(),
-		sessions: make(map[*session]struct{}), ctx: ctx, cancel: cancel,
+		listeners: make(map[*net.Listener]struct{}), conns: make(map[*session]struct{}),
+		sessions: make(map[*session]struct{}), closing: make(chan struct{}), drained: make(chan struct{}),
+		ctx: ctx, cancel: cancel,
 	}
 	if opts.PoolSize > 0 {
 		s.pool = newPool(s, opts.PoolSize)
@@ -120,25 +144,36 @@ func (s *Server) goTracked(f func(ctx context.Context)) {
 	}()
 }
 
-// Serve accepts clients on ln until ln is closed (by the caller, to stop accepting) or Close is called.
+// Serve accepts clients on ln until Shutdown or Close, then returns ErrServerClosed; it returns at once with
+// ErrServerClosed if they were called before. It closes ln when it returns. An Accept error that a retry may
+// cure (out of file descriptors, a connection reset before it was accepted) is retried with a backoff, as
+// net/http does; any other (ln closed by someone else, the socket shut down) is returned as it is.
 func (s *Server) Serve(ln net.Listener) error {
-	stop := context.AfterFunc(s.ctx, func() { ln.Close() })
-	defer stop()
+	ln = &onceCloseListener{Listener: ln}
+	defer ln.Close()
+	if !s.trackListener(&ln, true) {
+		return ErrServerClosed
+	}
+	defer s.trackListener(&ln, false)
 	var backoff time.Duration
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return nil
+			if s.stopping() {
+				return ErrServerClosed
 			}
-			// Out of file descriptors and the like: wait a little, as net/http does.
+			if !temporaryAccept(err) {
+				return err
+			}
 			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
 			s.log.Warn("accept failed; retrying", "err", err, "retry_in", backoff.String())
+			t := time.NewTimer(backoff)
 			select {
-			case <-time.After(backoff):
+			case <-t.C:
 				continue
-			case <-s.ctx.Done():
-				return nil
+			case <-s.closing:
+				t.Stop()
+				return ErrServerClosed
 			}
 		}
 		backoff = 0
@@ -146,26 +181,132 @@ func (s *Server) Serve(ln net.Listener) error {
 	}
 }
 
-func (s *Server) accept(c net.Conn) {
-	if max := s.opts.MaxConnections; max > 0 && s.clients.Load() >= int64(max) {
-		s.obs.ClientRejected("max_connections")
-		s.log.Warn("client refused: connection limit reached", "client", c.RemoteAddr().String(), "max_connections", max)
-		c.SetWriteDeadline(time.Now().Add(time.Second))
-		c.Write([]byte("-ERR max number of clients reached\r\n"))
-		c.Close()
+// temporaryAccept reports whether an Accept error concerns the system's resources or one connection only, so
+// the next Accept may succeed. Linux's accept(2) also passes on a pending network error of the new
+// connection, which its manual says to treat as EAGAIN. (Go retries ECONNABORTED and EINTR itself.)
+func temporaryAccept(err error) bool {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return true
+	}
+	for _, e := range [...]syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM,
+		syscall.ECONNRESET, syscall.EPERM, syscall.EPROTO, syscall.ENOPROTOOPT, syscall.ENETDOWN,
+		syscall.ENETUNREACH, syscall.EHOSTDOWN, syscall.EHOSTUNREACH, syscall.EOPNOTSUPP} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
+
+// onceCloseListener lets Serve's return and Shutdown both close the listener; the first close's error counts.
+type onceCloseListener struct {
+	net.Listener
+	once sync.Once
+	err  error
+}
+
+func (l *onceCloseListener) Close() error {
+	l.once.Do(func() { l.err = l.Listener.Close() })
+	return l.err
+}
+
+// trackListener adds or removes a listener of Serve; adding fails once the server has stopped serving.
+func (s *Server) trackListener(ln *net.Listener, add bool) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !add {
+		delete(s.listeners, ln)
+		return true
+	}
+	if s.state != stateServing {
+		return false
+	}
+	s.listeners[ln] = struct{}{}
+	return true
+}
+
+// stopping reports whether Shutdown or Close has been called.
+func (s *Server) stopping() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.state != stateServing
+}
+
+// advanceLocked moves the server to state st (never back), closes its listeners and, once no client
+// connection is left, marks it drained. s.mu must be held.
+func (s *Server) advanceLocked(st serverState) {
+	if s.state == stateServing {
+		close(s.closing)
+	}
+	if st == stateStopped && s.state != stateStopped {
+		s.cut = len(s.conns)
+	}
+	s.state = max(s.state, st)
+	for ln := range s.listeners {
+		if err := (*ln).Close(); err != nil && s.closeErr == nil {
+			s.closeErr = err
+		}
+		delete(s.listeners, ln)
+	}
+	s.noteDrainedLocked()
+}
+
+func (s *Server) noteDrainedLocked() {
+	if s.state == stateServing || len(s.conns) > 0 {
 		return
 	}
-	s.clients.Add(1)
-	s.obs.ClientOpened()
+	select {
+	case <-s.drained:
+	default:
+		close(s.drained)
+	}
+}
+
+func (s *Server) accept(c net.Conn) {
+	if max := s.opts.MaxConnections; max > 0 && s.clients.Load() >= int64(max) {
+		s.reject(c, "max_connections", "-ERR max number of clients reached\r\n",
+			"client refused: connection limit reached", "max_connections", max)
+		return
+	}
 	id := s.nextID.Add(1)
 	sess := &session{id: id, srv: s, client: c, opened: time.Now(), log: s.log.With("conn", id)}
-	s.sessWG.Add(1)
+	s.mu.Lock()
+	if s.state != stateServing {
+		// Accepted as Shutdown closed the listener: such a client is told why, like one over the limit.
+		s.mu.Unlock()
+		s.reject(c, "shutting_down", "-ERR entra-redis-proxy: shutting down\r\n", "client refused: shutting down")
+		return
+	}
+	s.conns[sess] = struct{}{}
+	s.sessWG.Add(1) // under mu: no Add once the state left serving, so Shutdown's wait is final
+	s.mu.Unlock()
+	s.clients.Add(1)
+	s.obs.ClientOpened()
 	go func() {
 		defer s.sessWG.Done()
+		defer s.leave(sess)
 		defer s.obs.ClientClosed()
 		defer s.clients.Add(-1)
 		sess.run(s.ctx)
 	}()
+}
+
+// reject answers a client the server will not serve with a redis error line, then closes it.
+func (s *Server) reject(c net.Conn, reason, line, msg string, attrs ...any) {
+	s.obs.ClientRejected(reason)
+	s.log.Warn(msg, append([]any{"client", c.RemoteAddr().String()}, attrs...)...)
+	c.SetWriteDeadline(time.Now().Add(time.Second))
+	c.Write([]byte(line))
+	c.Close()
+}
+
+// leave forgets a client connection whose session has ended.
+func (s *Server) leave(sess *session) {
+	s.mu.Lock()
+	delete(s.conns, sess)
+	s.noteDrainedLocked()
+	s.mu.Unlock()
 }
 
 // Clients returns the number of open client connections.
@@ -176,11 +317,12 @@ func (s *Server) AtLimit() bool {
 	return s.opts.MaxConnections > 0 && s.clients.Load() >= int64(s.opts.MaxConnections)
 }
 
-// track adds a session with a live upstream; false means the server is closing and the session must end.
+// track adds a session with a live upstream; false means the server has stopped and the session must end.
+// While draining it is still tracked (for re-AUTH): Shutdown has asked it to drain already.
 func (s *Server) track(sess *session) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
+	if s.state == stateStopped {
 		return false
 	}
 	s.sessions[sess] = struct{}{}
@@ -201,25 +343,54 @@ func (s *Server) each(f func(*session)) {
 	}
 }
 
-// Close waits until every client has disconnected or ctx is done, then cuts the remaining connections and
-// stops the background loops. It returns how many connections were cut. Stop accepting first by closing the
-// listener given to Serve.
-func (s *Server) Close(ctx context.Context) (cut int) {
-	done := make(chan struct{})
-	go func() { s.sessWG.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-ctx.Done():
-		cut = s.Clients()
+// snapshotLocked returns the open client connections. s.mu must be held.
+func (s *Server) snapshotLocked() []*session {
+	all := make([]*session, 0, len(s.conns))
+	for sess := range s.conns {
+		all = append(all, sess)
 	}
-	s.cancel()
+	return all
+}
+
+// Shutdown stops accepting (it closes the listeners given to Serve, which then returns ErrServerClosed) and
+// asks every client connection to close at its next safe point: each is served until every reply it asked
+// for is delivered, then closed (see session.drain). When all have closed, or when ctx ends, it calls Close,
+// which cuts the rest. It returns how many client connections were cut.
+func (s *Server) Shutdown(ctx context.Context) (cut int) {
 	s.mu.Lock()
-	s.closed = true
+	s.advanceLocked(stateDraining)
+	all := s.snapshotLocked()
 	s.mu.Unlock()
-	s.each(func(sess *session) { sess.close(errors.New("proxy shutting down")) })
-	<-done
+	// Outside mu: a session's drain may need the server. Sessions accepted later are refused (see accept).
+	for _, sess := range all {
+		sess.drain()
+	}
+	select {
+	case <-s.drained:
+	case <-ctx.Done():
+	}
+	s.Close()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.cut
+}
+
+// Close stops accepting, cuts every client connection at once, stops the background loops and waits for
+// every goroutine of the server. It returns the first error closing a listener. It may be called more than
+// once, and during a Shutdown (which then returns early, reporting the connections cut).
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.advanceLocked(stateStopped)
+	all := s.snapshotLocked()
+	err := s.closeErr
+	s.mu.Unlock()
+	s.cancel() // aborts dials in progress, stops the loops
+	for _, sess := range all {
+		sess.close(errCut)
+	}
+	s.sessWG.Wait()
 	s.bgWG.Wait()
-	return cut
+	return err
 }
 
 // waitToken returns the current token, waiting for the first one.

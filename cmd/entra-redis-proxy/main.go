@@ -18,13 +18,13 @@ import (
 // version is set at build time: -ldflags "-X main.version=v1.2.3".
 var version = "dev"
 
-// Exit codes.
+// Exit codes. A shutdown that drained every connection exits 0, whatever started it: 143 (128+SIGTERM, what
+// a process killed by the signal reports) would fail a Kubernetes Job whose sidecar stopped cleanly.
 const (
 	exitOK      = 0
-	exitRuntime = 1 // failed while running, or connections had to be cut at shutdown
+	exitRuntime = 1 // failed while running (the listener), or connections had to be cut at shutdown
 	exitConfig  = 2 // invalid configuration
 	exitCheck   = 3 // `check` found a problem
-	exitSigterm = 143
 )
 
 func main() {
@@ -59,9 +59,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "entra-redis-proxy: %v\n", err)
 		return exitConfig
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
-	return serve(ctx, cfg, logger)
+	// The first signal starts the shutdown, the next forces it (see serve): both must reach serve.
+	signals := make(chan os.Signal, 2)
+	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(signals)
+	return serve(signals, cfg, logger)
 }
 
 func usage(w io.Writer) {

@@ -328,8 +328,52 @@ func shutdown(t *testing.T, p *proxyRun, sigterm bool) {
 	}
 }
 
-// The shutdown sequence with a client connection open: readiness 503 at once, new connections accepted during
-// MIN_SIGTERM_DELAY, then refused, the open client served until it leaves, exit 0 once drained.
+// sendRaw dials the proxy's TCP listener and writes cmds; the connection is closed by the test's cleanup.
+func (p *proxyRun) sendRaw(cmds string) net.Conn {
+	p.t.Helper()
+	c, err := net.DialTimeout("tcp", p.listen, 5*time.Second)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	p.t.Cleanup(func() { c.Close() })
+	if _, err := c.Write([]byte(cmds)); err != nil {
+		p.t.Fatal(err)
+	}
+	return c
+}
+
+// blpop is BLPOP key timeout in RESP.
+func blpop(key, timeout string) string {
+	return fmt.Sprintf("*3\r\n$5\r\nBLPOP\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n", len(key), key, len(timeout), timeout)
+}
+
+// awaitBytesIn waits until the proxy has read n bytes from its clients: it forwards what it reads at once.
+func (p *proxyRun) awaitBytesIn(n int) {
+	p.t.Helper()
+	eventually(p.t, 20*time.Second, fmt.Sprintf("the proxy reads %d bytes from its clients", n), func() (bool, string) {
+		v, ok := p.metric(`entra_redis_proxy_bytes_total{direction="in"}`)
+		return ok && v == float64(n), fmt.Sprintf("bytes_total{in} = %v (found %v)", v, ok)
+	})
+}
+
+// awaitLog waits until the proxy's log contains line.
+func (p *proxyRun) awaitLog(line string, timeout time.Duration) {
+	p.t.Helper()
+	eventually(p.t, timeout, fmt.Sprintf("the log says %q", line), func() (bool, string) {
+		return strings.Contains(p.stderr.String(), line), "not yet"
+	})
+}
+
+// readAll returns everything c receives until the proxy closes it (or a deadline of timeout passes).
+func readAll(c net.Conn, timeout time.Duration) (string, error) {
+	c.SetReadDeadline(time.Now().Add(timeout))
+	b, err := io.ReadAll(c)
+	return string(b), err
+}
+
+// The shutdown sequence with a client connection open: readiness 503 at once; during MIN_SIGTERM_DELAY new
+// connections are accepted and the open one is served; then the listener closes, the open client, idle, is
+// closed at once (its next safe point), and run exits 0 without waiting for MAX_SIGTERM_DELAY.
 func TestShutdownDrains(t *testing.T) {
 	fake := azurefake.StartT(t, azurefake.Options{TokenLifetime: tokenLifetime})
 	for _, tc := range []struct {
@@ -352,6 +396,9 @@ func TestShutdownDrains(t *testing.T) {
 			if reply, err := rawPing(p.listen); err != nil || reply != "+PONG\r\n" {
 				t.Errorf("a new connection during MIN_SIGTERM_DELAY: %q, %v; want +PONG", reply, err)
 			}
+			if err := setGet(ctx, held, "during", "2"); err != nil {
+				t.Errorf("the open client during MIN_SIGTERM_DELAY: %v", err)
+			}
 			if time.Since(start) > 3*time.Second {
 				t.Fatalf("the checks during the delay took %v, longer than the delay: the machine is too slow for this test", time.Since(start))
 			}
@@ -365,26 +412,58 @@ func TestShutdownDrains(t *testing.T) {
 			if d := time.Since(start); d < 2900*time.Millisecond {
 				t.Errorf("the listener closed %v after the shutdown began, before MIN_SIGTERM_DELAY (3s)", d)
 			}
-			if code, _ := p.get("/readiness"); code != http.StatusServiceUnavailable {
-				t.Errorf("/readiness while draining: %d, want 503", code)
+			if code := p.wait(10 * time.Second); code != exitOK {
+				t.Errorf("exit %d after draining an idle client, want 0", code)
 			}
-			if err := setGet(ctx, held, "during", "2"); err != nil {
-				t.Errorf("the open client while draining: %v", err)
+			if d := time.Since(start); d > 20*time.Second {
+				t.Errorf("run returned %v after the shutdown began: it waited for the idle client instead of closing it", d)
 			}
-			select {
-			case code := <-p.done:
-				t.Fatalf("run returned %d while a client was still connected", code)
-			default:
+			if err := held.Ping(ctx).Err(); err == nil {
+				t.Error("the idle client still works after the drain")
 			}
-			held.Close()
-			if code := p.wait(20 * time.Second); code != exitOK {
-				t.Errorf("exit %d after the clients left, want 0", code)
+			if log := p.stderr.String(); !strings.Contains(log, "shut down cleanly") {
+				t.Errorf("the log does not say the shutdown was clean:\n%s", log)
 			}
 		})
 	}
 }
 
-// A client that stays past MAX_SIGTERM_DELAY is cut, and the exit code says so unless EXIT_ZERO_ON_SIGTERM.
+// Defect 9: at SIGTERM, clients with a slow command in flight get its reply, then the proxy closes them and
+// exits 0. Each client sends BLPOP with a 3s timeout, which redis answers with a null array.
+func TestShutdownDeliversSlowReplies(t *testing.T) {
+	const clients = 50
+	fake := azurefake.StartT(t, azurefake.Options{TokenLifetime: tokenLifetime})
+	p := startProxy(t, fake, map[string]string{"MAX_SIGTERM_DELAY": "30s"})
+	p.awaitStarted()
+	conns := make([]net.Conn, clients)
+	sent := 0
+	start := time.Now()
+	for i := range conns {
+		cmd := blpop(fmt.Sprintf("drain-%d", i), "3")
+		conns[i] = p.sendRaw(cmd)
+		sent += len(cmd)
+	}
+	p.awaitBytesIn(sent)
+	if v, ok := p.metric(`entra_redis_proxy_bytes_total{direction="out"}`); !ok || v != 0 {
+		t.Fatalf("replies reached the clients %v after the first BLPOP was sent, before SIGTERM (bytes_total{out} = %v, found %v): the machine is too slow for this test",
+			time.Since(start), v, ok)
+	}
+	shutdown(t, p, true)
+	for i, c := range conns {
+		if got, err := readAll(c, 20*time.Second); got != "*-1\r\n" || err != nil {
+			t.Errorf("client %d: %q, %v; want the BLPOP's null reply, then the connection closed", i, got, err)
+		}
+	}
+	if code := p.wait(20 * time.Second); code != exitOK {
+		t.Errorf("exit %d after every reply was delivered, want 0", code)
+	}
+	if log := p.stderr.String(); !strings.Contains(log, "shut down cleanly") {
+		t.Errorf("the log does not say the shutdown was clean:\n%s", log)
+	}
+}
+
+// A client that waits for a reply that never comes (BLPOP k 0) is cut after MAX_SIGTERM_DELAY, and the exit
+// code says so unless EXIT_ZERO_ON_SIGTERM.
 func TestShutdownCuts(t *testing.T) {
 	fake := azurefake.StartT(t, azurefake.Options{TokenLifetime: tokenLifetime})
 	for _, tc := range []struct {
@@ -398,29 +477,123 @@ func TestShutdownCuts(t *testing.T) {
 		{"EXIT_ZERO_ON_SIGTERM", "true", false, exitOK},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			ctx := t.Context()
 			p := startProxy(t, fake, map[string]string{"MAX_SIGTERM_DELAY": "1s", "EXIT_ZERO_ON_SIGTERM": tc.exitZero})
 			p.awaitStarted()
-			held := p.client()
-			if err := setGet(ctx, held, "k", "v"); err != nil {
-				t.Fatal(err)
-			}
+			cmd := blpop("never", "0")
+			held := p.sendRaw(cmd)
+			p.awaitBytesIn(len(cmd))
 			start := time.Now()
 			shutdown(t, p, tc.sigterm)
 			code := p.wait(20 * time.Second)
 			if code != tc.wantCode {
-				t.Errorf("exit %d with a client still connected, want %d", code, tc.wantCode)
+				t.Errorf("exit %d with a reply still outstanding, want %d", code, tc.wantCode)
 			}
 			if d := time.Since(start); d < 900*time.Millisecond {
 				t.Errorf("run returned %v after the shutdown began, before MAX_SIGTERM_DELAY (1s)", d)
 			}
-			if err := held.Ping(ctx).Err(); err == nil {
-				t.Error("the client still works after it was cut")
+			if got, _ := readAll(held, 10*time.Second); got != "" {
+				t.Errorf("the cut client received %q, want nothing", got)
 			}
-			if log := p.stderr.String(); !strings.Contains(log, "cut") {
-				t.Errorf("the log does not say connections were cut:\n%s", log)
+			if log := p.stderr.String(); !strings.Contains(log, "open connections were cut") || !strings.Contains(log, "cut=1") {
+				t.Errorf("the log does not say one connection was cut:\n%s", log)
 			}
 		})
+	}
+}
+
+// A signal during the shutdown forces it: during the drain the open connections are cut at once (exit 1), and
+// during MIN_SIGTERM_DELAY the delay ends.
+func TestShutdownSecondSignalForces(t *testing.T) {
+	fake := azurefake.StartT(t, azurefake.Options{TokenLifetime: tokenLifetime})
+	for _, tc := range []struct {
+		name     string
+		env      map[string]string
+		outWait  bool   // a client waits for a reply that never comes
+		await    string // the log line after which the second signal is sent
+		wantCode int
+	}{
+		{"drain", map[string]string{"MAX_SIGTERM_DELAY": "60s"}, true, "waiting for open connections to finish", exitRuntime},
+		{"MIN_SIGTERM_DELAY", map[string]string{"MIN_SIGTERM_DELAY": "60s"}, false, "still accepting connections", exitOK},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := startProxy(t, fake, tc.env)
+			p.awaitStarted()
+			var held net.Conn
+			if tc.outWait {
+				cmd := blpop("never", "0")
+				held = p.sendRaw(cmd)
+				p.awaitBytesIn(len(cmd))
+			}
+			shutdown(t, p, true)
+			p.awaitLog(tc.await, 10*time.Second)
+			shutdown(t, p, true)
+			start := time.Now()
+			code := p.wait(20 * time.Second)
+			// Promptly: well before the 60s, and (on today's session core) before a drained client's replies
+			// would be given up on after 5s anyway.
+			if d := time.Since(start); d > 3*time.Second {
+				t.Errorf("run returned %v after the second SIGTERM, want it at once", d)
+			}
+			if code != tc.wantCode {
+				t.Errorf("exit %d, want %d", code, tc.wantCode)
+			}
+			p.awaitLog("signal received during the shutdown", time.Second)
+			if held != nil {
+				if got, _ := readAll(held, 10*time.Second); got != "" {
+					t.Errorf("the cut client received %q, want nothing", got)
+				}
+			}
+		})
+	}
+}
+
+// breakListener shuts down the listening socket on addr's port in this process (run's own listener), so
+// its Accept fails with EINVAL: a listener failure that no retry cures.
+func breakListener(t *testing.T, addr string) {
+	t.Helper()
+	_, port, _ := net.SplitHostPort(addr)
+	want, _ := strconv.Atoi(port)
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skipf("cannot list file descriptors: %v", err)
+	}
+	for _, e := range fds {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		sa, err := syscall.Getsockname(fd)
+		if in4, ok := sa.(*syscall.SockaddrInet4); err != nil || !ok || in4.Port != want {
+			continue
+		}
+		if v, err := syscall.GetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_ACCEPTCONN); err != nil || v != 1 {
+			continue // a connection accepted on that port
+		}
+		if err := syscall.Shutdown(fd, syscall.SHUT_RD); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	t.Fatalf("no listening socket on %s", addr)
+}
+
+// A listener that fails for good ends the proxy with exit 1 and a log line, after draining its clients.
+func TestListenerFailure(t *testing.T) {
+	fake := azurefake.StartT(t, azurefake.Options{TokenLifetime: tokenLifetime})
+	p := startProxy(t, fake, map[string]string{"MIN_SIGTERM_DELAY": "60s"})
+	p.awaitStarted()
+	if err := setGet(t.Context(), p.client(), "k", "v"); err != nil {
+		t.Fatal(err)
+	}
+	breakListener(t, p.listen)
+	if code := p.wait(20 * time.Second); code != exitRuntime {
+		t.Errorf("exit %d after the listener failed, want %d", code, exitRuntime)
+	}
+	log := p.stderr.String()
+	for _, want := range []string{"listener failed", "invalid argument", "shut down after the listener failed"} {
+		if !strings.Contains(log, want) {
+			t.Errorf("the log lacks %q:\n%s", want, log)
+		}
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -110,8 +111,11 @@ func listen(addr string) (net.Listener, func(), error) {
 	return ln, func() { os.Remove(path) }, nil
 }
 
-// serve runs the proxy until ctx is done (a signal) or /quitquitquit, then shuts down gracefully.
-func serve(ctx context.Context, cfg *Config, log *slog.Logger) int {
+// serve runs the proxy until a signal, /quitquitquit or a listener failure, then shuts down: readiness turns
+// 503 at once, the listener stays open for MIN_SIGTERM_DELAY, then every client connection is closed at its
+// next safe point, with every reply it asked for delivered (proxy.Server.Shutdown); the ones still open after
+// MAX_SIGTERM_DELAY are cut. A signal during the shutdown forces it: the open connections are cut at once.
+func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 	reg := prometheus.NewRegistry()
 	m := metrics.New(reg)
 	m.SetMaxConnections(cfg.MaxConnections)
@@ -139,7 +143,7 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger) int {
 	ln, cleanup, err := listen(cfg.Listen)
 	if err != nil {
 		log.Error("cannot listen", "err", err)
-		srv.Close(context.Background())
+		srv.Close()
 		return exitConfig
 	}
 	defer cleanup()
@@ -151,6 +155,8 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger) int {
 	if cfg.QuitQuitQuit {
 		quitFn = func() { quitOnce.Do(func() { close(quit) }) }
 	}
+	var wg sync.WaitGroup // every goroutine serve starts; each ends before serve returns
+	defer wg.Wait()
 	var httpSrv *http.Server
 	if cfg.HTTPListen != "" {
 		mux := http.NewServeMux()
@@ -166,16 +172,22 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger) int {
 		if err != nil {
 			log.Error("cannot listen for HTTP", "err", fmt.Errorf("%s_HTTP_LISTEN: %w", envPrefix, err))
 			ln.Close()
-			srv.Close(context.Background())
+			srv.Close()
 			return exitConfig
 		}
 		httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-		go httpSrv.Serve(hln)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := httpSrv.Serve(hln); !errors.Is(err, http.ErrServerClosed) {
+				log.Error("HTTP listener failed: health probes and metrics are not served", "err", err)
+			}
+		}()
 	}
 
 	tsCtx, stopTokens := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(2)
+	defer stopTokens()
+	wg.Add(3)
 	go func() { defer wg.Done(); src.Run(tsCtx) }()
 	serveDone := make(chan error, 1)
 	go func() { defer wg.Done(); serveDone <- srv.Serve(ln) }()
@@ -183,6 +195,7 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger) int {
 	log.Info("entra-redis-proxy started", "version", version, "listen", cfg.Listen, "upstream", cfg.Upstream,
 		"credential", cfg.Credential, "http", cfg.HTTPListen)
 	go func() {
+		defer wg.Done()
 		select {
 		case <-src.Ready():
 			check.NotifyStarted()
@@ -191,32 +204,57 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger) int {
 		}
 	}()
 
+	var listenErr error // a listener failure: the exit code says so even if every connection drained
 	select {
-	case <-ctx.Done():
-		log.Info("shutdown signal received")
+	case sig := <-signals:
+		log.Info("shutdown signal received", "signal", sig.String())
 	case <-quit:
 		log.Info("shutdown requested on /quitquitquit")
-	case err := <-serveDone:
-		log.Error("listener failed", "err", err)
+	case listenErr = <-serveDone:
+		log.Error("listener failed: shutting down", "err", listenErr)
 	}
 	check.NotifyStopping()
-	if cfg.MinSigtermDelay > 0 {
+
+	// From here a signal forces the shutdown: the delay ends and the open connections are cut.
+	forced, force := context.WithCancel(context.Background())
+	defer force()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		select {
+		case sig := <-signals:
+			log.Warn("signal received during the shutdown: cutting open connections now", "signal", sig.String())
+			force()
+		case <-forced.Done():
+		}
+	}()
+	if cfg.MinSigtermDelay > 0 && listenErr == nil {
 		log.Info("still accepting connections during the minimum shutdown delay", "delay", cfg.MinSigtermDelay.String())
-		time.Sleep(cfg.MinSigtermDelay)
+		t := time.NewTimer(cfg.MinSigtermDelay)
+		select {
+		case <-t.C:
+		case <-forced.Done():
+		case listenErr = <-serveDone:
+			log.Error("listener failed", "err", listenErr)
+		}
+		t.Stop()
 	}
-	ln.Close()
 	log.Info("waiting for open connections to finish", "connections", srv.Clients(), "max_wait", cfg.MaxSigtermDelay.String())
-	drainCtx, cancel := context.WithTimeout(context.Background(), cfg.MaxSigtermDelay)
-	cut := srv.Close(drainCtx)
+	drainCtx, cancel := context.WithTimeout(forced, cfg.MaxSigtermDelay)
+	cut := srv.Shutdown(drainCtx) // closes the listener: Serve returns
 	cancel()
+	force() // the drain is over: a later signal has nothing left to force
 	stopTokens()
-	wg.Wait()
 	if httpSrv != nil {
 		shCtx, cancel := context.WithTimeout(context.Background(), time.Second)
 		httpSrv.Shutdown(shCtx)
 		cancel()
 	}
-	if cut > 0 {
+	switch {
+	case listenErr != nil:
+		log.Error("shut down after the listener failed", "cut", cut)
+		return exitRuntime
+	case cut > 0:
 		log.Warn("shut down; open connections were cut", "cut", cut)
 		if !cfg.ExitZeroOnSigterm {
 			return exitRuntime
