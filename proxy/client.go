@@ -113,10 +113,6 @@ func (s *session) takePokes() {
 	s.cl.draining = s.cl.draining || p&pokeDrain != 0
 }
 
-// drain asks the session to close at its next safe point: the commands already read are sent, their
-// replies delivered, and no more input is read.
-func (s *session) drain() { s.poke(pokeDrain) }
-
 // handleCommands handles every complete command in b, and streams a command too large to buffer. Behind
 // an unanswered blocking command nothing is handled: the bytes wait in b.
 func (s *session) handleCommands(b *readBuf) error {

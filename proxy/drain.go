@@ -1,7 +1,5 @@
 package proxy
 
-import "errors"
-
 // drain asks the session to close its client connection at the next safe point. Shutdown calls it once on
 // every client connection open when the drain begins; the server relies on exactly this contract, which a
 // new session core must keep:
@@ -20,17 +18,7 @@ import "errors"
 //   - Replies that never come (BLPOP k 0) keep the session open until Shutdown's context ends and Close cuts
 //     it, which Shutdown counts.
 //
-// Today's core, tiny on purpose: the client's read side is shut down (shutdown(2) SHUT_RD), so the client
-// loop's next read that finds nothing queued returns EOF, and the loop handles it like a client that
-// half-closed: it waits for the outstanding replies, then ends the session. That wait is bounded by
-// drainOnEOF (5 s), unlike the contract: a reply slower than that is lost, and the session ends as drained,
-// not cut. A client connection without CloseRead (not TCP or unix) is closed at once.
-func (s *session) drain() {
-	if c, ok := s.client.(interface{ CloseRead() error }); ok {
-		c.CloseRead() // fails only if the connection is closed already: then the session ends anyway
-		return
-	}
-	s.close(errDrainCut)
-}
-
-var errDrainCut = errors.New("proxy shutting down: the connection cannot be drained")
+// The poke reaches the client loop at its next read (a session still connecting finds the bit set when its
+// loop starts); from then on it reads nothing, sends what it had read, and waits for the ledger's safe point
+// with no bound of its own.
+func (s *session) drain() { s.poke(pokeDrain) }

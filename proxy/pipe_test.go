@@ -61,11 +61,8 @@ func newPipeEnv(t *testing.T, tweak func(*proxy.Options)) *pipeEnv {
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(e.ln) }()
 	t.Cleanup(func() {
-		e.ln.Close()
-		ctx, cancel := context.WithCancel(context.Background())
-		cancel() // cut every connection at once
-		srv.Close(ctx)
-		if err := <-served; err != nil {
+		srv.Close() // cut every connection at once
+		if err := <-served; !errors.Is(err, proxy.ErrServerClosed) {
 			t.Errorf("Serve: %v", err)
 		}
 		e.fake.close()

@@ -270,7 +270,7 @@ func (s *Server) accept(c net.Conn) {
 		return
 	}
 	id := s.nextID.Add(1)
-	sess := &session{id: id, srv: s, client: c, opened: time.Now(), log: s.log.With("conn", id)}
+	sess := newSession(s, c, id)
 	s.mu.Lock()
 	if s.state != stateServing {
 		// Accepted as Shutdown closed the listener: such a client is told why, like one over the limit.

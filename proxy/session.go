@@ -147,7 +147,6 @@ func (s *session) dropConn(c net.Conn) {
 
 // run serves the client until either side closes. It owns the session's goroutines and waits for them.
 func (s *session) run(ctx context.Context) {
-	s.init()
 	s.log.Info("client connected", "client", s.client.RemoteAddr().String())
 
 	if err := s.connect(ctx); err != nil {
@@ -209,6 +208,13 @@ func (s *session) serve() {
 		s.srv.obs.UpstreamClosed()
 	}
 	s.finish()
+}
+
+// newSession returns a session for the client connection c, ready to be poked before it runs.
+func newSession(srv *Server, c net.Conn, id uint64) *session {
+	s := &session{id: id, srv: srv, client: c, opened: time.Now(), log: srv.log.With("conn", id)}
+	s.init()
+	return s
 }
 
 func (s *session) init() {
