@@ -254,9 +254,48 @@ func (s *session) onHello(cmd resp.Command, e entry) {
 		s.local(e)
 		return
 	}
+	c := &s.cl
+	c.subSent = true // the protocol decides whether subscriptions refuse AUTH
+	if c.tx.open() {
+		// Queued: it runs (or not) at EXEC, whose reply the proxy does not take apart; EXEC asks after.
+		c.tx.helloQueued = true
+		c.out = appendHello(c.out, args)
+		s.expect(e)
+		return
+	}
 	e.act, e.arg = actHello, int32(helloProto(args))
-	s.cl.out = appendHello(s.cl.out, args)
-	s.expect(e)
+	if c.mode == replyOn || s.knowSubscribed() {
+		c.out = appendHello(c.out, args)
+		s.expect(e)
+		return
+	}
+	// Replies are off or skipped, so HELLO's reply, which tells the proxy the protocol, would not come:
+	// turn them on around it, hide the reply, and put the mode back (a SKIP is spent on HELLO).
+	was := c.mode
+	c.out = resp.AppendCommand(c.out, "CLIENT", "REPLY", "ON")
+	c.entries = append(c.entries, entry{act: actDrop, cmd: cmdOther, start: e.start})
+	c.out = appendHello(c.out, args)
+	e.quiet = true
+	c.entries = append(c.entries, e)
+	c.mode = replyOn
+	if was == replyOff {
+		c.out = resp.AppendCommand(c.out, "CLIENT", "REPLY", "OFF")
+		c.mode = replyOff
+	}
+}
+
+// knowSubscribed reports whether the connection is in RESP2 subscribed mode, where redis refuses CLIENT
+// and HELLO. After a command that may have changed that, it first waits for every reply to come (a round
+// trip, for the rare client that mixes CLIENT REPLY with pub/sub), so the answer is the server's.
+func (s *session) knowSubscribed() bool {
+	c := &s.cl
+	if c.subSent {
+		if s.flush() == nil {
+			s.led.waitIdle(forever)
+		}
+		c.subSent = s.resp2Sub.Load()
+	}
+	return s.resp2Sub.Load()
 }
 
 // onReset forwards RESET, which turns replies back on before it answers and logs the connection out: the
@@ -265,10 +304,14 @@ func (s *session) onReset(cmd resp.Command, e entry) {
 	c := &s.cl
 	c.tx.end()
 	c.tx.watching = false
+	// RESET turns CLIENT REPLY OFF back on before it answers, but a SKIP already applies to it.
+	skipped := c.mode == replySkip
 	c.mode = replyOn
 	c.out = append(c.out, cmd.Raw...)
 	e.act = actReset
-	s.expect(e)
+	if !skipped {
+		c.entries = append(c.entries, e)
+	}
 	if tok, _ := s.srv.opts.Tokens.Current(); tok.Secret != "" {
 		s.appendAuth(tok, e.start)
 	}
@@ -292,10 +335,17 @@ func (s *session) onMulti(cmd resp.Command, e entry) {
 // onExec handles EXEC and DISCARD, which end an open transaction (without one they are errors that leave
 // the watches in place).
 func (s *session) onExec(cmd resp.Command, e entry) {
-	if s.cl.tx.open() {
-		s.cl.tx.end()
+	c := &s.cl
+	probe := c.tx.open() && c.tx.helloQueued && lookup(cmd.Args[0]).sp == spExec
+	if c.tx.open() {
+		c.tx.end()
 	}
 	s.forward(cmd, e)
+	if probe && c.mode == replyOn {
+		// A HELLO ran inside the transaction, or failed: a bare HELLO, hidden, tells the protocol now.
+		c.out = resp.AppendCommand(c.out, "HELLO")
+		c.entries = append(c.entries, entry{act: actHello, arg: -1, cmd: cmdOther, start: e.start, quiet: true})
+	}
 }
 
 func (s *session) onWatch(cmd resp.Command, e entry) {
@@ -312,8 +362,8 @@ func (s *session) onUnwatch(cmd resp.Command, e entry) {
 func (s *session) onClient(cmd resp.Command, e entry) {
 	c := &s.cl
 	args := cmd.Args
-	if len(args) != 3 || !equalFold(args[1], "reply") || c.tx.open() {
-		s.forward(cmd, e)
+	if len(args) != 3 || !equalFold(args[1], "reply") || c.tx.open() || s.knowSubscribed() {
+		s.forward(cmd, e) // (in RESP2 subscribed mode it is refused: an error, and no change)
 		return
 	}
 	c.out = append(c.out, cmd.Raw...)
@@ -340,7 +390,15 @@ func (s *session) onSubscribe(cmd resp.Command, e entry) {
 	if info.sp == spUnsub && len(cmd.Args) == 1 {
 		e.arg = -1
 	}
-	s.forward(cmd, e)
+	s.cl.subSent = true
+	s.cl.out = append(s.cl.out, cmd.Raw...)
+	if s.cl.tx.open() {
+		s.expect(e) // queued
+		return
+	}
+	// Confirmations are pushed even under CLIENT REPLY OFF or SKIP (which the command still spends).
+	s.cl.mode.takes()
+	s.cl.entries = append(s.cl.entries, e)
 }
 
 func (s *session) onMonitor(cmd resp.Command, e entry) {

@@ -592,10 +592,9 @@ func (g *diffGen) nextInMulti() [][]string {
 		}
 		return [][]string{g.hello(m.tx)}
 	case x < 88:
-		if m.watching || (m.tx.proto == 2 && m.tx.replyOff) {
-			return [][]string{g.dataCmd(true)}
-		}
-		return [][]string{g.subCmd(m.tx)}
+		// (P|S)SUBSCRIBE queued inside MULTI are not generated: the proxy does not take EXEC's array apart,
+		// so it would not learn the subscriptions they make (a known gap, README "What is not exact").
+		return [][]string{g.dataCmd(true)}
 	case x < 90:
 		return g.reset()
 	default:

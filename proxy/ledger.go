@@ -32,10 +32,14 @@ type entry struct {
 	start int64    // when the command was read, for latency: nanoseconds since the server's epoch
 	text  string   // actReplace: the reply to send; actFail: the error line
 	blk   *blocked // a blocking command, for a re-issue after an unblock
+	quiet bool     // the reply is the proxy's to read (e.g. HELLO under CLIENT REPLY OFF): not passed on
 }
 
 // owned reports whether the reply belongs to the proxy rather than the client.
 func (e entry) owned() bool {
+	if e.quiet {
+		return true
+	}
 	switch e.act {
 	case actAuth, actDrop, actReplace, actFail, actMarker, actExecNull, actQuit:
 		return true

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strconv"
 	"strings"
 	"time"
 
@@ -247,10 +248,17 @@ func (s *session) classify(p []byte, h *resp.Head) (bool, error) {
 		f.fwd = false
 		s.markerConfirmed(h)
 	case actHello, actMonitor, actReset:
-		if ok, err := resp.PeekHead(p, 0, h); !ok || err != nil {
+		elems := 0
+		if e.arg < 0 {
+			elems = 6 // a bare HELLO: server, redis, version, v, proto, N
+		}
+		if ok, err := resp.PeekHead(p, elems, h); !ok || err != nil {
 			return ok, err
 		}
 		s.stateReply(h, e)
+	}
+	if e.quiet {
+		f.fwd = false
 	}
 	return true, nil
 }
@@ -388,10 +396,16 @@ func (s *session) retryAuth(msg string) {
 func (s *session) stateReply(h *resp.Head, e entry) {
 	switch e.act {
 	case actHello:
-		if h.Type != '-' && e.arg != 0 {
+		switch {
+		case h.Type == '-':
+		case e.arg > 0:
 			s.rl.proto = int(e.arg)
-			s.updateSubscribed()
+		case e.arg < 0 && len(h.Elems) == 6 && equalFold(h.Elems[4], "proto"):
+			if p, err := strconv.Atoi(string(h.Elems[5])); err == nil {
+				s.rl.proto = p
+			}
 		}
+		s.updateSubscribed()
 	case actMonitor:
 		s.rl.monitor = s.rl.monitor || h.Type == '+'
 	case actReset:

@@ -84,6 +84,7 @@ type clientSide struct {
 	dirty    bool      // the client changed the connection state (see dirties): not for the pool
 	authed   bool      // the client gave LOCAL_PASSWORD, or none is set
 	quit     bool      // the client sent QUIT: nothing after it is read
+	subSent  bool      // a command that may change RESP2 subscribed mode was sent since it was last known
 	draining bool      // the server shuts down: close at the next safe point
 	tx       transaction
 	mode     replyMode

@@ -27,6 +27,8 @@ type transaction struct {
 	count    int    // how many commands queued holds
 	overflow bool   // queued exceeded maxTxBytes: a rescue must abort, not replay
 	nullExec bool   // txAborted with WATCH active: EXEC answers null (else EXECABORT)
+	// helloQueued: a HELLO is queued, so EXEC may change the protocol.
+	helloQueued bool
 }
 
 // open reports whether a MULTI is open upstream, so that an AUTH would be queued.
@@ -57,7 +59,7 @@ func (t *transaction) queue(part []byte, first bool) {
 
 // end records EXEC or DISCARD: the transaction and its watches end.
 func (t *transaction) end() {
-	t.state, t.watching, t.count, t.overflow, t.nullExec = txNone, false, 0, false, false
+	t.state, t.watching, t.count, t.overflow, t.nullExec, t.helloQueued = txNone, false, 0, false, false, false
 	if cap(t.queued) > 64<<10 {
 		t.queued = nil // a large transaction's buffer is not kept by an idle connection
 	}
