@@ -35,18 +35,6 @@ type entry struct {
 	quiet bool     // the reply is the proxy's to read (e.g. HELLO under CLIENT REPLY OFF): not passed on
 }
 
-// owned reports whether the reply belongs to the proxy rather than the client.
-func (e entry) owned() bool {
-	if e.quiet {
-		return true
-	}
-	switch e.act {
-	case actAuth, actDrop, actReplace, actFail, actMarker, actExecNull, actQuit:
-		return true
-	}
-	return false
-}
-
 // ledger is what a session's upstream still owes: one entry per command written, oldest first. The client
 // loop adds entries before it writes their commands; the reply loop settles the oldest when the last byte
 // of its reply has been framed, and records when what it framed has been written to the client.

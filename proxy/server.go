@@ -3,7 +3,7 @@
 // token rotates, without the client noticing.
 //
 // The proxy never reorders or rewrites a client's replies. It knows, for every command it writes upstream,
-// what reply (if any) will come back and whether it belongs to the client or to the proxy (see pending.go);
+// what reply (if any) will come back and whether it belongs to the client or to the proxy (see ledger.go);
 // it injects its own AUTH only where redis answers it in order with one reply the proxy can consume.
 package proxy
 
