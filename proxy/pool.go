@@ -179,7 +179,7 @@ func (p *pool) put(c *pooled, loaned bool) bool {
 
 // admitLocked adds c to idle if the pool is open and has room.
 func (p *pool) admitLocked(c *pooled) bool {
-	if p.state != poolOpen || p.size-len(p.idle)-p.lent.Len()-p.busy <= 0 {
+	if p.state != poolOpen || p.roomLocked() <= 0 {
 		return false
 	}
 	c.since = p.srv.now()
@@ -187,6 +187,9 @@ func (p *pool) admitLocked(c *pooled) bool {
 	p.changedLocked()
 	return true
 }
+
+// roomLocked is how many connections the pool may add: size less the idle, the counted loans and the busy.
+func (p *pool) roomLocked() int { return p.size - len(p.idle) - p.lent.Len() - p.busy }
 
 // endLocked ends a loan and reports whether it was still counted against the pool's size.
 func (p *pool) endLocked(l *loan, to loanState) (counted bool) {
@@ -313,7 +316,7 @@ func (p *pool) top(ctx context.Context, tok Token) error {
 	}
 	for {
 		p.mu.Lock()
-		room := p.size - len(p.idle) - p.lent.Len() - p.busy
+		room := p.roomLocked()
 		p.mu.Unlock()
 		if room <= 0 {
 			return nil

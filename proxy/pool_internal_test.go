@@ -184,6 +184,12 @@ func startFakePool(t *testing.T, size int, idlePing time.Duration) (*fakeUpstrea
 	}
 	t.Cleanup(func() {
 		srv.Close(context.Background())
+		// Connections a failed test still holds: their server ends would keep the bubble from ending.
+		up.mu.Lock()
+		for _, c := range up.ends {
+			c.Close()
+		}
+		up.mu.Unlock()
 		if obs.negative.Load() {
 			t.Error("more upstream closes reported than opens")
 		}
@@ -383,11 +389,7 @@ func TestPoolCheckIdle(t *testing.T) {
 				// A round trip first, as after AUTH: it takes what a TLS 1.3 server sends after the handshake.
 				pingPong(t, cli, srv)
 				tc.peer(srv)
-				start := time.Now()
-				err := checkIdle(cli)
-				if d := time.Since(start); d > 100*time.Millisecond {
-					t.Errorf("checkIdle took %v", d)
-				}
+				err := checkIdle(cli) // the connections have no deadline: a check that waited would hang here
 				if !tc.want(err) {
 					t.Fatalf("checkIdle: %v", err)
 				}
