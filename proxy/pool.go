@@ -1,37 +1,107 @@
 package proxy
 
 import (
+	"bytes"
+	"container/list"
 	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
 	"net"
+	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/entra-redis-proxy/entra-redis-proxy/resp"
 )
+
+// loanWindow is how long a connection lent to a session still counts against the pool's size. A client that
+// connects per request gives its connection back within milliseconds, and counting the loan meanwhile saves
+// the pool from dialling a replacement it would have to close. A loan older than this is a long-lived
+// client's: waiting for it would leave every later client to dial (TLS and AUTH) for as long as that client
+// stays, so the pool dials a replacement and takes the connection back later only if there is room.
+const loanWindow = 2 * time.Second
 
 // pool keeps authenticated upstream connections ready, so a new client skips the TLS handshake and AUTH.
 // A client's upstream goes back to the pool when the client leaves it provably clean: the client sent none of
 // the commands that change a connection's state (see dirties) and no reply is outstanding. Redis 6.0 (Azure
 // Cache for Redis) has no RESET to clean a connection, so a dirty one is closed instead.
 //
-// One goroutine (fill) owns the pool's upkeep: it dials up to size connections, re-authenticates idle ones
-// after a rotation and PINGs those idle for IdlePing. Connections are taken out of the pool while it works on
-// them, so a session never gets one in use.
+// The pool holds size connections, counting idle ones and loans younger than loanWindow. One goroutine
+// (fill) owns the upkeep: it dials up to size, stops counting overdue loans, checks idle connections,
+// re-authenticates them after a rotation and PINGs those idle for IdlePing. It takes connections out of idle
+// while it talks to them, so a session never gets one in use. Sessions only get, put and close.
+//
+// Whoever holds a connection owns it: idle ones the pool, lent ones the session. The owner closes it, once,
+// and the pool reports UpstreamClosed exactly for the closes it makes.
 type pool struct {
 	srv  *Server
 	size int
-	wake chan struct{} // nudges fill: a connection was taken, or a token arrived
+	wake chan struct{} // nudges fill: room appeared, the first loan began, or a token arrived
 
-	mu   sync.Mutex
-	idle []*pooled // most recently used last
-	out  int       // connections taken by sessions, which may come back: the pool dials only idle+out < size
+	mu      sync.Mutex
+	idle    []*pooled     // ready connections, most recently returned last
+	lent    list.List     // of *loan in loanOut, oldest first: counted against size
+	busy    int           // idle connections fill has taken out to PING or re-authenticate
+	state   poolState     // poolClosed once fill has stopped: put closes what it is given
+	changed chan struct{} // closed (and dropped) at the next change of idle or lent; nil until watch asks
 }
+
+type poolState uint8
+
+const (
+	poolOpen poolState = iota
+	poolClosed
+)
 
 type pooled struct {
 	conn   net.Conn
 	id     int64  // upstream CLIENT ID
 	secret string // the token it is authenticated with
 	since  int64  // when it went idle (server clock)
+}
+
+type loanState uint8
+
+const (
+	loanOut      loanState = iota // within loanWindow: counted against the pool's size
+	loanOverdue                   // past loanWindow: no longer counted; the connection may still come back
+	loanReturned                  // given back by put: the pool owns the connection again
+	loanClosed                    // the session closed the connection
+)
+
+// loan is one connection lent by get.
+type loan struct {
+	at    int64         // when it was lent (server clock)
+	state loanState     // guarded by pool.mu
+	elem  *list.Element // in pool.lent while loanOut
+}
+
+// lentConn is the connection a session gets from the pool. Its loan ends when the session closes it or puts
+// it back, so no code path of the session can keep a loan open by forgetting to end it. Once put back, its
+// Close does nothing: the connection is the pool's again.
+type lentConn struct {
+	net.Conn
+	pool *pool
+	loan *loan
+}
+
+// Close ends the loan and closes the connection, unless it was put back. The session reports the close.
+func (c *lentConn) Close() error {
+	p := c.pool
+	p.mu.Lock()
+	if c.loan.state == loanReturned || c.loan.state == loanClosed {
+		p.mu.Unlock()
+		return nil
+	}
+	counted := p.endLocked(c.loan, loanClosed)
+	p.mu.Unlock()
+	if counted {
+		p.nudge() // room for a replacement
+	}
+	return c.Conn.Close()
 }
 
 func newPool(srv *Server, size int) *pool {
@@ -45,145 +115,401 @@ func (p *pool) nudge() {
 	}
 }
 
-// get takes a ready connection, or returns nil.
+// get lends a ready connection, checked just now to be open and silent, or returns nil when none is ready.
+// The session owns the returned connection; closing it or giving it back with put ends the loan.
 func (p *pool) get() *pooled {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	n := len(p.idle)
-	if n == 0 {
-		return nil
+	for {
+		p.mu.Lock()
+		n := len(p.idle)
+		if n == 0 {
+			p.mu.Unlock()
+			return nil
+		}
+		c := p.idle[n-1]
+		p.idle[n-1] = nil
+		p.idle = p.idle[:n-1]
+		l := &loan{at: p.srv.now(), state: loanOut}
+		first := p.lent.Len() == 0
+		l.elem = p.lent.PushBack(l)
+		p.changedLocked()
+		p.mu.Unlock()
+		if first {
+			p.nudge() // fill times the oldest loan's window
+		}
+		// Checked on loan, so that fill does not dial a replacement for it meanwhile.
+		if err := checkIdle(c.conn); err != nil {
+			p.srv.log.Info("pooled upstream connection lost while idle; closing it", "upstream_client_id", c.id, "err", err)
+			p.discard(c)
+			p.mu.Lock()
+			p.endLocked(l, loanClosed)
+			p.mu.Unlock()
+			p.nudge()
+			continue
+		}
+		return &pooled{conn: &lentConn{Conn: c.conn, pool: p, loan: l}, id: c.id, secret: c.secret}
 	}
-	c := p.idle[n-1]
-	p.idle[n-1] = nil
-	p.idle = p.idle[:n-1]
-	p.out++
-	return c
 }
 
-// release tells the pool that a connection taken by get is gone or about to be offered back by put.
-func (p *pool) release() {
-	p.mu.Lock()
-	p.out--
-	p.mu.Unlock()
-	p.nudge()
-}
+// release is a no-op kept for session.go: a loan ends when its connection is closed or put back.
+func (p *pool) release() {}
 
-// put offers a connection, returning its loan when it was taken by get (in the same step, so that the
-// filler does not dial a replacement first); it is closed when the pool is full or closed.
+// put offers a clean authenticated connection: one from get (or its replacement after a handover), or one the
+// session dialled itself; loaned is ignored, since a lent connection carries its loan. The pool keeps it if it
+// has room, or closes it (reporting the close). Either way the caller must not use it again. put reports
+// whether the connection was kept.
 func (p *pool) put(c *pooled, loaned bool) bool {
 	p.mu.Lock()
-	if loaned {
-		p.out--
+	if lc, ok := c.conn.(*lentConn); ok {
+		if lc.loan.state == loanReturned || lc.loan.state == loanClosed {
+			// Closed by the session already, or given back twice: nothing is left to pool or close.
+			p.mu.Unlock()
+			p.srv.log.Error("pool: a lent connection was offered back after it was closed or returned", "upstream_client_id", c.id)
+			return false
+		}
+		p.endLocked(lc.loan, loanReturned)
+		c = &pooled{conn: lc.Conn, id: c.id, secret: c.secret}
 	}
-	if len(p.idle)+p.out < p.size && p.srv.ctx.Err() == nil {
-		c.since = p.srv.now()
-		p.idle = append(p.idle, c)
-		p.mu.Unlock()
-		return true
-	}
+	kept := p.admitLocked(c)
 	p.mu.Unlock()
-	c.conn.Close()
-	p.srv.obs.UpstreamClosed()
-	return false
+	if !kept {
+		p.discard(c)
+	}
+	return kept
 }
 
-// fill is the pool's upkeep loop; it closes every pooled connection when ctx is done.
+// admitLocked adds c to idle if the pool is open and has room.
+func (p *pool) admitLocked(c *pooled) bool {
+	if p.state != poolOpen || p.roomLocked() <= 0 {
+		return false
+	}
+	c.since = p.srv.now()
+	p.idle = append(p.idle, c)
+	p.changedLocked()
+	return true
+}
+
+// roomLocked is how many connections the pool may add: size less the idle, the counted loans and the busy.
+func (p *pool) roomLocked() int { return p.size - len(p.idle) - p.lent.Len() - p.busy }
+
+// endLocked ends a loan and reports whether it was still counted against the pool's size.
+func (p *pool) endLocked(l *loan, to loanState) (counted bool) {
+	counted = l.state == loanOut
+	if counted {
+		p.lent.Remove(l.elem)
+		l.elem = nil
+		p.changedLocked()
+	}
+	l.state = to
+	return counted
+}
+
+// discard closes a connection the pool owns.
+func (p *pool) discard(c *pooled) {
+	c.conn.Close()
+	p.srv.obs.UpstreamClosed()
+}
+
+func (p *pool) changedLocked() {
+	if p.changed != nil {
+		close(p.changed)
+		p.changed = nil
+	}
+}
+
+// watch returns the upstream CLIENT IDs of the idle connections (most recently returned last) and how many
+// loans still count, with a channel closed at the pool's next change: tests await a state of the pool through
+// it rather than polling a stand-in such as the cache's CLIENT LIST.
+func (p *pool) watch() (idle []int64, lent int, changed <-chan struct{}) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range p.idle {
+		idle = append(idle, c.id)
+	}
+	if p.changed == nil {
+		p.changed = make(chan struct{})
+	}
+	return idle, p.lent.Len(), p.changed
+}
+
+// fill is the pool's upkeep loop; it closes every idle connection when ctx is done.
 func (p *pool) fill(ctx context.Context) {
-	defer func() {
-		p.mu.Lock()
-		for _, c := range p.idle {
-			c.conn.Close()
-			p.srv.obs.UpstreamClosed()
-		}
-		p.idle = nil
-		p.mu.Unlock()
-	}()
-	every := time.Minute
+	defer p.drain()
+	every := time.Minute // how often idle connections are checked, without a rotation
 	if p.srv.opts.IdlePing > 0 {
 		every = min(every, p.srv.opts.IdlePing/2)
 	}
-	var backoff time.Duration
+	timer := time.NewTimer(every)
+	defer timer.Stop()
+	var (
+		tendAt  int64  // when idle connections are checked next (server clock)
+		tended  string // the token the last tend brought idle connections to
+		retryAt int64  // no dial before this, after a failed one
+		backoff time.Duration
+	)
 	for {
-		p.tend(ctx)
-		if err := p.top(ctx); err != nil {
-			backoff = min(max(2*backoff, 100*time.Millisecond), 30*time.Second)
-			p.srv.log.Warn("cannot open a pooled upstream connection; retrying", "err", err, "retry_in", backoff.String())
-		} else {
-			backoff = 0
+		now := p.srv.now()
+		overdueAt := p.expire(now)
+		tok, tokChanged := p.srv.opts.Tokens.Current()
+		if now >= tendAt || tok.Secret != tended {
+			p.tend(ctx, tok)
+			tendAt, tended = p.srv.now()+int64(every), tok.Secret
 		}
-		wait := every
-		if backoff > 0 {
-			wait = backoff
+		if now >= retryAt {
+			if err := p.top(ctx, tok); err != nil {
+				backoff = min(max(2*backoff, 100*time.Millisecond), 30*time.Second)
+				retryAt = p.srv.now() + int64(backoff)
+				p.srv.log.Warn("cannot open a pooled upstream connection; retrying", "err", err, "retry_in", backoff.String())
+			} else {
+				backoff = 0
+			}
 		}
+		next := tendAt
+		if overdueAt > 0 {
+			next = min(next, overdueAt)
+		}
+		if retryAt > now {
+			next = min(next, retryAt)
+		}
+		timer.Reset(time.Duration(next - p.srv.now()))
 		select {
 		case <-ctx.Done():
 			return
 		case <-p.wake:
-		case <-time.After(wait):
+		case <-tokChanged:
+		case <-timer.C:
 		}
 	}
 }
 
-// top dials until the pool is full.
-func (p *pool) top(ctx context.Context) error {
+// drain closes the idle connections and makes put close what it is given from now on.
+func (p *pool) drain() {
+	p.mu.Lock()
+	p.state = poolClosed
+	idle := p.idle
+	p.idle = nil
+	p.changedLocked()
+	p.mu.Unlock()
+	for _, c := range idle {
+		p.discard(c)
+	}
+}
+
+// expire stops counting loans older than loanWindow, so that top dials their replacements. It returns when
+// the oldest loan still counted becomes overdue, or 0 if none is.
+func (p *pool) expire(now int64) int64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for e := p.lent.Front(); e != nil; e = p.lent.Front() {
+		l := e.Value.(*loan)
+		if due := l.at + int64(loanWindow); due > now {
+			return due
+		}
+		p.endLocked(l, loanOverdue)
+	}
+	return 0
+}
+
+// top dials until the pool is full; it stops at the first failure.
+func (p *pool) top(ctx context.Context, tok Token) error {
+	if tok.Secret == "" {
+		return nil // fill runs again when the first token arrives
+	}
 	for {
 		p.mu.Lock()
-		full := len(p.idle)+p.out >= p.size
+		room := p.roomLocked()
 		p.mu.Unlock()
-		if full {
+		if room <= 0 {
 			return nil
 		}
 		dctx, cancel := context.WithTimeout(ctx, p.srv.opts.DialTimeout)
 		c, err := p.srv.dialUpstream(dctx)
 		cancel()
 		if err != nil {
-			return err
+			return fmt.Errorf("open pooled upstream connection: %w", err)
 		}
-		p.put(c, false)
+		if !p.put(c, false) {
+			return nil // sessions gave connections back meanwhile
+		}
 	}
 }
 
-// tend re-authenticates idle connections on an old token and PINGs those idle too long; a connection that
-// fails either is closed.
-func (p *pool) tend(ctx context.Context) {
-	tok, _ := p.srv.opts.Tokens.Current()
-	p.mu.Lock()
-	var work []*pooled
-	kept := p.idle[:0]
+// tend closes idle connections that are gone or sent something (checkIdle), re-authenticates those on an old
+// token, and PINGs those idle for IdlePing so that Azure's idle timeout does not close them.
+func (p *pool) tend(ctx context.Context, tok Token) {
 	now := p.srv.now()
+	type lost struct {
+		c   *pooled
+		err error
+	}
+	var dead []lost
+	var work []*pooled
+	p.mu.Lock()
+	kept := p.idle[:0]
 	for _, c := range p.idle {
 		stale := tok.Secret != "" && c.secret != tok.Secret
 		quiet := p.srv.opts.IdlePing > 0 && now-c.since >= int64(p.srv.opts.IdlePing)
-		if stale || quiet {
+		err := checkIdle(c.conn) // does not block, so it is done under the lock
+		switch {
+		case err != nil:
+			dead = append(dead, lost{c, err})
+		case stale || quiet:
 			work = append(work, c)
-		} else {
+		default:
 			kept = append(kept, c)
 		}
 	}
+	clear(p.idle[len(kept):])
 	p.idle = kept
-	p.mu.Unlock()
-	for _, c := range work {
-		cmd := resp.AppendCommand(nil, "PING")
-		if tok.Secret != "" && c.secret != tok.Secret {
-			cmd = resp.AppendCommand(nil, "AUTH", tok.Username, tok.Secret)
-		}
-		c.conn.SetDeadline(time.Now().Add(p.srv.opts.DialTimeout))
-		_, err := c.conn.Write(cmd)
-		var replies []string
-		if err == nil {
-			replies, err = readReplies(c.conn, 1)
-		}
-		c.conn.SetDeadline(time.Time{})
-		if err != nil || replies[0][0] == '-' || ctx.Err() != nil {
-			c.conn.Close()
-			p.srv.obs.UpstreamClosed()
-			continue
-		}
-		if tok.Secret != "" {
-			c.secret = tok.Secret
-		}
-		p.put(c, false)
+	p.busy = len(work)
+	if len(dead)+len(work) > 0 {
+		p.changedLocked()
 	}
+	p.mu.Unlock()
+	for _, d := range dead {
+		p.srv.log.Info("pooled upstream connection lost while idle; closing it", "upstream_client_id", d.c.id, "err", d.err)
+		p.discard(d.c)
+	}
+	for _, c := range work {
+		err := p.refresh(ctx, c, tok)
+		p.mu.Lock()
+		p.busy--
+		kept := err == nil && p.admitLocked(c)
+		if !kept {
+			p.changedLocked()
+		}
+		p.mu.Unlock()
+		if err != nil {
+			p.srv.log.Info("pooled upstream connection failed its upkeep; closing it", "upstream_client_id", c.id, "err", err)
+		}
+		if !kept {
+			p.discard(c)
+		}
+	}
+}
+
+// refresh sends an idle connection AUTH with tok if it is on an older token, else PING, and checks the reply.
+func (p *pool) refresh(ctx context.Context, c *pooled, tok Token) error {
+	what, want := "PING", "+PONG"
+	cmd := resp.AppendCommand(nil, "PING")
+	if tok.Secret != "" && c.secret != tok.Secret {
+		what, want = "AUTH", "+OK"
+		cmd = resp.AppendCommand(nil, "AUTH", tok.Username, tok.Secret)
+	}
+	// The deadline bounds a silent upstream; shutting down cuts it short.
+	stop := context.AfterFunc(ctx, func() { c.conn.SetDeadline(pokeTime) })
+	c.conn.SetDeadline(time.Now().Add(p.srv.opts.DialTimeout))
+	line, err := exchange(c.conn, cmd)
+	c.conn.SetDeadline(time.Time{})
+	if !stop() {
+		return fmt.Errorf("%s: %w", what, ctx.Err())
+	}
+	if err != nil {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	if line != want {
+		return fmt.Errorf("%s answered %q", what, truncate(line, 80))
+	}
+	c.secret = tok.Secret
+	return nil
+}
+
+// errUnsolicited: an idle upstream sent bytes no command asked for (a late reply, a push, an alert). Whatever
+// they are, the connection's replies no longer line up with commands.
+var errUnsolicited = errors.New("upstream sent data while idle")
+
+// exchange writes a command and reads its one-line reply. Anything after the reply fails it.
+func exchange(c net.Conn, cmd []byte) (string, error) {
+	if _, err := c.Write(cmd); err != nil {
+		return "", fmt.Errorf("write: %w", err)
+	}
+	var buf [256]byte // a status or error line: +PONG, +OK, -WRONGPASS ...
+	n := 0
+	for {
+		k, err := c.Read(buf[n:])
+		n += k
+		if i := bytes.Index(buf[:n], []byte("\r\n")); i >= 0 {
+			if i+2 < n {
+				return "", errUnsolicited
+			}
+			return string(buf[:i]), nil
+		}
+		if err != nil {
+			return "", fmt.Errorf("read reply: %w", err)
+		}
+		if n == len(buf) {
+			return "", fmt.Errorf("reply too long: %q", truncate(string(buf[:n]), 80))
+		}
+	}
+}
+
+// checkIdle reports, without blocking, whether an idle connection is still open and has sent nothing. A Read
+// with a deadline already passed never reaches the socket (Go fails it before the system call), so the socket
+// is peeked at, as go-redis's conn_check does; that Read is still made, for what a TLS connection has already
+// taken off the socket (and for connections without a socket, such as net.Pipe in tests).
+func checkIdle(c net.Conn) error {
+	c.SetReadDeadline(time.Time{}) // a deadline in force would fail the peek
+	if err := peekSocket(c); err != nil {
+		return err
+	}
+	c.SetReadDeadline(pokeTime)
+	var b [1]byte
+	n, err := c.Read(b[:])
+	c.SetReadDeadline(time.Time{})
+	switch {
+	case n > 0:
+		return errUnsolicited
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return nil
+	case err == nil:
+		return errors.New("read of an idle connection returned nothing")
+	}
+	return err
+}
+
+// peekSocket looks at c's socket without taking anything from it: io.EOF if the peer closed it, an error if it
+// was reset, errUnsolicited if bytes are waiting. A connection without a socket passes.
+func peekSocket(c net.Conn) error {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn()
+	}
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("peek: %w", err)
+	}
+	var n int
+	var perr error
+	err = rc.Read(func(fd uintptr) bool {
+		var b [1]byte
+		n, perr = peekFD(syscall.Recvfrom, fd, b[:])
+		return true // never wait for data
+	})
+	switch {
+	case err != nil:
+		return fmt.Errorf("peek: %w", err)
+	case errors.Is(perr, syscall.EAGAIN) || errors.Is(perr, syscall.EWOULDBLOCK):
+		return nil
+	case errors.Is(perr, errors.ErrUnsupported): // Windows: syscall has no recvfrom there
+		return nil
+	case perr != nil:
+		return os.NewSyscallError("recvfrom", perr)
+	case n == 0:
+		return io.EOF
+	}
+	return errUnsolicited
+}
+
+// msgPeek is MSG_PEEK, the same on Linux, macOS, the BSDs and Windows (where syscall does not name it). No
+// MSG_DONTWAIT is needed: Go puts its sockets in non-blocking mode, so an empty socket answers EAGAIN.
+const msgPeek = 0x2
+
+// peekFD calls recvfrom, whose descriptor type differs between Unix (int) and Windows (Handle), with msgPeek.
+func peekFD[FD ~int | ~uintptr](recvfrom func(FD, []byte, int) (int, syscall.Sockaddr, error), fd uintptr, b []byte) (int, error) {
+	n, _, err := recvfrom(FD(fd), b, msgPeek)
+	return n, err
 }
 
 // dirties reports whether a command changes the connection's state in a way the next client must not

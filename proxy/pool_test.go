@@ -4,6 +4,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -48,26 +49,134 @@ func (f *fixture) clientID(t *testing.T) (int64, *raw) {
 	return id, r
 }
 
+// poolIdle waits for the pool to hold n idle connections and no loan, and returns their CLIENT IDs.
+func poolIdle(t *testing.T, f *fixture, n int) []int64 {
+	t.Helper()
+	var ids []int64
+	proxy.AwaitPool(t, f.srv, strconv.Itoa(n)+" idle connections", func(idle []int64, lent int) bool {
+		ids = idle
+		return len(idle) == n && lent == 0
+	})
+	return ids
+}
+
+// poolObserver counts pool reuses and keeps the upstream_connections gauge.
+type poolObserver struct {
+	proxy.NopObserver
+	reused, opened, closed atomic.Int64
+	negative               atomic.Bool
+}
+
+func (o *poolObserver) Mechanism(name string) {
+	if name == "pool_reuse" {
+		o.reused.Add(1)
+	}
+}
+
+func (o *poolObserver) UpstreamOpened(time.Duration) { o.opened.Add(1) }
+
+func (o *poolObserver) UpstreamClosed() {
+	if o.closed.Add(1) > o.opened.Load() {
+		o.negative.Store(true)
+	}
+}
+
+func observePool(n int, obs *poolObserver) func(*proxy.Options) {
+	return func(o *proxy.Options) { o.PoolSize, o.Observer = n, obs }
+}
+
 // The pool keeps connections ready, never more than configured, and a clean client's upstream is reused.
 func TestPoolReusesCleanConnections(t *testing.T) {
 	f := newFixture(t, fixtureOpts{proxyOpt: withPool(2)})
-	waitFor(t, 10*time.Second, "2 pooled connections", func() bool { return len(f.upstreamIDs(t)) == 2 })
+	poolIdle(t, f, 2)
 
 	id, r := f.clientID(t)
 	r.send("SET pooled 1", "GET pooled")
 	r.expect("+OK\r\n" + bulk("1"))
 	r.c.Close()
-	waitFor(t, 10*time.Second, "the client's session to end", func() bool { return f.srv.Clients() == 0 })
 	// The pool hands out the most recently returned connection first.
+	if ids := poolIdle(t, f, 2); ids[1] != id {
+		t.Fatalf("idle %v, want the recycled %d last", ids, id)
+	}
 	if next, nr := f.clientID(t); next != id {
 		t.Fatalf("next client got upstream %d, want the recycled %d", next, id)
 	} else {
 		nr.c.Close()
 	}
-	waitFor(t, 10*time.Second, "no client connected", func() bool { return f.srv.Clients() == 0 })
+	poolIdle(t, f, 2)
 	if n := len(f.upstreamIDs(t)); n > 2 {
 		t.Fatalf("%d idle upstream connections, pool size 2", n)
 	}
+}
+
+// Long-lived clients keep pooled connections past the loan window: the pool replaces them, and clients that
+// connect per request still reuse connections.
+func TestPoolReusesBesideLongLivedClients(t *testing.T) {
+	obs := &poolObserver{}
+	f := newFixture(t, fixtureOpts{proxyOpt: observePool(2, obs)})
+	poolIdle(t, f, 2)
+	for range 2 { // twice the pool's size in all: each takes a pooled connection and keeps it
+		for range 2 {
+			_, r := f.clientID(t)
+			r.send("PING")
+			r.expect("+PONG\r\n")
+		}
+		poolIdle(t, f, 2) // replaced once their loan window has passed
+	}
+	const short = 20
+	for range short {
+		id, r := f.clientID(t)
+		r.send("PING")
+		r.expect("+PONG\r\n")
+		r.c.Close()
+		if ids := poolIdle(t, f, 2); ids[1] != id {
+			t.Fatalf("idle %v: the short client's upstream %d did not come back", ids, id)
+		}
+	}
+	if n := obs.reused.Load(); n != 4+short {
+		t.Fatalf("%d clients got a pooled connection, want all %d", n, 4+short)
+	}
+	if obs.negative.Load() {
+		t.Fatal("more upstream closes reported than opens")
+	}
+}
+
+// Idle pooled connections that the cache closed (CLIENT KILL, a failover) are never handed out: every new
+// client is served.
+func TestPoolServesAfterIdleConnectionsAreKilled(t *testing.T) {
+	obs := &poolObserver{}
+	f := newFixture(t, fixtureOpts{proxyOpt: observePool(4, obs)})
+	killed := poolIdle(t, f, 4)
+	for _, id := range killed {
+		if _, err := f.env.Admin(t.Context(), "CLIENT", "KILL", "ID", strconv.FormatInt(id, 10)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 8 { // all open at once, so that they take every pooled connection and more
+		id, r := f.clientID(t)
+		if slices.Contains(killed, id) {
+			t.Fatalf("client %d got the killed upstream %d", i, id)
+		}
+		r.send("SET k"+strconv.Itoa(i)+" v", "GET k"+strconv.Itoa(i))
+		r.expect("+OK\r\n" + bulk("v"))
+	}
+	if obs.negative.Load() {
+		t.Fatal("more upstream closes reported than opens")
+	}
+}
+
+// The upkeep loop notices idle connections the cache closed, and replaces them before any client asks.
+func TestPoolReplacesKilledIdleConnections(t *testing.T) {
+	f := newFixture(t, fixtureOpts{idlePing: 400 * time.Millisecond, proxyOpt: withPool(2)})
+	killed := poolIdle(t, f, 2)
+	for _, id := range killed {
+		if _, err := f.env.Admin(t.Context(), "CLIENT", "KILL", "ID", strconv.FormatInt(id, 10)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	proxy.AwaitPool(t, f.srv, "2 new idle connections", func(idle []int64, lent int) bool {
+		return len(idle) == 2 && !slices.ContainsFunc(idle, func(id int64) bool { return slices.Contains(killed, id) })
+	})
 }
 
 // A connection whose client changed its state is never handed to another client.
@@ -111,14 +220,13 @@ func TestPoolNeverReusesDirtyConnections(t *testing.T) {
 // Pooled connections are re-authenticated on rotation: after several, a new client is served at once.
 func TestPoolAcrossRotations(t *testing.T) {
 	f := newFixture(t, fixtureOpts{lifetime: 3 * time.Second, proxyOpt: withPool(2)})
-	waitFor(t, 10*time.Second, "2 pooled connections", func() bool { return len(f.upstreamIDs(t)) == 2 })
-	before := f.upstreamIDs(t)
+	before := poolIdle(t, f, 2)
 	f.rotations(t, 3)
 	for i := range 3 {
 		id, r := f.clientID(t)
 		r.send("ACL WHOAMI")
 		f.expectLiveOID(t, r.readBulk())
-		if i == 0 && !before[id] {
+		if i == 0 && !slices.Contains(before, id) {
 			t.Errorf("first client got upstream %d, not one of the pooled %v", id, before)
 		}
 		r.c.Close()
