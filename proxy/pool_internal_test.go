@@ -183,7 +183,7 @@ func startFakePool(t *testing.T, size int, idlePing time.Duration) (*fakeUpstrea
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		srv.Close(context.Background())
+		srv.Close()
 		// Connections a failed test still holds: their server ends would keep the bubble from ending.
 		up.mu.Lock()
 		for _, c := range up.ends {
