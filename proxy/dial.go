@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -100,36 +99,6 @@ func (c *ctrlConn) handshake(ctx context.Context, tok Token, tokens TokenSource)
 // connection has nothing buffered after the replies).
 func handshake(ctx context.Context, c net.Conn, tok Token, tokens TokenSource) (int64, Token, error) {
 	return newCtrlConn(c).handshake(ctx, tok, tokens)
-}
-
-// readReplies reads n small single-line replies (status, error, integer) and returns their lines.
-// It stays until pool.go, handover.go and rescue.go use ctrlConn.
-func readReplies(c net.Conn, n int) ([]string, error) {
-	var buf []byte
-	var lines []string
-	tmp := make([]byte, 4096)
-	for len(lines) < n {
-		k, err := c.Read(tmp)
-		buf = append(buf, tmp[:k]...)
-		for {
-			i := bytes.Index(buf, []byte("\r\n"))
-			if i < 0 {
-				break
-			}
-			if i == 0 || strings.IndexByte("+-:", buf[0]) < 0 {
-				return nil, fmt.Errorf("unexpected reply %q", truncate(string(buf), 80))
-			}
-			lines = append(lines, string(buf[:i]))
-			buf = buf[i+2:]
-		}
-		if err != nil && len(lines) < n {
-			return nil, err
-		}
-		if len(buf) > 64<<10 {
-			return nil, errors.New("reply too long")
-		}
-	}
-	return lines, nil
 }
 
 func truncate(s string, n int) string {

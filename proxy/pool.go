@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"bytes"
 	"container/list"
 	"context"
 	"crypto/tls"
@@ -388,26 +387,25 @@ func (p *pool) tend(ctx context.Context, tok Token) {
 }
 
 // refresh sends an idle connection AUTH with tok if it is on an older token, else PING, and checks the reply.
+// Anything the upstream sent beyond the reply fails it: its replies no longer line up with commands.
 func (p *pool) refresh(ctx context.Context, c *pooled, tok Token) error {
 	what, want := "PING", "+PONG"
 	cmd := resp.AppendCommand(nil, "PING")
 	if tok.Secret != "" && c.secret != tok.Secret {
 		what, want = "AUTH", "+OK"
-		cmd = resp.AppendCommand(nil, "AUTH", tok.Username, tok.Secret)
+		cmd = appendAuthCmd(nil, tok)
 	}
-	// The deadline bounds a silent upstream; shutting down cuts it short.
-	stop := context.AfterFunc(ctx, func() { c.conn.SetDeadline(pokeTime) })
-	c.conn.SetDeadline(time.Now().Add(p.srv.opts.DialTimeout))
-	line, err := exchange(c.conn, cmd)
-	c.conn.SetDeadline(time.Time{})
-	if !stop() {
-		return fmt.Errorf("%s: %w", what, ctx.Err())
-	}
-	if err != nil {
+	ctx, cancel := context.WithTimeout(ctx, p.srv.opts.DialTimeout) // bounds a silent upstream
+	defer cancel()
+	cc := newCtrlConn(c.conn)
+	rs, err := cc.pipeline(ctx, cmd, 1)
+	switch {
+	case err != nil:
 		return fmt.Errorf("%s: %w", what, err)
-	}
-	if line != want {
-		return fmt.Errorf("%s answered %q", what, truncate(line, 80))
+	case len(cc.buffered()) > 0:
+		return fmt.Errorf("%s: %w", what, errUnsolicited)
+	case string(rs[0].typ)+rs[0].text != want:
+		return fmt.Errorf("%s answered %s", what, rs[0])
 	}
 	c.secret = tok.Secret
 	return nil
@@ -416,31 +414,6 @@ func (p *pool) refresh(ctx context.Context, c *pooled, tok Token) error {
 // errUnsolicited: an idle upstream sent bytes no command asked for (a late reply, a push, an alert). Whatever
 // they are, the connection's replies no longer line up with commands.
 var errUnsolicited = errors.New("upstream sent data while idle")
-
-// exchange writes a command and reads its one-line reply. Anything after the reply fails it.
-func exchange(c net.Conn, cmd []byte) (string, error) {
-	if _, err := c.Write(cmd); err != nil {
-		return "", fmt.Errorf("write: %w", err)
-	}
-	var buf [256]byte // a status or error line: +PONG, +OK, -WRONGPASS ...
-	n := 0
-	for {
-		k, err := c.Read(buf[n:])
-		n += k
-		if i := bytes.Index(buf[:n], []byte("\r\n")); i >= 0 {
-			if i+2 < n {
-				return "", errUnsolicited
-			}
-			return string(buf[:i]), nil
-		}
-		if err != nil {
-			return "", fmt.Errorf("read reply: %w", err)
-		}
-		if n == len(buf) {
-			return "", fmt.Errorf("reply too long: %q", truncate(string(buf[:n]), 80))
-		}
-	}
-}
 
 // checkIdle reports, without blocking, whether an idle connection is still open and has sent nothing. A Read
 // with a deadline already passed never reaches the socket (Go fails it before the system call), so the socket

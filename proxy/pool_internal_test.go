@@ -322,9 +322,9 @@ func TestPoolGetSkipsDeadConnections(t *testing.T) {
 		if c == nil || slices.Contains(killed, c.id) {
 			t.Fatalf("got %v after refill, want a new connection", c)
 		}
-		line, err := exchange(c.conn, resp.AppendCommand(nil, "PING"))
-		if err != nil || line != "+PONG" {
-			t.Fatalf("PING on the new connection: %q, %v", line, err)
+		r, err := newCtrlConn(c.conn).do(t.Context(), "PING")
+		if err != nil || r.text != "PONG" {
+			t.Fatalf("PING on the new connection: %v, %v", r, err)
 		}
 		srv.pool.put(c, true)
 	})
@@ -416,9 +416,9 @@ func pingPong(t *testing.T, cli, srv net.Conn) {
 		}
 		errc <- err
 	}()
-	line, err := exchange(cli, resp.AppendCommand(nil, "PING"))
-	if err != nil || line != "+PONG" {
-		t.Fatalf("PING: %q, %v", line, err)
+	r, err := newCtrlConn(cli).do(t.Context(), "PING")
+	if err != nil || r.text != "PONG" {
+		t.Fatalf("PING: %v, %v", r, err)
 	}
 	if err := <-errc; err != nil {
 		t.Fatal(err)
