@@ -149,14 +149,11 @@ func (p *pool) get() *pooled {
 	}
 }
 
-// release is a no-op kept for session.go: a loan ends when its connection is closed or put back.
-func (p *pool) release() {}
-
 // put offers a clean authenticated connection: one from get (or its replacement after a handover), or one the
-// session dialled itself; loaned is ignored, since a lent connection carries its loan. The pool keeps it if it
+// session dialled itself (a lent connection carries its loan). The pool keeps it if it
 // has room, or closes it (reporting the close). Either way the caller must not use it again. put reports
 // whether the connection was kept.
-func (p *pool) put(c *pooled, loaned bool) bool {
+func (p *pool) put(c *pooled) bool {
 	p.mu.Lock()
 	if lc, ok := c.conn.(*lentConn); ok {
 		if lc.loan.state == loanReturned || lc.loan.state == loanClosed {
@@ -326,7 +323,7 @@ func (p *pool) top(ctx context.Context, tok Token) error {
 		if err != nil {
 			return fmt.Errorf("open pooled upstream connection: %w", err)
 		}
-		if !p.put(c, false) {
+		if !p.put(c) {
 			return nil // sessions gave connections back meanwhile
 		}
 	}

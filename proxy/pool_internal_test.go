@@ -236,7 +236,7 @@ func TestPoolLoanWindow(t *testing.T) {
 		wantDials(t, up, 3)
 
 		// Back when the pool is full: closed.
-		if srv.pool.put(long, true) {
+		if srv.pool.put(long) {
 			t.Fatal("a late return was kept in a full pool")
 		}
 		synctest.Wait()
@@ -254,7 +254,7 @@ func TestPoolLoanWindow(t *testing.T) {
 		gone.conn.Close()
 		obs.UpstreamClosed()
 		synctest.Wait() // the replacement's dial waits at the gate
-		if !srv.pool.put(long, true) {
+		if !srv.pool.put(long) {
 			t.Fatal("a late return was closed though the pool had room")
 		}
 		up.unhold()
@@ -289,7 +289,7 @@ func TestPoolReuseBesideLongLivedLoans(t *testing.T) {
 				t.Fatal("no pooled connection for a short client")
 			}
 			time.Sleep(time.Millisecond)
-			if !srv.pool.put(c, true) {
+			if !srv.pool.put(c) {
 				t.Fatal("a connection returned within the window was closed")
 			}
 		}
@@ -328,7 +328,7 @@ func TestPoolGetSkipsDeadConnections(t *testing.T) {
 		if err != nil || r.text != "PONG" {
 			t.Fatalf("PING on the new connection: %v, %v", r, err)
 		}
-		srv.pool.put(c, true)
+		srv.pool.put(c)
 	})
 }
 

@@ -80,7 +80,6 @@ type clientSide struct {
 	up       net.Conn  // the upstream it writes to; replaced by a handover
 	secret   string    // the token last sent on up
 	writeBy  time.Time // up's write deadline in force
-	fromPool bool      // up came from the pool, which counts it until it returns
 	dirty    bool      // the client changed the connection state (see dirties): not for the pool
 	authed   bool      // the client gave LOCAL_PASSWORD, or none is set
 	quit     bool      // the client sent QUIT: nothing after it is read
@@ -151,9 +150,6 @@ func (s *session) run(ctx context.Context) {
 	s.log.Info("client connected", "client", s.client.RemoteAddr().String())
 
 	if err := s.connect(ctx); err != nil {
-		if s.cl.fromPool {
-			s.srv.pool.release()
-		}
 		s.refuse(err)
 		s.finish()
 		return
@@ -181,11 +177,6 @@ func (s *session) serve() {
 		}
 	}()
 	cerr := s.clientLoop()
-	defer func() {
-		if s.cl.fromPool { // a pooled connection that did not go back: the pool may replace it
-			s.srv.pool.release()
-		}
-	}()
 	if !s.recyclable(cerr) {
 		s.close(cerr)
 		wg.Wait()
@@ -202,8 +193,7 @@ func (s *session) serve() {
 	wg.Wait()
 	up.SetReadDeadline(time.Time{})
 	if errors.Is(rerr, errRecycled) {
-		s.srv.pool.put(&pooled{conn: up, id: s.upID.Load(), secret: s.cl.secret}, s.cl.fromPool)
-		s.cl.fromPool = false
+		s.srv.pool.put(&pooled{conn: up, id: s.upID.Load(), secret: s.cl.secret})
 	} else {
 		up.Close()
 		s.srv.obs.UpstreamClosed()
@@ -285,8 +275,8 @@ func (s *session) connect(ctx context.Context) error {
 	if s.srv.pool != nil {
 		c = s.srv.pool.get()
 	}
-	if c != nil {
-		s.cl.fromPool = true
+	pooled := c != nil
+	if pooled {
 		s.srv.obs.Mechanism("pool_reuse")
 	} else {
 		var err error
@@ -296,12 +286,13 @@ func (s *session) connect(ctx context.Context) error {
 	}
 	if !s.addConn(c.conn) {
 		c.conn.Close()
+		s.srv.obs.UpstreamClosed()
 		return errors.New("proxy shutting down")
 	}
 	s.cl.up, s.cl.secret = c.conn, c.secret
 	s.upID.Store(c.id)
 	s.lastSent.Store(s.srv.now())
-	s.log.Debug("upstream ready", "upstream_client_id", c.id, "pooled", s.cl.fromPool)
+	s.log.Debug("upstream ready", "upstream_client_id", c.id, "pooled", pooled)
 	if tok, _ := s.srv.opts.Tokens.Current(); tok.Secret != c.secret {
 		s.poke(pokeReauth) // authenticated before the last rotation: catch up at once
 	}
