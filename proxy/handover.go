@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/entra-redis-proxy/entra-redis-proxy/resp"
@@ -209,11 +211,14 @@ func (s *session) sendMarker(verb, marker string) error {
 // dialSubscriber opens N and subscribes it to the marker and subs. It returns N's buffer holding whatever N
 // sent after the confirmations (messages that the reply loop drops up to the marker).
 func (s *session) dialSubscriber(ctx context.Context, tok Token, subs [3][]string, cut *cutover) (net.Conn, int64, *readBuf, error) {
+	start := time.Now()
 	n, err := s.srv.opts.Dialer.DialContext(ctx)
 	if err != nil {
 		return nil, 0, nil, err
 	}
-	id, _, err := handshake(ctx, n, tok, s.srv.opts.Tokens)
+	c := newCtrlConn(n)
+	c.skipLarge = true // a large message among the confirmations is read through: O delivers it
+	id, _, err := c.handshake(ctx, tok, fixedToken(tok))
 	if err != nil {
 		n.Close()
 		return nil, 0, nil, err
@@ -226,58 +231,31 @@ func (s *session) dialSubscriber(ctx context.Context, tok Token, subs [3][]strin
 			want += len(subs[f])
 		}
 	}
-	deadline, _ := ctx.Deadline()
-	n.SetDeadline(deadline)
-	defer n.SetDeadline(time.Time{})
-	if _, err := n.Write(cmd); err != nil {
+	fail := func(err error) (net.Conn, int64, *readBuf, error) {
 		n.Close()
-		return nil, 0, nil, fmt.Errorf("write to new upstream: %w", err)
+		return nil, 0, nil, fmt.Errorf("new upstream: %w", err)
+	}
+	if err := c.send(ctx, cmd); err != nil {
+		return fail(err)
 	}
 	// Count the confirmations; messages among them come before the marker: O delivers them.
-	buf := &readBuf{}
-	var sc resp.Scanner
-	sc.MaxBulk = 1 << 40
-	var h resp.Head
 	for want > 0 {
-		ok, perr := resp.PeekHead(buf.buf[buf.r:buf.w], 1, &h)
-		if perr != nil {
-			n.Close()
-			return nil, 0, nil, fmt.Errorf("new upstream: %w", perr)
+		r, err := c.read(ctx)
+		if err != nil {
+			return fail(err)
 		}
-		if buf.r == buf.w || !ok {
-			if buf.full() && !buf.grow(maxHeadBuf) {
-				n.Close()
-				return nil, 0, nil, errors.New("new upstream: reply too large")
-			}
-			if _, err := buf.readFrom(n); err != nil {
-				n.Close()
-				return nil, 0, nil, fmt.Errorf("read new upstream: %w", err)
-			}
-			continue
+		if r.typ == '-' {
+			return fail(fmt.Errorf("subscription refused: %s", r.text))
 		}
-		if h.Type == '-' {
-			n.Close()
-			return nil, 0, nil, fmt.Errorf("new upstream refused a subscription: %s", h.Line)
-		}
-		if len(h.Elems) != 1 || !oneOf(h.Elems[0], pubsubMessages) {
+		if len(r.elems) == 0 || !slices.ContainsFunc(pubsubMessages, func(m string) bool { return strings.EqualFold(r.elems[0], m) }) {
 			want--
 		}
-		sc.Reset()
-		for { // skip the frame, which may span reads
-			k, done, err := sc.Scan(buf.buf[buf.r:buf.w])
-			if err != nil {
-				n.Close()
-				return nil, 0, nil, fmt.Errorf("new upstream: %w", err)
-			}
-			buf.r += k
-			if done {
-				break
-			}
-			if _, err := buf.readFrom(n); err != nil {
-				n.Close()
-				return nil, 0, nil, fmt.Errorf("read new upstream: %w", err)
-			}
-		}
+	}
+	s.srv.obs.UpstreamOpened(time.Since(start))
+	buf := &readBuf{}
+	if rest := c.buffered(); len(rest) > 0 {
+		buf.buf = append([]byte(nil), rest...)
+		buf.w = len(buf.buf)
 	}
 	return n, id, buf, nil
 }
