@@ -284,7 +284,23 @@ func publish(ctx context.Context, d Dialer, tok Token, channel, msg string) erro
 	return nil
 }
 
-// retryLater pokes the client loop again in a second, for another attempt at a failed rescue.
+// retryLater pokes the client loop again in a second, for another attempt at a failed rescue. The timer is
+// the session's: close stops it.
 func (s *session) retryLater(bits uint32) {
-	time.AfterFunc(time.Second, func() { s.poke(bits) })
+	s.connMu.Lock()
+	defer s.connMu.Unlock()
+	if s.closed {
+		return
+	}
+	s.retryBits |= bits
+	if s.retry != nil {
+		return // one retry pending carries every kind asked for
+	}
+	s.retry = time.AfterFunc(time.Second, func() {
+		s.connMu.Lock()
+		bits := s.retryBits
+		s.retry, s.retryBits = nil, 0
+		s.connMu.Unlock()
+		s.poke(bits)
+	})
 }

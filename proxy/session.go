@@ -69,7 +69,9 @@ type session struct {
 	rl replySide  // owned by the reply loop
 
 	connMu    sync.Mutex
-	conns     []net.Conn // upstream connections to close with the session
+	conns     []net.Conn  // upstream connections to close with the session
+	retry     *time.Timer // a rescue's retry, pending (see retryLater)
+	retryBits uint32      // the pokes it will make
 	closed    bool
 	closeOnce sync.Once
 	closeErr  error // the first cause of the close
@@ -249,6 +251,9 @@ func (s *session) close(cause error) {
 		s.connMu.Lock()
 		s.closed = true
 		conns := s.conns
+		if s.retry != nil {
+			s.retry.Stop()
+		}
 		s.connMu.Unlock()
 		for _, c := range conns {
 			c.Close()
