@@ -27,7 +27,7 @@ const other = "other"
 // Label values for each labelled family; "other" is added to each.
 var (
 	rejectReasons  = []string{"max_connections", "shutting_down", "local_auth"}
-	upstreamKinds  = []string{"dial", "tls", "auth", "closed", "protocol"}
+	upstreamKinds  = []string{"dial", "tls", "auth", "closed", "stalled", "protocol"}
 	refreshResults = []string{"ok", "unchanged", "error"}
 	reauthResults  = []string{"ok", "error"}
 	mechanisms     = []string{"handover", "unblock_reissue", "tx_replay", "tx_abort", "idle_ping", "pool_reuse"}
@@ -99,7 +99,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.collectors = append(m.collectors, dial)
 	m.upstreamDial = dial
 	m.upstreamErrors = counterVec("upstream_errors_total",
-		"Upstream connection failures, by kind: dial, tls, auth, closed, protocol.", "kind", upstreamKinds)
+		"Upstream connection failures, by kind: dial, tls, auth, closed, stalled, protocol.", "kind", upstreamKinds)
 
 	cmd := prometheus.NewHistogramVec(prometheus.HistogramOpts{
 		Namespace: namespace, Name: "command_duration_seconds",

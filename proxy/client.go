@@ -67,7 +67,7 @@ func (s *session) clientLoop() error {
 		}
 		switch {
 		case err == nil:
-		case isPoke(err):
+		case isDeadline(err):
 			s.client.SetReadDeadline(time.Time{})
 			s.takePokes()
 		case errors.Is(err, io.EOF):

@@ -36,7 +36,7 @@ type Observer interface {
 	ClientRejected(reason string) // "max_connections", "shutting_down", "local_auth"
 	UpstreamOpened(dial time.Duration)
 	UpstreamClosed()
-	UpstreamError(kind string) // "dial", "tls", "auth", "closed", "protocol"
+	UpstreamError(kind string) // "dial", "tls", "auth", "closed" (the upstream ended a session), "stalled", "protocol"
 	// CommandDone reports one command's time from being read to its reply being written.
 	// name is a lower-case command name from CommandNames, or "other".
 	CommandDone(name string, d time.Duration)

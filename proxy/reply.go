@@ -111,7 +111,7 @@ func (s *session) replyLoop(up net.Conn) error {
 // upstreamReadError turns the error that ended the reply loop's read into the session's cause.
 func (s *session) upstreamReadError(err error, mid bool) error {
 	switch {
-	case isPoke(err) && s.recycling.Load():
+	case isDeadline(err) && s.recycling.Load():
 		if mid {
 			return errors.New("upstream sent unsolicited bytes: not reusable")
 		}
@@ -119,10 +119,11 @@ func (s *session) upstreamReadError(err error, mid bool) error {
 	case errors.Is(err, io.EOF):
 		s.srv.obs.UpstreamError("closed")
 		return s.lost(errUpstreamGone)
-	case isPoke(err):
+	case isDeadline(err):
 		s.srv.obs.UpstreamError("stalled")
 		return s.lost(fmt.Errorf("upstream reply stalled for %s", s.srv.opts.StallTimeout))
 	}
+	s.srv.obs.UpstreamError("closed")
 	return s.lost(fmt.Errorf("read upstream: %w", err))
 }
 

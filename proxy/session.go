@@ -314,5 +314,5 @@ func (s *session) refuse(err error) {
 	s.close(err)
 }
 
-// isPoke reports whether a read error is a poke's deadline rather than a failure.
-func isPoke(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }
+// isDeadline reports whether a read error is a deadline (a poke, or a stall guard) rather than a failure.
+func isDeadline(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }
