@@ -36,19 +36,21 @@ func (s *session) clientLoop() error {
 		switch {
 		case c.quit:
 			s.led.waitIdle(drainQuiet)
+			s.closeWriteAndWait() // what the client sent after QUIT is not run, and must not cause a reset
 			return errClientQuit
-		case c.draining && !c.stream.active:
+		case c.draining && !c.hold.holding() && !c.stream.active:
 			// Every command read so far was sent: deliver its replies, then close. The server cuts a
 			// drain that outlasts its shutdown delay by closing the session, which ends this wait.
 			s.led.waitIdle(forever)
+			s.closeWriteAndWait()
 			return errDrained
 		case eof && !c.hold.holding():
 			// A client that half-closed still gets the replies to what it sent, however long they
 			// take to stream, as long as they make progress.
 			s.led.waitIdle(drainQuiet)
 			return errClientQuit
-		case eof || (c.hold.holding() && b.full()):
-			// Nothing to read: wait for the blocked command's answer (or other work).
+		case eof || (c.draining && !c.stream.active) || (c.hold.holding() && b.full()):
+			// Nothing (more) to read: wait for the blocked command's answer, then send what waited.
 			switch s.waitWake(drainQuiet) {
 			case wakeClosed:
 				return errUpstreamGone
@@ -125,7 +127,7 @@ func (s *session) handleCommands(b *readBuf) error {
 			}
 			continue
 		}
-		if c.hold.holding() || c.draining {
+		if c.hold.holding() {
 			return nil
 		}
 		cmd, n, err := c.parser.Parse(b.buf[b.r:b.w])
@@ -169,7 +171,23 @@ func (s *session) protocolError(pe *resp.ProtocolError, now int64) error {
 		return err
 	}
 	s.led.waitIdle(s.srv.opts.WriteTimeout)
+	s.closeWriteAndWait()
 	return fmt.Errorf("client protocol error: %w", pe)
+}
+
+// lingerTime is how long a connection the proxy ends waits for the client's unread input before closing:
+// closing a socket with input unread sends a reset, which can destroy replies the client has not read yet.
+const lingerTime = 500 * time.Millisecond
+
+// closeWriteAndWait ends the proxy's side of a client connection with a FIN after the last reply, then reads
+// and discards the client's input for a moment (as net/http does), so the close that follows is clean.
+func (s *session) closeWriteAndWait() {
+	cw, ok := s.client.(interface{ CloseWrite() error })
+	if !ok || cw.CloseWrite() != nil {
+		return
+	}
+	s.client.SetReadDeadline(time.Now().Add(lingerTime))
+	io.Copy(io.Discard, s.client)
 }
 
 // A handler forwards (or answers) one complete command of its kind; e is its reply's entry so far.

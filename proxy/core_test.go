@@ -158,3 +158,26 @@ func TestDeeplyNestedReply(t *testing.T) {
 	}
 	r.expect(strings.Repeat("*1\r\n", 200) + "*0\r\n+PONG\r\n")
 }
+
+// Issue 9, defect 9: a drain closes each connection at its next safe point. A client with a blocking
+// command and a command held back behind it gets both replies, then EOF; an idle client is closed at once.
+func TestShutdownDrainsAtSafePoints(t *testing.T) {
+	f := newFixture(t, fixtureOpts{})
+	busy, idle := f.raw(t), f.raw(t)
+	idle.send("PING")
+	idle.expect("+PONG\r\n")
+	busy.send("BLPOP drainq 1", "PING")
+	done := make(chan int)
+	go func() { done <- f.srv.Shutdown(t.Context()) }()
+	for name, r := range map[string]*raw{"busy": busy, "idle": idle} {
+		r.c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		got, err := io.ReadAll(r.r)
+		want := map[string]string{"busy": "*-1\r\n+PONG\r\n", "idle": ""}[name]
+		if err != nil || string(got) != want {
+			t.Fatalf("%s client got %q, %v; want %q then EOF", name, got, err, want)
+		}
+	}
+	if cut := <-done; cut != 0 {
+		t.Fatalf("Shutdown cut %d connections, want 0", cut)
+	}
+}

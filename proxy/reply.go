@@ -429,8 +429,7 @@ func (s *session) frameDone() {
 	case actReplace:
 		s.rl.outv = append(s.rl.outv, []byte(e.text))
 	case actFail:
-		s.rl.outv = append(s.rl.outv, resp.AppendError(nil, e.text))
-		s.rl.closing = errClientProtocol
+		s.rl.outv = append(s.rl.outv, resp.AppendError(nil, e.text)) // the client loop then closes
 	case actExecNull:
 		if s.rl.proto == 3 {
 			s.rl.outv = append(s.rl.outv, []byte("_\r\n"))

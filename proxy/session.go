@@ -237,7 +237,6 @@ var (
 	errClientQuit     = errors.New("client closed the connection")
 	errUpstreamGone   = errors.New("upstream closed the connection")
 	errRecycled       = errors.New("upstream stopped between replies for the pool")
-	errClientProtocol = errors.New("closed after a client protocol error")
 	errDrained        = errors.New("proxy shutting down: closed at a safe point")
 )
 
