@@ -234,10 +234,10 @@ func (s *session) finish() {
 }
 
 var (
-	errClientQuit     = errors.New("client closed the connection")
-	errUpstreamGone   = errors.New("upstream closed the connection")
-	errRecycled       = errors.New("upstream stopped between replies for the pool")
-	errDrained        = errors.New("proxy shutting down: closed at a safe point")
+	errClientQuit   = errors.New("client closed the connection")
+	errUpstreamGone = errors.New("upstream closed the connection")
+	errRecycled     = errors.New("upstream stopped between replies for the pool")
+	errDrained      = errors.New("proxy shutting down: closed at a safe point")
 )
 
 // close closes both connections once, keeping the first cause; both loops then return.
