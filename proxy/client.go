@@ -108,6 +108,9 @@ func (s *session) waitWake(d time.Duration) wakeReason {
 // takePokes moves work handed over by other goroutines into the client loop's own state.
 func (s *session) takePokes() {
 	p := s.pokes.Swap(0)
+	if h := s.srv.tookPokes.Load(); h != nil && p != 0 {
+		(*h)(s.id, p)
+	}
 	w := &s.cl.want
 	w.auth = w.auth || p&pokeReauth != 0
 	w.ping = w.ping || p&pokePing != 0

@@ -12,6 +12,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/entra-redis-proxy/entra-redis-proxy/internal/azurefake"
+	"github.com/entra-redis-proxy/entra-redis-proxy/proxy"
 )
 
 func startEnv(t *testing.T) *azurefake.Env {
@@ -139,17 +140,29 @@ func TestPipelinesInOrderAcrossRotations(t *testing.T) {
 // A MULTI held open while a new token arrives gets exactly its own EXEC reply; the re-AUTH waits for it.
 func TestMultiAcrossRefresh(t *testing.T) {
 	f := newFixture(t, fixtureOpts{lifetime: 4 * time.Second})
+	due := f.reauthDue()
 	r := f.raw(t)
 	r.send("MULTI", "SET tx 1", "INCR tx")
 	r.expect("+OK\r\n+QUEUED\r\n+QUEUED\r\n")
-	minted := f.minted()
-	waitFor(t, 10*time.Second, "a new token", func() bool { return f.minted() > minted })
+	<-due // the AUTH is due while the MULTI is open: it must wait for EXEC
 	r.send("EXEC")
 	r.expect("*2\r\n+OK\r\n:2\r\n")
 	// After EXEC the deferred AUTH goes out: the connection outlives the token it started with.
 	f.rotations(t, 1)
 	r.send("ACL WHOAMI")
 	f.expectLiveOID(t, r.readBulk())
+}
+
+// reauthDue returns a channel that receives when the next re-AUTH becomes due on a session.
+func (f *fixture) reauthDue() <-chan struct{} {
+	due := make(chan struct{}, 1)
+	proxy.OnReauthDue(f.srv, func(uint64) {
+		select {
+		case due <- struct{}{}:
+		default:
+		}
+	})
+	return due
 }
 
 // expectLiveOID checks that oid belongs to a token that has not expired.
@@ -179,10 +192,10 @@ func TestClientReplyAcrossRotation(t *testing.T) {
 		f.expectLiveOID(t, r.readBulk())
 	})
 	t.Run("skip", func(t *testing.T) {
+		due := f.reauthDue()
 		r := f.raw(t)
 		r.send("CLIENT REPLY SKIP")
-		minted := f.minted()
-		waitFor(t, 10*time.Second, "a new token", func() bool { return f.minted() > minted })
+		<-due // the AUTH is due after the SKIP: it must not take the skip
 		r.send("SET skip1 a", "GET skip1")
 		r.expect(bulk("a"))
 		f.rotations(t, 1)

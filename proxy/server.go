@@ -69,6 +69,9 @@ type Server struct {
 
 	nextID  atomic.Uint64
 	clients atomic.Int64 // open client connections, counted from accept to close
+	// tookPokes, if set (by tests), is told each time a session's client loop takes work handed to it:
+	// the event tests await instead of a stand-in for it.
+	tookPokes atomic.Pointer[func(conn uint64, bits uint32)]
 
 	mu        sync.Mutex
 	state     serverState

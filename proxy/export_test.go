@@ -1,0 +1,12 @@
+package proxy
+
+// OnReauthDue calls f each time a session's client loop takes a re-AUTH that is due, before it acts on it:
+// from then on the session is deciding where the AUTH may go.
+func OnReauthDue(s *Server, f func(conn uint64)) {
+	h := func(conn uint64, bits uint32) {
+		if bits&pokeReauth != 0 {
+			f(conn)
+		}
+	}
+	s.tookPokes.Store(&h)
+}
