@@ -38,7 +38,7 @@ func (s *session) clientLoop() error {
 			s.led.waitIdle(drainQuiet)
 			s.closeWriteAndWait() // what the client sent after QUIT is not run, and must not cause a reset
 			return errClientQuit
-		case c.draining && !c.hold.holding() && !c.stream.active:
+		case c.drain == drainDone && !c.hold.holding() && !c.stream.active:
 			// Every command read so far was sent: deliver its replies, then close. The server cuts a
 			// drain that outlasts its shutdown delay by closing the session, which ends this wait.
 			s.led.waitIdle(forever)
@@ -49,7 +49,7 @@ func (s *session) clientLoop() error {
 			// take to stream, as long as they make progress.
 			s.led.waitIdle(drainQuiet)
 			return errClientQuit
-		case eof || (c.draining && !c.stream.active) || (c.hold.holding() && b.full()):
+		case eof || (c.drain == drainDone && !c.stream.active) || (c.hold.holding() && b.full()):
 			// Nothing (more) to read: wait for the blocked command's answer, then send what waited.
 			switch s.waitWake(drainQuiet) {
 			case wakeClosed:
@@ -62,6 +62,10 @@ func (s *session) clientLoop() error {
 			s.takePokes()
 			continue
 		}
+		if c.drain == drainReading {
+			// A drain serves what already waits in the socket: read without waiting for more.
+			s.client.SetReadDeadline(time.Now().Add(drainReadWait))
+		}
 		n, err := b.readFrom(s.client)
 		if n > 0 {
 			s.bytesIn.Add(int64(n))
@@ -70,6 +74,9 @@ func (s *session) clientLoop() error {
 		switch {
 		case err == nil:
 		case isDeadline(err):
+			if c.drain == drainReading && n == 0 && s.pokes.Load() == 0 {
+				c.drain = drainDone // nothing more was waiting
+			}
 			s.client.SetReadDeadline(time.Time{})
 			s.takePokes()
 		case errors.Is(err, io.EOF):
@@ -79,6 +86,19 @@ func (s *session) clientLoop() error {
 		}
 	}
 }
+
+// drainState is where a session is in a drain.
+type drainState uint8
+
+const (
+	drainNone    drainState = iota
+	drainReading            // asked to drain: reading only what already waits in the socket
+	drainDone               // reading nothing more: close at the next safe point
+)
+
+// drainReadWait is how long a drain's read waits for input: long enough for bytes already on their way
+// through the kernel, short enough not to take new commands.
+const drainReadWait = time.Millisecond
 
 // forever is a wait bounded only by the session's close.
 const forever = 1 << 62
@@ -115,7 +135,9 @@ func (s *session) takePokes() {
 	w.auth = w.auth || p&pokeReauth != 0
 	w.ping = w.ping || p&pokePing != 0
 	w.deadline = w.deadline || p&pokeDeadline != 0
-	s.cl.draining = s.cl.draining || p&pokeDrain != 0
+	if p&pokeDrain != 0 && s.cl.drain == drainNone {
+		s.cl.drain = drainReading
+	}
 }
 
 // handleCommands handles every complete command in b, and streams a command too large to buffer. Behind
@@ -149,7 +171,7 @@ func (s *session) handleCommands(b *readBuf) error {
 			s.handleCommand(cmd, now)
 		}
 	}
-	if b.full() && !c.stream.active && !c.hold.holding() && !c.quit && !c.draining {
+	if b.full() && !c.stream.active && !c.hold.holding() && !c.quit && c.drain != drainDone {
 		if _, ok := resp.CommandName(b.buf[b.r:b.w]); ok && b.buf[b.r] == '*' {
 			// A multibulk command larger than the buffer: forward it as it arrives.
 			if err := s.startStream(b); err != nil {

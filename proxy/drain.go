@@ -19,6 +19,7 @@ package proxy
 //     it, which Shutdown counts.
 //
 // The poke reaches the client loop at its next read (a session still connecting finds the bit set when its
-// loop starts); from then on it reads nothing, sends what it had read, and waits for the ledger's safe point
-// with no bound of its own.
+// loop starts). It then reads only what already waits in the socket (reads that wait at most drainReadWait),
+// sends it, and waits for the ledger's safe point with no bound of its own; the close is a FIN after the last
+// reply (closeWriteAndWait).
 func (s *session) drain() { s.poke(pokeDrain) }

@@ -79,22 +79,22 @@ type session struct {
 
 // clientSide is the client loop's state: what the commands it sent did to the connection.
 type clientSide struct {
-	up       net.Conn  // the upstream it writes to; replaced by a handover
-	secret   string    // the token last sent on up
-	writeBy  time.Time // up's write deadline in force
-	dirty    bool      // the client changed the connection state (see dirties): not for the pool
-	authed   bool      // the client gave LOCAL_PASSWORD, or none is set
-	quit     bool      // the client sent QUIT: nothing after it is read
-	subSent  bool      // a command that may change RESP2 subscribed mode was sent since it was last known
-	draining bool      // the server shuts down: close at the next safe point
-	tx       transaction
-	mode     replyMode
-	hold     holdBack
-	stream   stream
-	want     struct{ auth, ping, deadline bool } // work due at the next safe point
-	out      []byte                              // commands to write upstream
-	entries  []entry                             // their expected replies, pushed before the write
-	parser   resp.CommandParser
+	up      net.Conn   // the upstream it writes to; replaced by a handover
+	secret  string     // the token last sent on up
+	writeBy time.Time  // up's write deadline in force
+	dirty   bool       // the client changed the connection state (see dirties): not for the pool
+	authed  bool       // the client gave LOCAL_PASSWORD, or none is set
+	quit    bool       // the client sent QUIT: nothing after it is read
+	subSent bool       // a command that may change RESP2 subscribed mode was sent since it was last known
+	drain   drainState // the server shuts down: close at the next safe point
+	tx      transaction
+	mode    replyMode
+	hold    holdBack
+	stream  stream
+	want    struct{ auth, ping, deadline bool } // work due at the next safe point
+	out     []byte                              // commands to write upstream
+	entries []entry                             // their expected replies, pushed before the write
+	parser  resp.CommandParser
 }
 
 // stream is a command too large to buffer, forwarded as it arrives.
