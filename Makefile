@@ -5,7 +5,7 @@ FUZZTIME ?= 1m
 BENCH_ROUNDS ?= 3
 export FUZZTIME BENCH_ROUNDS
 
-.PHONY: help test demo bench bench-go fuzz soak build clean
+.PHONY: help test demo bench bench-go fuzz soak stress build clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -29,8 +29,11 @@ SOAK ?= 10m
 soak: ## soak test: mixed clients through rotations every 3s with a flaky identity endpoint, for SOAK (default 10m)
 	PROXY_SOAK=$(SOAK) go test -race -count=1 -timeout 30m -run '^TestSoak$$' -v ./proxy/
 
+stress: ## the proxy package's tests STRESS_RUNS times (default 20) with -race while two busy loops load the machine
+	scripts/stress.sh
+
 build: ## build a static bin/entra-redis-proxy, like the Dockerfile (VERSION defaults to git describe)
 	CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o bin/entra-redis-proxy ./cmd/entra-redis-proxy
 
-clean: ## remove build and benchmark outputs (bin/, .bench/)
-	rm -rf bin .bench
+clean: ## remove build, benchmark and stress outputs (bin/, .bench/, .stress/)
+	rm -rf bin .bench .stress
