@@ -138,7 +138,7 @@ func (s *session) lost(err error) error {
 	tok, _ := s.srv.opts.Tokens.Current()
 	s.log.Warn("upstream connection lost; closing the client connection", "err", err,
 		"upstream_client_id", s.upID.Load(), "replies_outstanding", s.led.len(),
-		"on_current_token", s.cl.secret == tok.Secret)
+		"current_token_expires_on", tok.ExpiresOn.UTC().Format(time.RFC3339))
 	return err
 }
 
