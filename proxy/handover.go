@@ -9,6 +9,7 @@ import (
 	"net"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/entra-redis-proxy/entra-redis-proxy/resp"
@@ -32,14 +33,15 @@ import (
 
 // cutover is a handover in progress, shared by the client loop (which sets it up) and the reply loop.
 type cutover struct {
-	marker     string        // the private channel: unique per handover
-	subscribed chan struct{} // closed by the reply loop: O confirmed the marker subscription
-	ready      chan struct{} // closed by the client loop: conn and buf are set (or failed is)
-	done       chan struct{} // closed by the reply loop: it reads N now (or dropped the handover)
-	conn       net.Conn
-	buf        *readBuf
-	failed     bool // the client loop gave up; the reply loop drops the marker and stays on O
-	switched   bool // set by the reply loop before done
+	marker         string        // the private channel: unique per handover
+	subscribed     chan struct{} // closed by the reply loop: O confirmed the marker subscription
+	subscribedOnce sync.Once
+	ready          chan struct{} // closed by the client loop: conn and buf are set (or failed is)
+	done           chan struct{} // closed by the reply loop: it reads N now (or dropped the handover)
+	conn           net.Conn
+	buf            *readBuf
+	failed         bool // the client loop gave up; the reply loop drops the marker and stays on O
+	switched       bool // set by the reply loop before done
 }
 
 const handoverTimeout = 10 * time.Second
@@ -133,25 +135,39 @@ func (s *session) handover(tok Token) error {
 	return nil
 }
 
-// watchMarker starts watching for the marker of a handover in progress, if there is one.
+// watchMarker reports whether a handover's marker is being watched for, starting to watch for the one in
+// progress if need be. The watch of an earlier handover, if one was left (its last confirmation not seen),
+// gives way to the current one, except while N is still skipping up to its copy of the earlier marker.
 func (s *session) watchMarker() bool {
-	if cut := s.cut.Load(); cut != nil {
-		s.rl.marker.cut = cut
-		return true
+	m := &s.rl.marker
+	if cut := s.cut.Load(); cut != nil && m.cut != cut && (m.cut == nil || !m.skipping) {
+		*m = markerState{cut: cut}
 	}
-	return false
+	return m.active()
 }
 
-// markerConfirmed handles the confirmation of the proxy's own marker (un)subscription.
+// markerConfirmed handles the confirmation of the proxy's own marker (un)subscription, matched to its
+// handover by the channel's name: a late confirmation of a handover already given up changes nothing.
 func (s *session) markerConfirmed(h *resp.Head) {
-	if len(h.Elems) == 1 && equalFold(h.Elems[0], "subscribe") {
-		if s.rl.marker.cut != nil || s.watchMarker() {
-			close(s.rl.marker.cut.subscribed)
+	if len(h.Elems) < 2 {
+		s.rl.marker = markerState{} // refused: no marker is subscribed
+		return
+	}
+	channel := string(h.Elems[1])
+	if equalFold(h.Elems[0], "subscribe") {
+		if cut := s.cut.Load(); cut != nil && cut.marker == channel {
+			s.rl.marker = markerState{cut: cut}
+			cut.confirmed()
 		}
 		return
 	}
-	s.rl.marker = markerState{} // the marker is unsubscribed: no copy of it can follow
+	if m := s.rl.marker.cut; m == nil || m.marker == channel {
+		s.rl.marker = markerState{} // the marker is unsubscribed: no copy of it can follow
+	}
 }
+
+// confirmed records that O confirmed the marker subscription (once, whatever arrives).
+func (c *cutover) confirmed() { c.subscribedOnce.Do(func() { close(c.subscribed) }) }
 
 // handoverMessage classifies a message while a handover's marker is subscribed: the marker's copies are
 // hidden, the one sent to the marker channel by name is the cut point, and on the new connection everything

@@ -96,4 +96,32 @@ func TestHandoverMarkerCutover(t *testing.T) {
 			t.Fatal("a message after a given-up handover was hidden")
 		}
 	})
+
+	t.Run("a second handover after one whose watch was left", func(t *testing.T) {
+		s := newSession()
+		old := &cutover{marker: "M1", subscribed: make(chan struct{}), ready: make(chan struct{}), done: make(chan struct{})}
+		old.confirmed()
+		s.rl.marker = markerState{cut: old} // its last confirmation never seen
+		n, other := net.Pipe()
+		defer n.Close()
+		defer other.Close()
+		cut := &cutover{marker: "M2", subscribed: make(chan struct{}), ready: make(chan struct{}),
+			done: make(chan struct{}), conn: n, buf: &readBuf{}}
+		s.cut.Store(cut)
+		s.led.push([]entry{{act: actMarker}, {act: actMarker}})
+		pass(t, s, resp.AppendCommand(nil, "subscribe", "M1")) // a late duplicate of the old one: ignored
+		pass(t, s, resp.AppendCommand(nil, "subscribe", "M2"))
+		select {
+		case <-cut.subscribed:
+		default:
+			t.Fatal("the current handover's confirmation was not recorded")
+		}
+		close(cut.ready)
+		if fwd, _ := pass(t, s, msg("a", "1")); !fwd {
+			t.Fatal("a message before the new marker was hidden")
+		}
+		if fwd, next := pass(t, s, msg("M2", "cut")); fwd || next == nil {
+			t.Fatalf("the new marker: passed %v, switched %v", fwd, next != nil)
+		}
+	})
 }

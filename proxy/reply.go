@@ -243,7 +243,7 @@ func (s *session) classify(p []byte, h *resp.Head) (bool, error) {
 			f.fwd = false
 		}
 	case actMarker:
-		if ok, err := resp.PeekHead(p, 1, h); !ok || err != nil {
+		if ok, err := resp.PeekHead(p, 2, h); !ok || err != nil {
 			return ok, err
 		}
 		f.fwd = false
@@ -287,7 +287,7 @@ func (s *session) classifyMessage(p []byte, h *resp.Head) (ok, handled bool, err
 	if len(h.Elems) != 1 || !oneOf(h.Elems[0], pubsubMessages) {
 		return true, false, nil
 	}
-	if s.rl.marker.active() || s.watchMarker() {
+	if s.watchMarker() {
 		ok, err := s.handoverMessage(p, h)
 		return ok, true, err
 	}
