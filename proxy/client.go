@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"strconv"
+	"syscall"
 	"time"
 
 	"github.com/entra-redis-proxy/entra-redis-proxy/resp"
@@ -63,8 +65,15 @@ func (s *session) clientLoop() error {
 			continue
 		}
 		if c.drain == drainReading {
-			// A drain serves what already waits in the socket: read without waiting for more.
-			s.client.SetReadDeadline(time.Now().Add(drainReadWait))
+			// A drain serves what already waits in the socket, and reads nothing after it.
+			s.client.SetReadDeadline(time.Time{}) // (a deadline in force would fail the peek)
+			switch waiting, ok := inputWaiting(s.client); {
+			case ok && !waiting:
+				c.drain = drainDone
+				continue
+			case !ok: // no socket to look at (tests over net.Pipe): a read that barely waits
+				s.client.SetReadDeadline(time.Now().Add(drainReadWait))
+			}
 		}
 		n, err := b.readFrom(s.client)
 		if n > 0 {
@@ -96,9 +105,18 @@ const (
 	drainDone               // reading nothing more: close at the next safe point
 )
 
-// drainReadWait is how long a drain's read waits for input: long enough for bytes already on their way
-// through the kernel, short enough not to take new commands.
+// drainReadWait is how long a drain's read waits for input where the socket can't be looked at.
 const drainReadWait = time.Millisecond
+
+// inputWaiting reports whether the client sent bytes (or closed its side) that are not read yet, so that a
+// read returns at once; ok is false when the connection has no socket to look at. A read with a deadline
+// can't tell: a deadline that passed before the read started never reaches the socket.
+func inputWaiting(c net.Conn) (waiting, ok bool) {
+	if _, ok := c.(syscall.Conn); !ok {
+		return false, false
+	}
+	return peekSocket(c) != nil, true // bytes, EOF or an error: each a read reports at once
+}
 
 // forever is a wait bounded only by the session's close.
 const forever = 1 << 62

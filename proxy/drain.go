@@ -19,7 +19,7 @@ package proxy
 //     it, which Shutdown counts.
 //
 // The poke reaches the client loop at its next read (a session still connecting finds the bit set when its
-// loop starts). It then reads only what already waits in the socket (reads that wait at most drainReadWait),
+// loop starts). It then reads only what already waits in the socket (it peeks at the socket to know),
 // sends it, and waits for the ledger's safe point with no bound of its own; the close is a FIN after the last
 // reply (closeWriteAndWait).
 func (s *session) drain() { s.poke(pokeDrain) }
