@@ -125,20 +125,29 @@ func predict(t *testing.T, in []byte) ([]byte, bool) {
 	}
 }
 
-// exchange writes in on a new connection and returns what comes back: until the server closes the
-// connection when closing is expected, else want bytes and then nothing for a short quiet period.
-func exchange(t *testing.T, sock string, in []byte, want int, wantClosed bool) ([]byte, bool) {
+// sendTo opens a connection to redis-server, with a 10 s deadline for everything on it, and writes in.
+func sendTo(t *testing.T, sock string, in []byte) net.Conn {
+	t.Helper()
 	c, err := net.Dial("unix", sock)
 	if err != nil {
 		t.Fatalf("dial redis-server: %v", err)
 	}
-	defer c.Close()
 	if err := c.SetDeadline(time.Now().Add(10 * time.Second)); err != nil {
+		c.Close()
 		t.Fatal(err)
 	}
 	if _, err := c.Write(in); err != nil {
+		c.Close()
 		t.Fatalf("write: %v", err)
 	}
+	return c
+}
+
+// exchange writes in on a new connection and returns what comes back: until the server closes the
+// connection when closing is expected, else want bytes and then nothing for a short quiet period.
+func exchange(t *testing.T, sock string, in []byte, want int, wantClosed bool) ([]byte, bool) {
+	c := sendTo(t, sock, in)
+	defer c.Close()
 	var out []byte
 	buf := make([]byte, 4096)
 	quiet := false
@@ -288,17 +297,8 @@ func luaMixedReply(depth int, resp3 bool) []byte {
 // where each frame ended.
 func redisFrames(t *testing.T, sock string, in []byte, frames int) ([]byte, []int) {
 	t.Helper()
-	c, err := net.Dial("unix", sock)
-	if err != nil {
-		t.Fatalf("dial redis-server: %v", err)
-	}
+	c := sendTo(t, sock, in)
 	defer c.Close()
-	if err := c.SetDeadline(time.Now().Add(10 * time.Second)); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Write(in); err != nil {
-		t.Fatalf("write: %v", err)
-	}
 	var s Scanner
 	var data []byte
 	var ends []int
