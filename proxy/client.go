@@ -246,7 +246,7 @@ func init() {
 		spQuit: (*session).onQuit, spMulti: (*session).onMulti, spExec: (*session).onExec,
 		spDiscard: (*session).onExec, spClient: (*session).onClient, spSub: (*session).onSubscribe,
 		spUnsub: (*session).onSubscribe, spMonitor: (*session).onMonitor, spBlock: (*session).onBlocking,
-		spWatch: (*session).onWatch, spUnwatch: (*session).onUnwatch,
+		spWatch: (*session).onWatch, spUnwatch: (*session).onUnwatch, spSelect: (*session).onSelect,
 	}
 }
 
@@ -256,6 +256,8 @@ func (s *session) handleCommand(cmd resp.Command, now int64) {
 	info := lookup(cmd.Args[0])
 	c.dirty = c.dirty || dirties(info, cmd.Args)
 	e := entry{act: actForward, cmd: info.idx, start: now}
+	// Inside MULTI a (un)subscribe gets one reply, +QUEUED; after a refused MULTI, one per channel.
+	s.syncTx(info.sp == spSub || info.sp == spUnsub)
 	switch {
 	case c.tx.state == txAborted && info.sp != spReset && info.sp != spQuit:
 		s.abortedTx(info, e)
@@ -317,31 +319,66 @@ func (s *session) onHello(cmd resp.Command, e entry) {
 	}
 	c := &s.cl
 	c.subSent = true // the protocol decides whether subscriptions refuse AUTH
+	name, named := helloName(args)
 	if c.tx.open() {
-		// Queued: it runs (or not) at EXEC, whose reply the proxy does not take apart; EXEC asks after.
-		c.tx.helloQueued = true
+		// Queued: EXEC's reply says whether it ran.
+		c.tx.queueSetting(setting{db: -1, proto: helloProto(args), name: name, named: named})
 		c.out = appendHello(c.out, args)
 		s.expect(e)
 		return
 	}
 	e.act, e.arg = actHello, int32(helloProto(args))
+	if named {
+		e.sets = []setting{{db: -1, name: name, named: true}}
+	}
+	s.sendSeen(appendHello(nil, args), e)
+}
+
+// sendSeen sends a command whose reply the proxy must see, because it changes state the proxy tracks (the
+// protocol, the database, the name). Under CLIENT REPLY OFF or SKIP that reply would not come: replies are
+// turned on around the command, its reply is hidden, and the mode is put back (a SKIP is spent on it).
+func (s *session) sendSeen(cmd []byte, e entry) {
+	c := &s.cl
 	if c.mode == replyOn || s.knowSubscribed() {
-		c.out = appendHello(c.out, args)
+		c.out = append(c.out, cmd...)
 		s.expect(e)
 		return
 	}
-	// Replies are off or skipped, so HELLO's reply, which tells the proxy the protocol, would not come:
-	// turn them on around it, hide the reply, and put the mode back (a SKIP is spent on HELLO).
 	was := c.mode
 	c.out = resp.AppendCommand(c.out, "CLIENT", "REPLY", "ON")
 	c.entries = append(c.entries, entry{act: actDrop, cmd: cmdOther, start: e.start})
-	c.out = appendHello(c.out, args)
+	c.out = append(c.out, cmd...)
 	e.quiet = true
 	c.entries = append(c.entries, e)
 	c.mode = replyOn
 	if was == replyOff {
 		c.out = resp.AppendCommand(c.out, "CLIENT", "REPLY", "OFF")
 		c.mode = replyOff
+	}
+}
+
+// onSelect forwards SELECT; its reply says whether the database changed, which a handover carries.
+func (s *session) onSelect(cmd resp.Command, e entry) {
+	set := noSetting
+	if len(cmd.Args) == 2 {
+		if db, err := strconv.Atoi(string(cmd.Args[1])); err == nil && db >= 0 {
+			set.db = db // applied only if the server accepts it, so Atoi's leniency does not matter
+		}
+	}
+	s.sendSetting(cmd, e, set)
+}
+
+// sendSetting forwards a command that changes set, if the server accepts it.
+func (s *session) sendSetting(cmd resp.Command, e entry, set setting) {
+	switch {
+	case set == noSetting:
+		s.forward(cmd, e)
+	case s.cl.tx.open():
+		s.cl.tx.queueSetting(set)
+		s.forward(cmd, e)
+	default:
+		e.sets = []setting{set}
+		s.sendSeen(cmd.Raw, e)
 	}
 }
 
@@ -386,27 +423,44 @@ func (s *session) onQuit(_ resp.Command, e entry) {
 	s.cl.quit = true
 }
 
+// onMulti opens a transaction, as far as the client loop can tell before the server answers (see syncTx).
 func (s *session) onMulti(cmd resp.Command, e entry) {
-	if len(cmd.Args) == 1 {
-		s.cl.tx.multi()
+	if tx := &s.cl.tx; len(cmd.Args) == 1 && tx.state == txNone {
+		tx.multi()
+		e.act, e.arg = actMulti, int32(tx.gen)
 	}
 	s.forward(cmd, e)
+}
+
+// syncTx makes the open transaction follow the server's answer to its MULTI, which may have refused it
+// (NOPERM under a data access policy, RESP2 subscribed mode). With wait, when the answer has not come, it
+// first waits for every reply (a round trip, for decisions that must not guess: a rescue, a subscription).
+// Under CLIENT REPLY OFF the answer never comes and the transaction is taken as open.
+// It flushes: call it before a command is added to what goes upstream.
+func (s *session) syncTx(wait bool) {
+	tx := &s.cl.tx
+	if !tx.open() || tx.answered {
+		return
+	}
+	v := s.multiAns.Load()
+	if uint32(v>>1) != tx.gen && wait && s.flush() == nil {
+		s.led.waitIdle(forever)
+		v = s.multiAns.Load()
+	}
+	tx.answer(uint32(v>>1), v&1 == 1)
 }
 
 // onExec handles EXEC and DISCARD, which end an open transaction (without one they are errors that leave
 // the watches in place).
 func (s *session) onExec(cmd resp.Command, e entry) {
 	c := &s.cl
-	probe := c.tx.open() && c.tx.helloQueued && lookup(cmd.Args[0]).sp == spExec
 	if c.tx.open() {
+		if lookup(cmd.Args[0]).sp == spExec && len(c.tx.settings) > 0 {
+			e.act, e.sets = actExec, c.tx.settings // end drops the slice: it is the entry's now
+		}
 		c.tx.end()
 	}
 	s.forward(cmd, e)
-	if probe && c.mode == replyOn {
-		// A HELLO ran inside the transaction, or failed: a bare HELLO, hidden, tells the protocol now.
-		c.out = resp.AppendCommand(c.out, "HELLO")
-		c.entries = append(c.entries, entry{act: actHello, arg: -1, cmd: cmdOther, start: e.start, quiet: true})
-	}
 }
 
 func (s *session) onWatch(cmd resp.Command, e entry) {
@@ -419,10 +473,15 @@ func (s *session) onUnwatch(cmd resp.Command, e entry) {
 	s.forward(cmd, e)
 }
 
-// onClient tracks CLIENT REPLY, which decides which commands get replies.
+// onClient tracks CLIENT REPLY, which decides which commands get replies, and CLIENT SETNAME, which a
+// handover carries.
 func (s *session) onClient(cmd resp.Command, e entry) {
 	c := &s.cl
 	args := cmd.Args
+	if len(args) == 3 && equalFold(args[1], "setname") {
+		s.sendSetting(cmd, e, setting{db: -1, name: string(args[2]), named: true})
+		return
+	}
 	if len(args) != 3 || !equalFold(args[1], "reply") || c.tx.open() || s.knowSubscribed() {
 		s.forward(cmd, e) // (in RESP2 subscribed mode it is refused: an error, and no change)
 		return
@@ -623,6 +682,22 @@ func helloAuthAt(args [][]byte) int {
 		}
 	}
 	return -1
+}
+
+// helloName returns the name HELLO's SETNAME option gives, if it has one.
+func helloName(args [][]byte) (name string, named bool) {
+	for i := 2; i < len(args); i++ {
+		switch {
+		case equalFold(args[i], "auth") && i+2 < len(args):
+			i += 2
+		case equalFold(args[i], "setname") && i+1 < len(args):
+			i++
+			name, named = string(args[i]), true // the last one counts, as in redis
+		default:
+			return "", false // an error: nothing changes
+		}
+	}
+	return name, named
 }
 
 // helloProto returns the protocol HELLO asks for, or 0 when it keeps the current one (or errs).

@@ -36,7 +36,8 @@ const (
 	spBlock   // a command that may block: BLPOP, XREAD BLOCK, WAIT... (timeout at blockArg)
 	spWatch   // WATCH
 	spUnwatch // UNWATCH
-	spState   // other commands that change the connection's state: SELECT, READONLY...
+	spSelect  // SELECT: the database, which a handover carries
+	spState   // other commands that change the connection's state: READONLY, ASKING...
 	spCount   // the number of kinds
 )
 
@@ -79,7 +80,7 @@ var commandTable = func() map[string]cmdInfo {
 		"blmpop": {sp: spBlock, blockArg: 1}, "bzmpop": {sp: spBlock, blockArg: 1},
 		"xread": {sp: spBlock, blockMS: true}, "xreadgroup": {sp: spBlock, blockMS: true},
 		"wait":   {sp: spBlock, blockArg: -1, blockMS: true},
-		"select": {sp: spState}, "readonly": {sp: spState}, "readwrite": {sp: spState},
+		"select": {sp: spSelect}, "readonly": {sp: spState}, "readwrite": {sp: spState},
 		"asking": {sp: spState}, "swapdb": {sp: spState},
 	}
 	t := make(map[string]cmdInfo, len(CommandNames)+len(sp))

@@ -181,3 +181,21 @@ func TestShutdownDrainsAtSafePoints(t *testing.T) {
 		t.Fatalf("Shutdown cut %d connections, want 0", cut)
 	}
 }
+
+// A RESP2 subscriber handed over to a new upstream keeps its database and client name, however they were
+// set (plain, queued in MULTI, under CLIENT REPLY OFF): once it unsubscribes, its commands run where they
+// would have run without the proxy. Found by the differential test (seed 1): SELECT inside MULTI, then a
+// handover, then a GET from database 0.
+func TestHandoverCarriesDatabaseAndName(t *testing.T) {
+	f := newFixture(t, fixtureOpts{lifetime: 3 * time.Second})
+	r := f.raw(t)
+	r.send("SELECT 2", "MULTI", "SELECT 1", "SELECT 99", "CLIENT SETNAME alpha", "EXEC", "SET hk one")
+	r.expect("+OK\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n+QUEUED\r\n*3\r\n+OK\r\n-ERR DB index is out of range\r\n+OK\r\n+OK\r\n")
+	r.send("CLIENT REPLY OFF", "SELECT 3", "SET hk three", "CLIENT REPLY ON")
+	r.expect("+OK\r\n")
+	r.send("SUBSCRIBE ch")
+	r.expect("*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n")
+	f.rotations(t, 2) // the old connections are gone: handed over
+	r.send("UNSUBSCRIBE", "GET hk", "CLIENT GETNAME", "SELECT 1", "GET hk")
+	r.expect("*3\r\n$11\r\nunsubscribe\r\n$2\r\nch\r\n:0\r\n" + bulk("three") + bulk("alpha") + "+OK\r\n" + bulk("one"))
+}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -239,6 +240,14 @@ func (s *session) dialSubscriber(ctx context.Context, tok Token, subs [3][]strin
 		n.Close()
 		return nil, 0, nil, err
 	}
+	fail := func(err error) (net.Conn, int64, *readBuf, error) {
+		n.Close()
+		return nil, 0, nil, fmt.Errorf("new upstream: %w", err)
+	}
+	// What else the client set on O: once it unsubscribes, its commands run on N.
+	if err := carryOver(ctx, c, &s.carry); err != nil {
+		return fail(err)
+	}
 	cmd := resp.AppendCommand(nil, append([]string{"SUBSCRIBE", cut.marker}, subs[famChannel]...)...)
 	want := 1 + len(subs[famChannel])
 	for f, name := range map[family]string{famPattern: "PSUBSCRIBE", famShard: "SSUBSCRIBE"} {
@@ -246,10 +255,6 @@ func (s *session) dialSubscriber(ctx context.Context, tok Token, subs [3][]strin
 			cmd = resp.AppendCommand(cmd, append([]string{name}, subs[f]...)...)
 			want += len(subs[f])
 		}
-	}
-	fail := func(err error) (net.Conn, int64, *readBuf, error) {
-		n.Close()
-		return nil, 0, nil, fmt.Errorf("new upstream: %w", err)
 	}
 	if err := c.send(ctx, cmd); err != nil {
 		return fail(err)
@@ -274,6 +279,32 @@ func (s *session) dialSubscriber(ctx context.Context, tok Token, subs [3][]strin
 		buf.w = len(buf.buf)
 	}
 	return n, id, buf, nil
+}
+
+// carryOver gives the connection c the database and the client name that carry records.
+func carryOver(ctx context.Context, c *ctrlConn, carry *carried) error {
+	db, name := carry.get()
+	var cmds []byte
+	n := 0
+	if db != 0 {
+		cmds, n = resp.AppendCommand(cmds, "SELECT", strconv.Itoa(db)), n+1
+	}
+	if name != "" {
+		cmds, n = resp.AppendCommand(cmds, "CLIENT", "SETNAME", name), n+1
+	}
+	if n == 0 {
+		return nil
+	}
+	rs, err := c.pipeline(ctx, cmds, n)
+	if err != nil {
+		return err
+	}
+	for _, r := range rs {
+		if err := r.expect('+'); err != nil {
+			return fmt.Errorf("carry the database and name over: %w", err)
+		}
+	}
+	return nil
 }
 
 // publish sends PUBLISH channel msg from a short-lived connection.

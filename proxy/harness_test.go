@@ -41,6 +41,7 @@ type fixtureOpts struct {
 	upstream   string        // dial this address instead of the fake's
 	reqTimeout time.Duration // tokensource.Options.RequestTimeout; default 30s
 	proxyOpt   func(*proxy.Options)
+	userRules  []string // azurefake.Options.UserRules: a data access policy
 }
 
 // testLogger prints the proxy's warnings (everything with PROXY_TEST_DEBUG set), and fails the test if the
@@ -97,7 +98,7 @@ func newFixture(t testing.TB, o fixtureOpts) *fixture {
 		// cache (which keeps tokens valid for 5 minutes or more) never hands one Env's token to another.
 		o.lifetime = 2 * time.Minute
 	}
-	env := azurefake.StartT(t, azurefake.Options{TokenLifetime: o.lifetime})
+	env := azurefake.StartT(t, azurefake.Options{TokenLifetime: o.lifetime, UserRules: o.userRules})
 	return newProxyFor(t, env, o)
 }
 

@@ -11,6 +11,7 @@ func (s *session) inject() error {
 	if c.mode == replySkip || c.stream.active {
 		return nil
 	}
+	s.syncTx(false)
 	if c.want.deadline {
 		c.want.deadline = false
 		if err := s.rescue(); err != nil {
@@ -45,6 +46,7 @@ func (s *session) rescue() error {
 	if tok.Secret == "" || tok.Secret == s.cl.secret {
 		return nil
 	}
+	s.syncTx(true) // never replay a transaction the server refused
 	switch {
 	case s.cl.tx.open():
 		s.rescueMulti(tok)

@@ -21,6 +21,8 @@ const (
 	actMarker                  // the handover marker's (un)subscription: consume the confirmation
 	actExecNull                // EXEC of a transaction a rescue aborted, sent as a PING: answer null
 	actQuit                    // the client's QUIT, sent as a PING: answer +OK, then end the session
+	actExec                    // EXEC of a transaction with settings queued: pass the reply, which says which ran
+	actMulti                   // MULTI number arg: pass the reply, and tell the client loop whether it was accepted
 )
 
 // entry is one expected reply (or group of pub/sub confirmations), queued before its command is written.
@@ -28,11 +30,14 @@ type entry struct {
 	act   action
 	fam   family   // pub/sub family, for actSubscribe
 	cmd   uint8    // index into CommandNames, or cmdOther
-	arg   int32    // actHello: protocol; actSubscribe: confirmations expected
+	arg   int32    // actHello: protocol; actSubscribe: confirmations expected; actMulti: its number
 	start int64    // when the command was read, for latency: nanoseconds since the server's epoch
 	text  string   // actReplace: the reply to send; actFail: the error line
 	blk   *blocked // a blocking command, for a re-issue after an unblock
 	quiet bool     // the reply is the proxy's to read (e.g. HELLO under CLIENT REPLY OFF): not passed on
+	// sets: what the command changes in the state a handover carries, applied if its reply is not an
+	// error; for actExec, the transaction's settings, each applied by its element of the reply.
+	sets []setting
 }
 
 // ledger is what a session's upstream still owes: one entry per command written, oldest first. The client

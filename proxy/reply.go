@@ -56,6 +56,18 @@ func (s *session) replyLoop(up net.Conn) error {
 				}
 				inFrame = true
 				sc.Reset()
+				if n := s.rl.frame.headLen; n > 0 {
+					// An EXEC reply taken apart: its header line, then its elements one by one.
+					if s.rl.frame.fwd {
+						s.emit(b.buf[b.r : b.r+n])
+					}
+					b.r += n
+					s.rl.frame.headLen = 0
+					continue
+				}
+			}
+			if s.rl.frame.elems > 0 && !sc.InFrame() {
+				s.execElement(b.buf[b.r])
 			}
 			k, done, err := sc.Scan(b.buf[b.r:b.w])
 			if err != nil {
@@ -68,6 +80,11 @@ func (s *session) replyLoop(up net.Conn) error {
 			b.r += k
 			if !done {
 				continue
+			}
+			if f := &s.rl.frame; f.elems > 0 {
+				if f.elems, f.at = f.elems-1, f.at+1; f.elems > 0 {
+					continue
+				}
 			}
 			inFrame = false
 			s.frameDone()
@@ -210,6 +227,9 @@ func (s *session) classify(p []byte, h *resp.Head) (bool, error) {
 		return true, nil
 	}
 	f.e, f.reply, f.last = e, true, true
+	if len(e.sets) > 0 && e.act != actExec && p[0] != '-' {
+		s.applySetting(e.sets[0]) // (again if classify is called again for this frame: no matter)
+	}
 	if e.blk != nil {
 		return s.blockedReply(p, e)
 	}
@@ -248,6 +268,20 @@ func (s *session) classify(p []byte, h *resp.Head) (bool, error) {
 		}
 		f.fwd = false
 		s.markerConfirmed(h)
+	case actMulti:
+		accepted := uint64(0)
+		if p[0] != '-' {
+			accepted = 1
+		}
+		s.multiAns.Store(uint64(uint32(e.arg))<<1 | accepted)
+	case actExec:
+		if ok, err := resp.PeekHead(p, 0, h); !ok || err != nil {
+			return ok, err
+		}
+		if h.Type == '*' && h.Len > 0 && h.AttrLen == 0 {
+			// The transaction ran: its elements say which of its settings took.
+			f.elems, f.headLen = h.Len, bytes.IndexByte(p, '\n')+1
+		}
 	case actHello, actMonitor, actReset:
 		elems := 0
 		if e.arg < 0 {
@@ -413,8 +447,32 @@ func (s *session) stateReply(h *resp.Head, e entry) {
 		if h.Type == '+' {
 			s.rl.proto, s.rl.monitor = 2, false
 			s.subs.reset()
+			s.carry.reset()
 			s.updateSubscribed()
 		}
+	}
+}
+
+// execElement looks at the first byte of element f.at of a transaction's reply: unless it is an error, the
+// settings queued at that place took.
+func (s *session) execElement(typ byte) {
+	f := &s.rl.frame
+	if typ == '-' {
+		return
+	}
+	for _, set := range f.e.sets {
+		if set.at == f.at {
+			s.applySetting(set)
+		}
+	}
+}
+
+// applySetting records a setting the server accepted.
+func (s *session) applySetting(set setting) {
+	s.carry.apply(set)
+	if set.proto > 0 {
+		s.rl.proto = set.proto
+		s.updateSubscribed()
 	}
 }
 

@@ -51,6 +51,7 @@ type session struct {
 	opened time.Time
 	led    *ledger
 	subs   subscriptions // written by the reply loop, read by a handover
+	carry  carried       // likewise
 
 	pokes    atomic.Uint32
 	wake     chan struct{} // a poke, for a client loop waiting without reading (holding back commands)
@@ -58,6 +59,7 @@ type session struct {
 	lastSent atomic.Int64  // when the client loop last wrote upstream (server clock)
 	upID     atomic.Int64  // the current upstream's CLIENT ID (0 when unknown), for logs
 	resp2Sub atomic.Bool   // RESP2 subscribed mode, where redis refuses AUTH (set by the reply loop)
+	multiAns atomic.Uint64 // the server's last answer to a MULTI: its number << 1 | accepted
 	bytesIn  atomic.Int64
 	bytesOut atomic.Int64
 
@@ -123,6 +125,10 @@ type frame struct {
 	fwd   bool // its bytes go to the client
 	reply bool // it answers the ledger's oldest entry (not a push, message or monitor line)
 	last  bool // ... and is the last frame of that answer: settle the entry when it ends
+	// A transaction's reply (actExec) is scanned element by element, to see which settings took:
+	headLen int   // its header line, still to pass
+	elems   int64 // its elements still to end
+	at      int   // the element being passed
 }
 
 // addConn registers an upstream connection to be closed with the session; false if it is closed already.

@@ -27,8 +27,11 @@ type transaction struct {
 	count    int    // how many commands queued holds
 	overflow bool   // queued exceeded maxTxBytes: a rescue must abort, not replay
 	nullExec bool   // txAborted with WATCH active: EXEC answers null (else EXECABORT)
-	// helloQueued: a HELLO is queued, so EXEC may change the protocol.
-	helloQueued bool
+	gen      uint32 // numbers the MULTIs that opened a transaction, to match the server's answers to them
+	answered bool   // the server accepted this MULTI (until then it might refuse it: NOPERM, subscribed mode)
+	// settings are the queued commands that change what a handover carries (SELECT, CLIENT SETNAME, HELLO):
+	// EXEC's reply says, element by element, which of them ran.
+	settings []setting
 }
 
 // open reports whether a MULTI is open upstream, so that an AUTH would be queued.
@@ -37,8 +40,24 @@ func (t *transaction) open() bool { return t.state == txOpen }
 // multi records a MULTI sent (a nested one is an error that changes nothing).
 func (t *transaction) multi() {
 	if t.state == txNone {
-		t.state, t.queued, t.count, t.overflow = txOpen, t.queued[:0], 0, false
+		t.state, t.queued, t.count, t.overflow, t.settings = txOpen, t.queued[:0], 0, false, nil
+		t.gen, t.answered = t.gen+1, false
 	}
+}
+
+// answer records the server's answer to MULTI number gen: a refusal means no transaction was opened, and
+// the commands sent since ran as they came (the watches stay).
+func (t *transaction) answer(gen uint32, accepted bool) {
+	if t.state != txOpen || t.answered || gen != t.gen {
+		return
+	}
+	if accepted {
+		t.answered = true
+		return
+	}
+	watching := t.watching
+	t.end()
+	t.watching = watching
 }
 
 // queue records a command sent inside MULTI. part is the whole command, or a piece of a streamed one; first
@@ -59,7 +78,7 @@ func (t *transaction) queue(part []byte, first bool) {
 
 // end records EXEC or DISCARD: the transaction and its watches end.
 func (t *transaction) end() {
-	t.state, t.watching, t.count, t.overflow, t.nullExec, t.helloQueued = txNone, false, 0, false, false, false
+	t.state, t.watching, t.count, t.overflow, t.nullExec, t.settings = txNone, false, 0, false, false, nil
 	if cap(t.queued) > 64<<10 {
 		t.queued = nil // a large transaction's buffer is not kept by an idle connection
 	}
@@ -78,7 +97,15 @@ func (t *transaction) canReplay() bool { return !t.watching && !t.overflow }
 // abort records that a rescue discarded the open transaction upstream.
 func (t *transaction) abort() {
 	t.state, t.nullExec = txAborted, t.watching
-	t.watching, t.queued, t.count = false, nil, 0
+	t.watching, t.queued, t.count, t.settings = false, nil, 0, nil
+}
+
+// queueSetting records that the command being queued (the next one queue counts) changes set.
+func (t *transaction) queueSetting(set setting) {
+	if t.state == txOpen {
+		set.at = t.count
+		t.settings = append(t.settings, set)
+	}
 }
 
 // replyMode is the client's CLIENT REPLY setting, as far as the commands sent so far set it.
@@ -182,4 +209,51 @@ func isConfirm(kind []byte, f family) (ok, subscribe bool) {
 		return true, false
 	}
 	return false, false
+}
+
+// setting is what one command changes in the state a handover carries (see carried), if the server
+// accepts it.
+type setting struct {
+	at    int    // queued in MULTI: the command's place in the transaction, so its element of EXEC's reply
+	db    int    // SELECT: the database; -1 when unchanged
+	name  string // CLIENT SETNAME, HELLO SETNAME: the name, when named
+	named bool
+	proto int // HELLO queued in MULTI: the protocol; 0 when unchanged
+}
+
+var noSetting = setting{db: -1}
+
+// carried is what a new upstream connection must be given to take a session over (a handover): the
+// selected database and the client name, as the server's replies set them. The reply loop writes; a
+// handover reads.
+type carried struct {
+	mu   sync.Mutex
+	db   int
+	name string
+}
+
+// apply records a setting the server accepted.
+func (c *carried) apply(set setting) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if set.db >= 0 {
+		c.db = set.db
+	}
+	if set.named {
+		c.name = set.name
+	}
+}
+
+// reset records RESET: database 0, no name.
+func (c *carried) reset() {
+	c.mu.Lock()
+	c.db, c.name = 0, ""
+	c.mu.Unlock()
+}
+
+// get returns the database and the client name ("" for none).
+func (c *carried) get() (db int, name string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.db, c.name
 }

@@ -1,6 +1,10 @@
 package proxy
 
 import (
+	"io"
+	"log/slog"
+	"net"
+	"strings"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -169,4 +173,115 @@ func TestLedgerCloseWakesWaiters(t *testing.T) {
 			t.Fatal("push after close succeeded")
 		}
 	})
+}
+
+// Settings queued in MULTI are recorded at their place in the transaction; RESET and apply follow redis.
+func TestSettings(t *testing.T) {
+	var tx transaction
+	tx.queueSetting(setting{db: 1}) // no MULTI: not recorded
+	tx.multi()
+	tx.queue([]byte("GET a\r\n"), true)
+	tx.queueSetting(setting{db: 2})
+	tx.queue([]byte("SELECT 2\r\n"), true)
+	if len(tx.settings) != 1 || tx.settings[0].at != 1 {
+		t.Fatalf("settings %+v", tx.settings)
+	}
+	tx.end()
+	if tx.settings != nil {
+		t.Fatal("settings kept after EXEC")
+	}
+
+	var c carried
+	c.apply(setting{db: 3, name: "n", named: true})
+	c.apply(setting{db: -1}) // changes nothing
+	if db, name := c.get(); db != 3 || name != "n" {
+		t.Fatalf("got %d %q", db, name)
+	}
+	c.apply(setting{db: -1, named: true}) // CLIENT SETNAME "" clears the name
+	if _, name := c.get(); name != "" {
+		t.Fatalf("name %q", name)
+	}
+	c.apply(setting{db: 4, name: "m", named: true})
+	c.reset()
+	if db, name := c.get(); db != 0 || name != "" {
+		t.Fatalf("after RESET: %d %q", db, name)
+	}
+
+	for _, tc := range []struct {
+		args  string
+		name  string
+		named bool
+	}{
+		{"HELLO", "", false},
+		{"HELLO 3", "", false},
+		{"HELLO 3 SETNAME a", "a", true},
+		{"HELLO 3 AUTH u p SETNAME a", "a", true},
+		{"HELLO 3 SETNAME a SETNAME b", "b", true}, // the last one counts
+		{"HELLO 3 SETNAME", "", false},             // an error
+		{"HELLO 3 BOGUS x SETNAME a", "", false},   // an error
+		{"HELLO 3 AUTH setname p", "", false},      // a username, not the option
+	} {
+		var args [][]byte
+		for _, a := range strings.Fields(tc.args) {
+			args = append(args, []byte(a))
+		}
+		if name, named := helloName(args); name != tc.name || named != tc.named {
+			t.Errorf("%s: %q %v, want %q %v", tc.args, name, named, tc.name, tc.named)
+		}
+	}
+}
+
+// A transaction's reply is passed byte for byte however it is split across reads, and each queued
+// setting takes effect only if its own element of the reply is not an error (an error nested inside an
+// element does not count).
+func TestExecReplySettings(t *testing.T) {
+	reply := "*4\r\n+OK\r\n*2\r\n-ERR inner\r\n$1\r\nx\r\n-ERR DB index is out of range\r\n+OK\r\n" + "+PONG\r\n"
+	sets := []setting{{at: 0, db: 1}, {at: 1, db: 5}, {at: 2, db: 99}, {at: 3, db: -1, name: "alpha", named: true}}
+	for cut := 1; cut < len(reply); cut++ {
+		srv := &Server{log: slog.New(slog.NewTextHandler(io.Discard, nil)), obs: NopObserver{}, epoch: time.Now(),
+			opts: Options{StallTimeout: time.Minute, WriteTimeout: time.Minute}}
+		client, app := net.Pipe()
+		up, fake := net.Pipe()
+		s := &session{srv: srv, log: srv.log, client: client}
+		s.init()
+		s.led.push([]entry{{act: actExec, cmd: cmdOther, sets: sets}, {act: actForward, cmd: cmdOther}})
+		loop := make(chan error, 1)
+		go func() { loop <- s.replyLoop(up) }()
+		go func() { fake.Write([]byte(reply[:cut])); fake.Write([]byte(reply[cut:])) }()
+		got := make([]byte, len(reply))
+		if _, err := io.ReadFull(app, got); err != nil || string(got) != reply {
+			t.Fatalf("cut %d: client got %q, %v", cut, got, err)
+		}
+		close(s.done) // the session is ending: the loop's end is no loss
+		fake.Close()
+		<-loop
+		if db, name := s.carry.get(); db != 5 || name != "alpha" {
+			t.Fatalf("cut %d: db %d, name %q; want 5, alpha", cut, db, name)
+		}
+		client.Close()
+		up.Close()
+	}
+}
+
+// A refused MULTI opens nothing: what was "queued" ran, the watches stay. An answer to an earlier MULTI, or
+// a second one, changes nothing.
+func TestTransactionAnswer(t *testing.T) {
+	var tx transaction
+	tx.watch()
+	tx.multi()
+	tx.queue([]byte("INCR c\r\n"), true)
+	tx.answer(tx.gen-1, false) // an earlier MULTI's
+	if !tx.open() {
+		t.Fatal("an earlier MULTI's refusal closed this one")
+	}
+	tx.answer(tx.gen, false)
+	if tx.open() || !tx.watching || tx.count != 0 || len(tx.queued) != 0 {
+		t.Fatalf("after a refusal: %+v", tx)
+	}
+	tx.multi()
+	tx.answer(tx.gen, true)
+	tx.answer(tx.gen, false) // not a second answer to the same MULTI
+	if !tx.open() || !tx.answered {
+		t.Fatalf("after acceptance: %+v", tx)
+	}
 }

@@ -43,6 +43,9 @@ type Options struct {
 	// Logger receives one line per token minted and per ACL user deleted; nil discards them.
 	// Tokens themselves are never logged.
 	Logger *slog.Logger
+	// UserRules are ACL rules added after "+@all" to every token's user, as an Azure data access policy
+	// restricts an identity: e.g. "-multi", "-client|reply", "resetchannels", "&news.*".
+	UserRules []string
 }
 
 // Env is a running fake: redis-server plus identity endpoint. Its exported fields are fixed
@@ -63,6 +66,7 @@ type Env struct {
 	caPool        *x509.CertPool // trusts CAFile
 	untrustedCA   string         // path of a PEM of a CA that signed nothing here
 	expiredCert   bool           // Options.ExpiredCert
+	userRules     []string       // Options.UserRules
 	removeDir     bool
 	http          *httptest.Server
 	ctx           context.Context // canceled by Close, ends ACL commands of the expirer
@@ -123,6 +127,7 @@ func Start(ctx context.Context, opts Options) (_ *Env, err error) {
 		kick:           make(chan struct{}, 1),
 		lifetime:       opts.TokenLifetime,
 		expiredCert:    opts.ExpiredCert,
+		userRules:      opts.UserRules,
 	}
 	e.ctx, e.cancel = context.WithCancel(context.Background())
 	if e.Dir == "" {

@@ -242,7 +242,11 @@ func (e *Env) mint(ctx context.Context, resource, clientID string) (IssuedToken,
 func (e *Env) setUserLocked(ctx context.Context, t IssuedToken) error {
 	ctx, cancel := context.WithTimeout(ctx, aclTimeout)
 	defer cancel()
-	err := e.admin.Do(ctx, "ACL", "SETUSER", t.OID, "on", ">"+t.Token, "~*", "&*", "+@all").Err()
+	args := []any{"ACL", "SETUSER", t.OID, "on", ">" + t.Token, "~*", "&*", "+@all"}
+	for _, r := range e.userRules {
+		args = append(args, r)
+	}
+	err := e.admin.Do(ctx, args...).Err()
 	if err != nil {
 		// A syntax error would echo the modifier, and with it the token.
 		return fmt.Errorf("ACL SETUSER %s: %s", t.OID, strings.ReplaceAll(err.Error(), t.Token, "[token]"))
