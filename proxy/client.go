@@ -397,19 +397,40 @@ func (s *session) knowSubscribed() bool {
 }
 
 // onReset forwards RESET, which turns replies back on before it answers and logs the connection out: the
-// proxy authenticates again before anything else runs.
+// proxy authenticates again before anything else runs. Whether it ran is the server's to say (a policy may
+// deny it, Redis 6.0 and Enterprise lack it), so the client loop waits for its answer.
 func (s *session) onReset(cmd resp.Command, e entry) {
 	c := &s.cl
-	c.tx.end()
-	c.tx.watching = false
-	// RESET turns CLIENT REPLY OFF back on before it answers, but a SKIP already applies to it.
-	skipped := c.mode == replySkip
-	c.mode = replyOn
-	c.out = append(c.out, cmd.Raw...)
-	e.act = actReset
-	if !skipped {
-		c.entries = append(c.entries, e)
+	if s.know(probeReset) == factNo {
+		s.forward(cmd, e) // an unknown command here: an error, and nothing changes
+		return
 	}
+	was := c.mode
+	e.act = actReset
+	if was != replyOn && !s.knowSubscribed() {
+		// RESET turns replies on only if it runs (and a SKIP still applies to its own reply): turn them on
+		// first, so that its answer comes either way, and pass it on only as the client would have seen it.
+		c.out = resp.AppendCommand(c.out, "CLIENT", "REPLY", "ON")
+		c.entries = append(c.entries, entry{act: actDrop, cmd: cmdOther, start: e.start})
+		c.mode = replyOn
+		e.quiet = was == replySkip
+		e.arg = resetHideRefusal // under OFF the client sees +RESET, but not a refusal
+	}
+	c.out = append(c.out, cmd.Raw...)
+	c.entries = append(c.entries, e)
+	s.resetRan.Store(false)
+	if s.flush() == nil {
+		s.led.waitIdle(forever)
+	}
+	if !s.resetRan.Load() {
+		if was == replyOff {
+			c.out = resp.AppendCommand(c.out, "CLIENT", "REPLY", "OFF") // no reply
+			c.mode = replyOff
+		}
+		return // refused: nothing else changed (a SKIP was spent on it, as it would have been)
+	}
+	c.tx.end()
+	c.mode = replyOn
 	if tok, _ := s.srv.opts.Tokens.Current(); tok.Secret != "" {
 		s.appendAuth(tok, e.start)
 	}
@@ -454,6 +475,10 @@ func (s *session) syncTx(wait bool) {
 // the watches in place).
 func (s *session) onExec(cmd resp.Command, e entry) {
 	c := &s.cl
+	e.watch = watchEnds
+	if lookup(cmd.Args[0]).sp == spExec {
+		e.watch = watchExec
+	}
 	if c.tx.open() {
 		if lookup(cmd.Args[0]).sp == spExec && len(c.tx.settings) > 0 {
 			e.act, e.sets = actExec, c.tx.settings // end drops the slice: it is the entry's now
@@ -463,13 +488,14 @@ func (s *session) onExec(cmd resp.Command, e entry) {
 	s.forward(cmd, e)
 }
 
+// onWatch and onUnwatch forward WATCH and UNWATCH; their replies say whether keys are watched.
 func (s *session) onWatch(cmd resp.Command, e entry) {
-	s.cl.tx.watch()
+	e.watch = watchAdds
 	s.forward(cmd, e)
 }
 
 func (s *session) onUnwatch(cmd resp.Command, e entry) {
-	s.cl.tx.unwatch()
+	e.watch = watchEnds
 	s.forward(cmd, e)
 }
 
@@ -484,6 +510,11 @@ func (s *session) onClient(cmd resp.Command, e entry) {
 	}
 	if len(args) != 3 || !equalFold(args[1], "reply") || c.tx.open() || s.knowSubscribed() {
 		s.forward(cmd, e) // (in RESP2 subscribed mode it is refused: an error, and no change)
+		return
+	}
+	if !equalFold(args[2], "on") && s.know(probeClientReply) == factNo {
+		s.expect(e) // refused: the error is its reply, and the mode stays
+		c.out = append(c.out, cmd.Raw...)
 		return
 	}
 	c.out = append(c.out, cmd.Raw...)

@@ -23,18 +23,23 @@ const (
 	actQuit                    // the client's QUIT, sent as a PING: answer +OK, then end the session
 	actExec                    // EXEC of a transaction with settings queued: pass the reply, which says which ran
 	actMulti                   // MULTI number arg: pass the reply, and tell the client loop whether it was accepted
+	actProbe                   // a hidden probe for the fact arg (see facts.go): consume the reply, learn from it
 )
+
+// resetHideRefusal (actReset's arg): the client had replies off, so it sees RESET's reply only if it ran.
+const resetHideRefusal = 1
 
 // entry is one expected reply (or group of pub/sub confirmations), queued before its command is written.
 type entry struct {
 	act   action
 	fam   family   // pub/sub family, for actSubscribe
 	cmd   uint8    // index into CommandNames, or cmdOther
-	arg   int32    // actHello: protocol; actSubscribe: confirmations expected; actMulti: its number
+	arg   int32    // actHello: protocol; actSubscribe: confirmations expected; actMulti: its number; actProbe: the probe; actReset: resetHideRefusal or 0
 	start int64    // when the command was read, for latency: nanoseconds since the server's epoch
 	text  string   // actReplace: the reply to send; actFail: the error line
 	blk   *blocked // a blocking command, for a re-issue after an unblock
 	quiet bool     // the reply is the proxy's to read (e.g. HELLO under CLIENT REPLY OFF): not passed on
+	watch watchEffect
 	// sets: what the command changes in the state a handover carries, applied if its reply is not an
 	// error; for actExec, the transaction's settings, each applied by its element of the reply.
 	sets []setting

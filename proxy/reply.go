@@ -227,6 +227,14 @@ func (s *session) classify(p []byte, h *resp.Head) (bool, error) {
 		return true, nil
 	}
 	f.e, f.reply, f.last = e, true, true
+	if e.watch != watchNone {
+		if p[0] == '+' || p[0] == '-' {
+			if ok, err := resp.PeekHead(p, 0, h); !ok || err != nil {
+				return ok, err
+			}
+		}
+		s.watch.reply(e.watch, p[0], h.Line)
+	}
 	if len(e.sets) > 0 && e.act != actExec && p[0] != '-' {
 		s.applySetting(e.sets[0]) // (again if classify is called again for this frame: no matter)
 	}
@@ -268,6 +276,11 @@ func (s *session) classify(p []byte, h *resp.Head) (bool, error) {
 		}
 		f.fwd = false
 		s.markerConfirmed(h)
+	case actProbe:
+		if !s.srv.facts.learn(probe(e.arg), p) {
+			return false, nil
+		}
+		f.fwd = false
 	case actMulti:
 		accepted := uint64(0)
 		if p[0] != '-' {
@@ -291,6 +304,9 @@ func (s *session) classify(p []byte, h *resp.Head) (bool, error) {
 			return ok, err
 		}
 		s.stateReply(h, e)
+		if e.act == actReset && e.arg == resetHideRefusal && h.Type == '-' {
+			f.fwd = false
+		}
 	}
 	if e.quiet {
 		f.fwd = false
@@ -444,10 +460,12 @@ func (s *session) stateReply(h *resp.Head, e entry) {
 	case actMonitor:
 		s.rl.monitor = s.rl.monitor || h.Type == '+'
 	case actReset:
+		s.resetRan.Store(h.Type == '+')
 		if h.Type == '+' {
 			s.rl.proto, s.rl.monitor = 2, false
 			s.subs.reset()
 			s.carry.reset()
+			s.watch.on.Store(false)
 			s.updateSubscribed()
 		}
 	}

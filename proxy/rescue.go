@@ -233,12 +233,16 @@ func pinStreamIDs(ctx context.Context, c *ctrlConn, b *blocked) error {
 // rescueMulti re-authenticates a connection inside MULTI (see above).
 func (s *session) rescueMulti(tok Token) {
 	c := &s.cl
+	if s.flush() == nil {
+		s.led.waitIdle(forever) // every reply in: whether keys are watched is the server's answer
+	}
+	watching := s.watch.on.Load()
 	now := s.srv.now()
 	c.out = resp.AppendCommand(c.out, "DISCARD")
 	s.expect(entry{act: actDrop, cmd: cmdOther, start: now})
 	s.appendAuth(tok, now)
-	if !c.tx.canReplay() {
-		c.tx.abort()
+	if !c.tx.canReplay(watching) {
+		c.tx.abort(watching)
 		s.srv.obs.Mechanism("tx_abort")
 		s.log.Info("transaction held open past the token's deadline cannot be rebuilt (WATCH, or over 1 MiB queued): EXEC will fail")
 		return

@@ -83,7 +83,8 @@ type Server struct {
 	closing   chan struct{}              // closed when the state leaves serving: wakes Serve's backoff
 	drained   chan struct{}              // closed once the state left serving and conns is empty
 
-	pool *pool // nil without Options.PoolSize
+	pool  *pool // nil without Options.PoolSize
+	facts facts // learned about the server and the identity's policy (facts.go)
 
 	sessWG sync.WaitGroup // one per client connection
 	bgWG   sync.WaitGroup // background loops and helper goroutines

@@ -52,6 +52,7 @@ type session struct {
 	led    *ledger
 	subs   subscriptions // written by the reply loop, read by a handover
 	carry  carried       // likewise
+	watch  watches       // written by the reply loop, read by a rescue at a safe point
 
 	pokes    atomic.Uint32
 	wake     chan struct{} // a poke, for a client loop waiting without reading (holding back commands)
@@ -60,6 +61,7 @@ type session struct {
 	upID     atomic.Int64  // the current upstream's CLIENT ID (0 when unknown), for logs
 	resp2Sub atomic.Bool   // RESP2 subscribed mode, where redis refuses AUTH (set by the reply loop)
 	multiAns atomic.Uint64 // the server's last answer to a MULTI: its number << 1 | accepted
+	resetRan atomic.Bool   // the server's last answer to a RESET was +RESET
 	bytesIn  atomic.Int64
 	bytesOut atomic.Int64
 

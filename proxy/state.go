@@ -1,6 +1,10 @@
 package proxy
 
-import "sync"
+import (
+	"bytes"
+	"sync"
+	"sync/atomic"
+)
 
 // The small trackers below each own one concern of a connection's state. The client loop owns
 // transaction, replyMode and holdBack (they follow the commands it sends); the reply loop owns
@@ -18,11 +22,10 @@ const (
 // maxTxBytes bounds the queued commands kept for a replay; a larger transaction is aborted instead.
 const maxTxBytes = 1 << 20
 
-// transaction tracks MULTI and WATCH: whether an AUTH may be injected (not while queued), and what a rescue
-// at the token deadline must replay, byte for byte.
+// transaction tracks MULTI: whether an AUTH may be injected (not while queued), and what a rescue at the
+// token deadline must replay, byte for byte.
 type transaction struct {
 	state    txState
-	watching bool   // WATCH sent and not ended by EXEC, DISCARD, UNWATCH or RESET
 	queued   []byte // every byte of the commands queued since MULTI, in order
 	count    int    // how many commands queued holds
 	overflow bool   // queued exceeded maxTxBytes: a rescue must abort, not replay
@@ -46,7 +49,7 @@ func (t *transaction) multi() {
 }
 
 // answer records the server's answer to MULTI number gen: a refusal means no transaction was opened, and
-// the commands sent since ran as they came (the watches stay).
+// the commands sent since ran as they came.
 func (t *transaction) answer(gen uint32, accepted bool) {
 	if t.state != txOpen || t.answered || gen != t.gen {
 		return
@@ -55,9 +58,7 @@ func (t *transaction) answer(gen uint32, accepted bool) {
 		t.answered = true
 		return
 	}
-	watching := t.watching
 	t.end()
-	t.watching = watching
 }
 
 // queue records a command sent inside MULTI. part is the whole command, or a piece of a streamed one; first
@@ -78,26 +79,55 @@ func (t *transaction) queue(part []byte, first bool) {
 
 // end records EXEC or DISCARD: the transaction and its watches end.
 func (t *transaction) end() {
-	t.state, t.watching, t.count, t.overflow, t.nullExec, t.settings = txNone, false, 0, false, false, nil
+	t.state, t.count, t.overflow, t.nullExec, t.settings = txNone, 0, false, false, nil
 	if cap(t.queued) > 64<<10 {
 		t.queued = nil // a large transaction's buffer is not kept by an idle connection
 	}
 	t.queued = t.queued[:0]
 }
 
-// watch records WATCH (outside MULTI; inside it is an error) and unwatch UNWATCH (which inside MULTI is
-// queued and runs at EXEC, where the watches end anyway).
-func (t *transaction) watch()   { t.watching = t.watching || t.state == txNone }
-func (t *transaction) unwatch() { t.watching = t.watching && t.state != txNone }
-
 // canReplay reports whether a rescue can rebuild the open transaction exactly on a re-authenticated
-// connection: not with WATCH (the guarantee can't be moved), not when the queued bytes were not all kept.
-func (t *transaction) canReplay() bool { return !t.watching && !t.overflow }
+// connection: not with keys watched (the guarantee can't be moved), not when the queued bytes were not all
+// kept.
+func (t *transaction) canReplay(watching bool) bool { return !watching && !t.overflow }
 
-// abort records that a rescue discarded the open transaction upstream.
-func (t *transaction) abort() {
-	t.state, t.nullExec = txAborted, t.watching
-	t.watching, t.queued, t.count, t.settings = false, nil, 0, nil
+// abort records that a rescue discarded the open transaction upstream; with keys watched, its EXEC answers
+// as if one had changed.
+func (t *transaction) abort(watching bool) {
+	t.state, t.nullExec = txAborted, watching
+	t.queued, t.count, t.settings = nil, 0, nil
+}
+
+// watchEffect is what a command's reply may do to the connection's watched keys.
+type watchEffect uint8
+
+const (
+	watchNone watchEffect = iota
+	watchAdds             // WATCH: +OK means keys are watched
+	watchEnds             // UNWATCH, DISCARD: +OK ends the watches (+QUEUED, or an error, does not)
+	watchExec             // EXEC: the transaction's answer ends them, even EXECABORT; other errors do not
+)
+
+// watches follows WATCH as the server's replies show it: whether a rescue of an open transaction would
+// lose a guarantee. The reply loop writes; the client loop reads at a safe point.
+type watches struct{ on atomic.Bool }
+
+// reply applies a reply of type typ (line: its text, for + and -) to a command with effect eff.
+func (w *watches) reply(eff watchEffect, typ byte, line []byte) {
+	switch eff {
+	case watchAdds:
+		if typ == '+' {
+			w.on.Store(true)
+		}
+	case watchEnds:
+		if typ == '+' && string(line) == "OK" {
+			w.on.Store(false)
+		}
+	case watchExec:
+		if typ != '-' || bytes.HasPrefix(line, []byte("EXECABORT")) {
+			w.on.Store(false)
+		}
+	}
 }
 
 // queueSetting records that the command being queued (the next one queue counts) changes set.

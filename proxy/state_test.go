@@ -12,10 +12,6 @@ import (
 
 func TestTransaction(t *testing.T) {
 	var tx transaction
-	tx.watch()
-	if !tx.watching || tx.open() {
-		t.Fatalf("after WATCH: %+v", tx)
-	}
 	tx.multi()
 	tx.queue([]byte("SET a 1\r\n"), true)
 	tx.queue([]byte("*3\r\n$3\r\nSET\r\n"), true) // a streamed command, in two pieces
@@ -24,19 +20,15 @@ func TestTransaction(t *testing.T) {
 	if !tx.open() || tx.count != 2 || string(tx.queued) != "SET a 1\r\n*3\r\n$3\r\nSET\r\n$1\r\nb\r\n$1\r\n2\r\n" {
 		t.Fatalf("queued %d %q", tx.count, tx.queued)
 	}
-	if tx.canReplay() {
-		t.Fatal("a transaction with WATCH can't be replayed")
+	if tx.canReplay(true) || !tx.canReplay(false) {
+		t.Fatal("a transaction can be replayed exactly when no keys are watched")
 	}
-	tx.unwatch() // queued inside MULTI: runs at EXEC
-	if !tx.watching {
-		t.Fatal("UNWATCH inside MULTI ended the watches early")
-	}
-	tx.abort()
+	tx.abort(true)
 	if tx.state != txAborted || !tx.nullExec || tx.open() {
 		t.Fatalf("after abort: %+v", tx)
 	}
 	tx.end()
-	if tx.state != txNone || tx.watching || tx.count != 0 || len(tx.queued) != 0 {
+	if tx.state != txNone || tx.count != 0 || len(tx.queued) != 0 {
 		t.Fatalf("after end: %+v", tx)
 	}
 
@@ -44,10 +36,10 @@ func TestTransaction(t *testing.T) {
 	tx.multi()
 	tx.queue(make([]byte, maxTxBytes-1), true)
 	tx.queue([]byte("xy"), true)
-	if tx.canReplay() || tx.queued != nil {
+	if tx.canReplay(false) || tx.queued != nil {
 		t.Fatal("a transaction over maxTxBytes must not be replayed")
 	}
-	tx.abort()
+	tx.abort(false)
 	if tx.nullExec {
 		t.Fatal("without WATCH an aborted EXEC is not a null")
 	}
@@ -263,11 +255,10 @@ func TestExecReplySettings(t *testing.T) {
 	}
 }
 
-// A refused MULTI opens nothing: what was "queued" ran, the watches stay. An answer to an earlier MULTI, or
-// a second one, changes nothing.
+// A refused MULTI opens nothing: what was "queued" ran. An answer to an earlier MULTI, or a second one,
+// changes nothing.
 func TestTransactionAnswer(t *testing.T) {
 	var tx transaction
-	tx.watch()
 	tx.multi()
 	tx.queue([]byte("INCR c\r\n"), true)
 	tx.answer(tx.gen-1, false) // an earlier MULTI's
@@ -275,7 +266,7 @@ func TestTransactionAnswer(t *testing.T) {
 		t.Fatal("an earlier MULTI's refusal closed this one")
 	}
 	tx.answer(tx.gen, false)
-	if tx.open() || !tx.watching || tx.count != 0 || len(tx.queued) != 0 {
+	if tx.open() || tx.count != 0 || len(tx.queued) != 0 {
 		t.Fatalf("after a refusal: %+v", tx)
 	}
 	tx.multi()
@@ -283,5 +274,63 @@ func TestTransactionAnswer(t *testing.T) {
 	tx.answer(tx.gen, false) // not a second answer to the same MULTI
 	if !tx.open() || !tx.answered {
 		t.Fatalf("after acceptance: %+v", tx)
+	}
+}
+
+// Watched keys follow the replies: a refused WATCH watches nothing; UNWATCH queued in MULTI (+QUEUED) and
+// an EXEC or DISCARD without MULTI end nothing; EXEC's answer, even EXECABORT or null, ends them.
+func TestWatches(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		start bool
+		eff   watchEffect
+		reply string
+		want  bool
+	}{
+		{"WATCH", false, watchAdds, "+OK", true},
+		{"WATCH refused", false, watchAdds, "-NOPERM this user has no permissions to run the 'watch' command", false},
+		{"WATCH inside MULTI", false, watchAdds, "-ERR WATCH inside MULTI is not allowed", false},
+		{"UNWATCH", true, watchEnds, "+OK", false},
+		{"UNWATCH queued", true, watchEnds, "+QUEUED", true},
+		{"DISCARD", true, watchEnds, "+OK", false},
+		{"DISCARD without MULTI", true, watchEnds, "-ERR DISCARD without MULTI", true},
+		{"EXEC ran", true, watchExec, "*1", false},
+		{"EXEC null", true, watchExec, "*-1", false},
+		{"EXEC null RESP3", true, watchExec, "_", false},
+		{"EXECABORT", true, watchExec, "-EXECABORT Transaction discarded because of previous errors.", false},
+		{"EXEC without MULTI", true, watchExec, "-ERR EXEC without MULTI", true},
+		{"EXEC refused", true, watchExec, "-NOPERM this user has no permissions to run the 'exec' command", true},
+	} {
+		var w watches
+		w.on.Store(tc.start)
+		w.reply(tc.eff, tc.reply[0], []byte(tc.reply[1:]))
+		if got := w.on.Load(); got != tc.want {
+			t.Errorf("%s: watching %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
+// What a probe's reply says.
+func TestFactsLearn(t *testing.T) {
+	for _, tc := range []struct {
+		pr    probe
+		reply string
+		need  bool // more bytes needed
+		want  fact
+	}{
+		{probeClientReply, "+OK\r\n", false, factYes},
+		{probeClientReply, "-NOPERM this user has no permissions to run the 'client|reply' command\r\n", false, factNo},
+		{probeClientReply, "-ERR unknown subcommand 'REPLY'\r\n", false, factNo},
+		{probeReset, "*1\r\n*-1\r\n", false, factNo},
+		{probeReset, "*1\r\n_\r\n", false, factNo},
+		{probeReset, "*1\r\n*10\r\n$5\r\nreset\r\n", false, factYes},
+		{probeReset, "*1\r\n*", true, factUnknown},
+		{probeReset, "-NOPERM this user has no permissions to run the 'command|info' command\r\n", false, factUnknown},
+	} {
+		var f facts
+		ok := f.learn(tc.pr, []byte(tc.reply))
+		if ok == tc.need || f.get(tc.pr) != tc.want {
+			t.Errorf("%d %q: ok %v, fact %d; want ok %v, fact %d", tc.pr, tc.reply, ok, f.get(tc.pr), !tc.need, tc.want)
+		}
 	}
 }
