@@ -103,12 +103,14 @@ func TestMethods(t *testing.T) {
 		{
 			desc: "mechanisms",
 			do: func(m *Metrics) {
-				for _, name := range []string{"handover", "unblock_reissue", "tx_replay", "tx_abort", "idle_ping", "pool_reuse", "pool_reuse", "bogus"} {
+				for _, name := range []string{"handover", "unblock_reissue", "unblock_retry", "unblock_retry", "unblock_missed",
+					"tx_replay", "tx_abort", "idle_ping", "pool_reuse", "pool_reuse", "bogus"} {
 					m.Mechanism(name)
 				}
 			},
 			want: fams{"entra_redis_proxy_mechanisms_total": {`mechanism="handover"`: 1, `mechanism="idle_ping"`: 1, `mechanism="other"`: 1,
-				`mechanism="pool_reuse"`: 2, `mechanism="tx_abort"`: 1, `mechanism="tx_replay"`: 1, `mechanism="unblock_reissue"`: 1}},
+				`mechanism="pool_reuse"`: 2, `mechanism="tx_abort"`: 1, `mechanism="tx_replay"`: 1, `mechanism="unblock_reissue"`: 1,
+				`mechanism="unblock_retry"`: 2, `mechanism="unblock_missed"`: 1}},
 		},
 		{
 			desc: "max connections",

@@ -40,10 +40,13 @@ type Observer interface {
 	// CommandDone reports one command's time from being read to its reply being written.
 	// name is a lower-case command name from CommandNames, or "other".
 	CommandDone(name string, d time.Duration)
-	BytesIn(n int)         // bytes from clients to the upstream
-	BytesOut(n int)        // bytes from the upstream to clients
-	ReAuth(result string)  // "ok", "error"
-	Mechanism(name string) // "handover", "unblock_reissue", "tx_replay", "tx_abort", "idle_ping", "pool_reuse"
+	BytesIn(n int)        // bytes from clients to the upstream
+	BytesOut(n int)       // bytes from the upstream to clients
+	ReAuth(result string) // "ok", "error"
+	// Mechanism reports one use of a mechanism: "handover", "unblock_reissue", "unblock_retry" (a CLIENT
+	// UNBLOCK answered 0 is sent again from a new control connection), "unblock_missed" (a rescue gave up on
+	// it: the blocked connection stays on the old token), "tx_replay", "tx_abort", "idle_ping", "pool_reuse".
+	Mechanism(name string)
 }
 
 // NopObserver ignores every event.

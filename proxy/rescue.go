@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -21,6 +22,10 @@ import (
 //     same command again with the time that was left. If data won the race, the data goes to the client and
 //     nothing is re-issued. For XREAD with "$", the IDs are pinned to the streams' last IDs first, read while
 //     the client is still blocked (so nothing arrived since it blocked).
+//     CLIENT UNBLOCK answering 0 while the command is unanswered means the id is unknown where the control
+//     connection landed (Redis Enterprise's proxies do not share CLIENT IDs): it is sent again from new
+//     control connections, a few times, then the rescue gives up and the connection stays on the old
+//     token, as without a rescue (the server closes it at expiry unless the command returns first).
 //   - MULTI: the proxy discards the transaction, authenticates, and opens it again with the queued commands
 //     (their replies hidden), so EXEC runs them. If the client had WATCHed keys, the guarantee cannot be
 //     rebuilt: EXEC will answer as if a watched key changed (null), and until then the proxy answers the
@@ -95,6 +100,19 @@ func (b *blocked) remaining(now time.Time) (time.Duration, bool) {
 	return d, d > time.Millisecond
 }
 
+// withdraw takes unblocking back after CLIENT UNBLOCKs that unblocked nothing (each answered 0, or none was
+// sent), so that b's own reply (data, its timeout) passes to the client. If b was answered meanwhile, the
+// reply loop reports on result right after setting answered: withdraw returns that result.
+// (A reply that the reply loop read while unblocking was still set is hidden only if it is a timeout with
+// time left, which nothing but a CLIENT UNBLOCK causes.)
+func (b *blocked) withdraw() (unblockResult, bool) {
+	b.unblocking.Store(false)
+	if !b.answered.Load() {
+		return unblockResult{}, false
+	}
+	return <-b.result, true
+}
+
 // again returns the command with its timeout set to d (0 = forever).
 func (b *blocked) again(d time.Duration) *blocked {
 	nb := &blocked{args: append([]string(nil), b.args...), timeoutAt: b.timeoutAt, ms: b.ms, deadline: b.deadline,
@@ -134,6 +152,16 @@ func (b *blocked) isTimeoutReply(p []byte) (timeout, ok bool) {
 	return false, true
 }
 
+const (
+	// unblockAttempts bounds the CLIENT UNBLOCKs of one rescue, each from a new control connection. Redis
+	// Enterprise does not share CLIENT IDs between its proxy nodes (multi-proxy policies): a control
+	// connection that lands on another node finds no such client and gets 0; the next may land on ours.
+	unblockAttempts = 3
+	// unblockPause is how long a rescue waits for the command's own reply after a 0, before the next
+	// attempt: a reply sent just before the CLIENT UNBLOCK (data, its own timeout) also explains a 0.
+	unblockPause = 100 * time.Millisecond
+)
+
 // unblock rescues a connection blocked past the deadline (see above).
 func (s *session) unblock(tok Token) error {
 	b := s.cl.hold.cmd
@@ -143,41 +171,8 @@ func (s *session) unblock(tok Token) error {
 	}
 	ctx, cancel := context.WithTimeout(s.srv.ctx, handoverTimeout)
 	defer cancel()
-	conn, err := s.srv.opts.Dialer.DialContext(ctx)
-	if err != nil {
-		s.log.Warn("cannot unblock the connection for re-AUTH; retrying", "err", err)
-		s.retryLater(pokeDeadline)
-		return nil
-	}
-	defer conn.Close()
-	c := newCtrlConn(conn)
-	if _, _, err := c.handshake(ctx, tok, fixedToken(tok)); err != nil {
-		s.log.Warn("cannot unblock the connection for re-AUTH; retrying", "err", err)
-		s.retryLater(pokeDeadline)
-		return nil
-	}
-	if err := pinStreamIDs(ctx, c, b); err != nil {
-		s.log.Warn("cannot unblock the connection for re-AUTH; retrying", "err", err)
-		s.retryLater(pokeDeadline)
-		return nil
-	}
-	// The reply loop sets answered, then reports on result; this sets unblocking, then reads answered: the
-	// reply loop sees unblocking for any reply the CLIENT UNBLOCK caused.
-	b.unblocking.Store(true)
-	if !b.answered.Load() {
-		r, err := c.do(ctx, "CLIENT", "UNBLOCK", strconv.FormatInt(s.upID.Load(), 10), "TIMEOUT")
-		if err == nil {
-			err = r.expect(':')
-		}
-		if err != nil {
-			s.log.Warn("CLIENT UNBLOCK failed", "err", err)
-		}
-	}
-	var res unblockResult
-	select {
-	case res = <-b.result:
-	case <-ctx.Done():
-		s.log.Warn("blocked command did not return after CLIENT UNBLOCK")
+	res, ok := s.awaitUnblock(ctx, tok, b)
+	if !ok {
 		return nil
 	}
 	now := s.srv.now()
@@ -191,6 +186,111 @@ func (s *session) unblock(tok Token) error {
 		s.log.Debug("blocked command re-issued after re-AUTH", "command", nb.args[0])
 	}
 	return s.flush()
+}
+
+// awaitUnblock sends CLIENT UNBLOCK for b until b is answered, and returns b's result. It returns false when
+// the rescue gives up (logged): b stays blocked on the old token, as without a rescue, and its reply goes to
+// the client whenever it comes.
+func (s *session) awaitUnblock(ctx context.Context, tok Token, b *blocked) (unblockResult, bool) {
+	id := s.upID.Load()
+	if id == 0 {
+		s.srv.obs.Mechanism("unblock_missed")
+		s.log.Warn("cannot unblock the connection for re-AUTH: its CLIENT ID is unknown; it stays blocked on " +
+			"the old token, and the server closes it when that token expires unless the command returns first")
+		return unblockResult{}, false
+	}
+	for attempt := 1; ; attempt++ {
+		n, err := s.sendUnblock(ctx, tok, b, id)
+		var refused *replyError
+		switch {
+		case errors.As(err, &refused): // NOPERM, say: another connection would be refused too
+			if res, ok := b.withdraw(); ok {
+				return res, true
+			}
+			s.srv.obs.Mechanism("unblock_missed")
+			s.log.Warn("CLIENT UNBLOCK refused: the connection stays blocked on the old token, and the server "+
+				"closes it when that token expires unless the command returns first", "err", err)
+			return unblockResult{}, false
+		case err != nil:
+			if res, ok := b.withdraw(); ok {
+				return res, true
+			}
+			s.log.Warn("cannot unblock the connection for re-AUTH; retrying", "err", err)
+			s.retryLater(pokeDeadline)
+			return unblockResult{}, false
+		case n != 0: // unblocked, or answered before CLIENT UNBLOCK was sent (-1): the result is due
+			select {
+			case res := <-b.result:
+				return res, true
+			case <-ctx.Done():
+			}
+			if res, ok := b.withdraw(); ok {
+				return res, true
+			}
+			s.srv.obs.Mechanism("unblock_missed") // (Enterprise: another proxy's client with the same id?)
+			s.log.Warn("blocked command did not return after CLIENT UNBLOCK answered 1; its reply goes to the "+
+				"client as it comes, and the connection stays on the old token", "upstream_client_id", id)
+			return unblockResult{}, false
+		}
+		// 0: no client blocked with that id where the control connection landed. Unless b's reply is on
+		// its way, the id is unknown there.
+		wait := time.NewTimer(unblockPause)
+		select {
+		case res := <-b.result:
+			wait.Stop()
+			return res, true
+		case <-wait.C:
+		case <-ctx.Done():
+			wait.Stop()
+		}
+		if attempt < unblockAttempts && ctx.Err() == nil {
+			s.srv.obs.Mechanism("unblock_retry")
+			s.log.Debug("CLIENT UNBLOCK answered 0; retrying from a new control connection",
+				"upstream_client_id", id, "attempt", attempt)
+			continue
+		}
+		if res, ok := b.withdraw(); ok {
+			return res, true
+		}
+		s.srv.obs.Mechanism("unblock_missed")
+		s.log.Warn("CLIENT UNBLOCK found no blocked client with the connection's id (Redis Enterprise does not "+
+			"share CLIENT IDs between its proxies): the connection stays blocked on the old token, and the server "+
+			"closes it when that token expires unless the command returns first",
+			"upstream_client_id", id, "attempts", attempt)
+		return unblockResult{}, false
+	}
+}
+
+// sendUnblock sends CLIENT UNBLOCK id TIMEOUT for b from a new control connection, and returns the reply's
+// count: 1 unblocked, 0 no client blocked with that id there, or -1 when b was answered first and nothing
+// was sent. An error reply is a *replyError.
+func (s *session) sendUnblock(ctx context.Context, tok Token, b *blocked, id int64) (int64, error) {
+	conn, err := s.srv.opts.Dialer.DialContext(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("dial control connection: %w", err)
+	}
+	defer conn.Close()
+	c := newCtrlConn(conn)
+	if _, _, err := c.handshake(ctx, tok, fixedToken(tok)); err != nil {
+		return 0, fmt.Errorf("control connection: %w", err)
+	}
+	if err := pinStreamIDs(ctx, c, b); err != nil {
+		return 0, err
+	}
+	// The reply loop sets answered, then reports on result; this sets unblocking, then reads answered: the
+	// reply loop sees unblocking for any reply the CLIENT UNBLOCK caused.
+	b.unblocking.Store(true)
+	if b.answered.Load() {
+		return -1, nil
+	}
+	r, err := c.do(ctx, "CLIENT", "UNBLOCK", strconv.FormatInt(id, 10), "TIMEOUT")
+	if err == nil {
+		err = r.expect(':')
+	}
+	if err != nil {
+		return 0, fmt.Errorf("CLIENT UNBLOCK: %w", err)
+	}
+	return r.num, nil
 }
 
 // pinStreamIDs replaces "$" in a blocked XREAD with each stream's last ID, read on c while the client is
