@@ -382,3 +382,16 @@ func TestHalfCloseGetsReplies(t *testing.T) {
 		})
 	}
 }
+
+// SYNC, PSYNC and REPLCONF would turn the connection into a replication stream, which cannot be framed as
+// replies: the proxy answers each with an error saying so, and the connection stays usable.
+func TestReplicationCommandsRefused(t *testing.T) {
+	f := newFixture(t, fixtureOpts{})
+	r := f.raw(t)
+	r.send("SYNC", "psync ? -1", "REPLCONF listening-port 6380", "PING")
+	var want string
+	for _, name := range []string{"SYNC", "PSYNC", "REPLCONF"} {
+		want += "-ERR entra-redis-proxy: " + name + " is not supported through the proxy (replication cannot be proxied; Azure Cache for Redis refuses it too)\r\n"
+	}
+	r.expect(want + "+PONG\r\n")
+}

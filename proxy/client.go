@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -247,6 +248,7 @@ func init() {
 		spDiscard: (*session).onExec, spClient: (*session).onClient, spSub: (*session).onSubscribe,
 		spUnsub: (*session).onSubscribe, spMonitor: (*session).onMonitor, spBlock: (*session).onBlocking,
 		spWatch: (*session).onWatch, spUnwatch: (*session).onUnwatch, spSelect: (*session).onSelect,
+		spRefused: (*session).onRefused,
 	}
 }
 
@@ -434,6 +436,14 @@ func (s *session) onReset(cmd resp.Command, e entry) {
 	if tok, _ := s.srv.opts.Tokens.Current(); tok.Secret != "" {
 		s.appendAuth(tok, e.start)
 	}
+}
+
+// onRefused answers a replication command: what follows SYNC is a replication stream, not replies, which
+// the proxy cannot frame (and Azure refuses these commands anyway). The connection stays usable.
+func (s *session) onRefused(cmd resp.Command, e entry) {
+	e.text = "-ERR entra-redis-proxy: " + strings.ToUpper(string(cmd.Args[0])) +
+		" is not supported through the proxy (replication cannot be proxied; Azure Cache for Redis refuses it too)\r\n"
+	s.local(e)
 }
 
 // onQuit answers QUIT itself (+OK, then the session ends): the upstream stays open and clean for the pool.

@@ -37,6 +37,7 @@ const (
 	spWatch   // WATCH
 	spUnwatch // UNWATCH
 	spSelect  // SELECT: the database, which a handover carries
+	spRefused // SYNC, PSYNC, REPLCONF: answered by the proxy with an error
 	spState   // other commands that change the connection's state: READONLY, ASKING...
 	spCount   // the number of kinds
 )
@@ -82,6 +83,7 @@ var commandTable = func() map[string]cmdInfo {
 		"wait":   {sp: spBlock, blockArg: -1, blockMS: true},
 		"select": {sp: spSelect}, "readonly": {sp: spState}, "readwrite": {sp: spState},
 		"asking": {sp: spState}, "swapdb": {sp: spState},
+		"sync": {sp: spRefused}, "psync": {sp: spRefused}, "replconf": {sp: spRefused},
 	}
 	t := make(map[string]cmdInfo, len(CommandNames)+len(sp))
 	for name, info := range sp {

@@ -43,7 +43,8 @@ type Observer interface {
 	BytesIn(n int)        // bytes from clients to the upstream
 	BytesOut(n int)       // bytes from the upstream to clients
 	ReAuth(result string) // "ok", "error"
-	// Mechanism reports one use of a mechanism: "handover", "unblock_reissue", "unblock_retry" (a CLIENT
+	// Mechanism reports one use of a mechanism: "handover", "handover_refused" (the identity may not
+	// subscribe to the handover's marker channel: a RESP2 subscriber stays on the old token), "unblock_reissue", "unblock_retry" (a CLIENT
 	// UNBLOCK answered 0 is sent again from a new control connection), "unblock_missed" (a rescue gave up on
 	// it: the blocked connection stays on the old token), "tx_replay", "tx_abort", "idle_ping", "pool_reuse".
 	Mechanism(name string)

@@ -43,6 +43,27 @@ type cutover struct {
 	buf            *readBuf
 	failed         bool // the client loop gave up; the reply loop drops the marker and stays on O
 	switched       bool // set by the reply loop before done
+	// pattern: the marker is subscribed as a pattern (PSUBSCRIBE of its own name), for an identity that
+	// may not SUBSCRIBE. refused: the server refused the marker subscription (set before subscribed closes).
+	pattern, refused bool
+}
+
+func newCutover(marker string, pattern bool) *cutover {
+	return &cutover{marker: marker, pattern: pattern,
+		subscribed: make(chan struct{}), ready: make(chan struct{}), done: make(chan struct{})}
+}
+
+// verb returns the command that subscribes (or unsubscribes) the marker.
+func (c *cutover) verb(subscribe bool) string {
+	switch {
+	case c.pattern && subscribe:
+		return "PSUBSCRIBE"
+	case c.pattern:
+		return "PUNSUBSCRIBE"
+	case subscribe:
+		return "SUBSCRIBE"
+	}
+	return "UNSUBSCRIBE"
 }
 
 const handoverTimeout = 10 * time.Second
@@ -66,17 +87,11 @@ func (s *session) handover(tok Token) error {
 	subs := s.subs.snapshot()
 	var nonce [12]byte
 	rand.Read(nonce[:])
-	cut := &cutover{
-		marker:     "__entra_redis_proxy:handover:" + hex.EncodeToString(nonce[:]),
-		subscribed: make(chan struct{}), ready: make(chan struct{}), done: make(chan struct{}),
-	}
+	cut := newCutover("__entra_redis_proxy:handover:"+hex.EncodeToString(nonce[:]), false)
 	s.cut.Store(cut)
 	defer s.cut.Store(nil)
 
-	// 1. The marker subscription on O.
-	if err := s.sendMarker("SUBSCRIBE", cut.marker); err != nil {
-		return err
-	}
+	// 1. The marker subscription on O: as a channel, or, for an identity that may not SUBSCRIBE, as a pattern.
 	ctx, cancel := context.WithTimeout(s.srv.ctx, handoverTimeout)
 	defer cancel()
 	abort := func(err error) error {
@@ -85,12 +100,25 @@ func (s *session) handover(tok Token) error {
 		close(cut.ready)
 		s.retryLater(pokeReauth)
 		// Drop the marker subscription so the client's subscription counts stay right.
-		return s.sendMarker("UNSUBSCRIBE", cut.marker)
+		return s.sendMarker(cut.verb(false), cut.marker)
 	}
-	select {
-	case <-cut.subscribed:
-	case <-ctx.Done():
-		return abort(errors.New("no confirmation of the marker subscription"))
+	for {
+		if err := s.sendMarker(cut.verb(true), cut.marker); err != nil {
+			return err
+		}
+		select {
+		case <-cut.subscribed:
+		case <-ctx.Done():
+			return abort(errors.New("no confirmation of the marker subscription"))
+		}
+		if !cut.refused {
+			break
+		}
+		if cut.pattern {
+			return s.handoverRefused(cut)
+		}
+		cut = newCutover(cut.marker, true)
+		s.cut.Store(cut)
 	}
 
 	// 2. N, subscribed to the marker and to everything the client has.
@@ -127,12 +155,24 @@ func (s *session) handover(tok Token) error {
 	old.Close()
 	s.srv.obs.UpstreamClosed()
 	// N's marker subscription goes; its confirmation comes after the marker itself, and is hidden.
-	if err := s.sendMarker("UNSUBSCRIBE", cut.marker); err != nil {
+	if err := s.sendMarker(cut.verb(false), cut.marker); err != nil {
 		return err
 	}
 	s.srv.obs.Mechanism("handover")
 	s.log.Info("pub/sub connection handed over to a new upstream", "upstream_client_id", id,
 		"channels", len(subs[famChannel]), "patterns", len(subs[famPattern]), "shard_channels", len(subs[famShard]))
+	return nil
+}
+
+// handoverRefused gives up a handover whose marker the server refused to subscribe (a data access policy
+// that limits the identity's channels): the subscriber stays on its connection, which the server closes
+// when the token expires. It is tried again at the next token, in case the policy changed.
+func (s *session) handoverRefused(cut *cutover) error {
+	cut.failed = true
+	close(cut.ready)
+	s.srv.obs.Mechanism("handover_refused")
+	s.log.Warn("pub/sub handover refused: this identity may not subscribe to the proxy's handover channel, so this RESP2 subscriber cannot move to the new token and the server will close its connection when the old token expires",
+		"remedy", "allow the channels __entra_redis_proxy:* (SUBSCRIBE or PSUBSCRIBE, and PUBLISH) in the cache's data access policy, or have the client use RESP3 (HELLO 3), where the proxy re-authenticates in band")
 	return nil
 }
 
@@ -152,10 +192,18 @@ func (s *session) watchMarker() bool {
 func (s *session) markerConfirmed(h *resp.Head) {
 	if len(h.Elems) < 2 {
 		s.rl.marker = markerState{} // refused: no marker is subscribed
+		if cut := s.cut.Load(); cut != nil && h.Type == '-' {
+			select {
+			case <-cut.subscribed:
+			default: // the subscription it was waiting for
+				cut.refused = true
+				cut.confirmed()
+			}
+		}
 		return
 	}
 	channel := string(h.Elems[1])
-	if equalFold(h.Elems[0], "subscribe") {
+	if equalFold(h.Elems[0], "subscribe") || equalFold(h.Elems[0], "psubscribe") {
 		if cut := s.cut.Load(); cut != nil && cut.marker == channel {
 			s.rl.marker = markerState{cut: cut}
 			cut.confirmed()
@@ -184,8 +232,10 @@ func (s *session) handoverMessage(p []byte, h *resp.Head) (bool, error) {
 	}
 	m := &s.rl.marker
 	if len(h.Elems) == want && string(h.Elems[want-1]) == m.cut.marker {
+		// The marker's copies are hidden. The cut point is the copy for the marker's own subscription: by
+		// name, or by the pattern that is its name; a client's pattern may match it too.
 		s.rl.frame.fwd = false
-		m.seen = m.seen || !isPattern
+		m.seen = m.seen || isPattern == m.cut.pattern && (!isPattern || string(h.Elems[1]) == m.cut.marker)
 		return true, nil
 	}
 	s.rl.frame.fwd = !m.skipping
@@ -248,11 +298,19 @@ func (s *session) dialSubscriber(ctx context.Context, tok Token, subs [3][]strin
 	if err := carryOver(ctx, c, &s.carry); err != nil {
 		return fail(err)
 	}
-	cmd := resp.AppendCommand(nil, append([]string{"SUBSCRIBE", cut.marker}, subs[famChannel]...)...)
-	want := 1 + len(subs[famChannel])
-	for f, name := range map[family]string{famPattern: "PSUBSCRIBE", famShard: "SSUBSCRIBE"} {
-		if len(subs[f]) > 0 {
-			cmd = resp.AppendCommand(cmd, append([]string{name}, subs[f]...)...)
+	var cmd []byte
+	want := 1
+	mf := famChannel // the marker's family
+	if cut.pattern {
+		mf = famPattern
+	}
+	for f, name := range [3]string{famChannel: "SUBSCRIBE", famPattern: "PSUBSCRIBE", famShard: "SSUBSCRIBE"} {
+		args := subs[f]
+		if family(f) == mf {
+			args = append([]string{cut.marker}, args...)
+		}
+		if len(args) > 0 {
+			cmd = resp.AppendCommand(cmd, append([]string{name}, args...)...)
 			want += len(subs[f])
 		}
 	}

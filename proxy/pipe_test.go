@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -661,8 +662,9 @@ func TestPipeReauthClientReplySkip(t *testing.T) {
 				synctest.Wait()
 				e.rotate()
 				up := e.fake.Conns()[0]
+				// (First the proxy asks, once per process, whether this identity may run CLIENT REPLY.)
 				expectCommands(t, up, "no AUTH between CLIENT REPLY SKIP and the command it silences",
-					append(handshake(1), "CLIENT REPLY SKIP")...)
+					append(handshake(1), "CLIENT REPLY ON", "CLIENT REPLY SKIP")...)
 				if tc.separate {
 					c.send(cmd("ECHO", "skipped"))
 					synctest.Wait()
@@ -688,6 +690,25 @@ func TestPipeReauthClientReplySkip(t *testing.T) {
 			})
 		})
 	}
+	// Denied (a data access policy): OFF and SKIP are commands with an error for a reply, and the re-AUTH
+	// due meanwhile goes anywhere, its +OK never reaching the client.
+	t.Run("CLIENT REPLY denied", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			e := newPipeEnv(t, nil)
+			e.fake.noReply = true
+			c := e.connect("denied")
+			const noperm = "-NOPERM this user has no permissions to run the 'client|reply' command\r\n"
+			c.send(cmd("CLIENT", "REPLY", "SKIP"))
+			synctest.Wait()
+			e.rotate()
+			c.send(cmd("ECHO", "a"), cmd("CLIENT", "REPLY", "OFF"), cmd("ECHO", "b"))
+			synctest.Wait()
+			c.expect("every reply, the refusals included", noperm+bulkOf("a")+noperm+bulkOf("b"))
+			if got := e.fake.Conns()[0].Commands(); !slices.Contains(got, "AUTH oid-1 tok-2") {
+				t.Fatalf("no re-AUTH: %q", got)
+			}
+		})
+	})
 	t.Run("CLIENT REPLY OFF then ON", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
 			e := newPipeEnv(t, nil)

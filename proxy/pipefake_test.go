@@ -37,6 +37,7 @@ type fakeUpstream struct {
 	changed  chan struct{}          // closed and replaced when a list changes or an unblock is asked
 	events   []string               // what the fake did on its own (expiry closes), for failure messages
 	pushes   bool                   // on RESP3 connections, send a push before every reply
+	noReply  bool                   // CLIENT REPLY is denied (a data access policy): -NOPERM
 	shutdown bool
 }
 
@@ -330,7 +331,10 @@ func (c *fakeConn) run(args []string) {
 	if len(args) > 1 {
 		sub = strings.ToUpper(args[1])
 	}
-	if name == "CLIENT" && sub == "REPLY" && len(args) == 3 {
+	c.f.mu.Lock()
+	noReply := c.f.noReply
+	c.f.mu.Unlock()
+	if name == "CLIENT" && sub == "REPLY" && len(args) == 3 && !noReply {
 		switch strings.ToUpper(args[2]) {
 		case "ON":
 			c.replyOff, c.skipNext = false, false
@@ -428,6 +432,8 @@ func (c *fakeConn) command(name, sub string, args []string, inTx bool) {
 		c.reply("-ERR " + name + " without MULTI\r\n")
 	case name == "MONITOR":
 		c.reply("+OK\r\n")
+	case name == "CLIENT" && sub == "REPLY":
+		c.reply("-NOPERM this user has no permissions to run the 'client|reply' command\r\n")
 	case name == "CLIENT" && sub == "ID":
 		c.reply(":" + strconv.FormatInt(c.id, 10) + "\r\n")
 	case name == "CLIENT" && sub == "UNBLOCK" && len(args) >= 3:

@@ -1,10 +1,16 @@
 package proxy_test
 
 import (
+	"context"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
+	"github.com/entra-redis-proxy/entra-redis-proxy/proxy"
 	"github.com/entra-redis-proxy/entra-redis-proxy/resp"
 )
 
@@ -158,4 +164,117 @@ func TestPolicyWatchDenied(t *testing.T) {
 		openMulti("DEL c", "WATCH c", "MULTI", "INCR c"),
 		[]string{"EXEC", "GET c"},
 	)
+}
+
+// mechanisms counts the proxy's mechanisms and signals each use.
+type mechanisms struct {
+	proxy.NopObserver
+	mu    sync.Mutex
+	n     map[string]int
+	event chan string
+}
+
+func newMechanisms() *mechanisms {
+	return &mechanisms{n: map[string]int{}, event: make(chan string, 1024)}
+}
+
+func (m *mechanisms) Mechanism(name string) {
+	m.mu.Lock()
+	m.n[name]++
+	m.mu.Unlock()
+	select {
+	case m.event <- name:
+	default:
+	}
+}
+
+func (m *mechanisms) count(name string) int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.n[name]
+}
+
+// await waits for the next use of the mechanism name.
+func (m *mechanisms) await(t *testing.T, name string, within time.Duration) {
+	t.Helper()
+	deadline := time.After(within)
+	for {
+		select {
+		case got := <-m.event:
+			if got == name {
+				return
+			}
+		case <-deadline:
+			t.Fatalf("no %s within %v", name, within)
+		}
+	}
+}
+
+// An identity that may PSUBSCRIBE but not SUBSCRIBE: the handover subscribes its marker as a pattern, and a
+// RESP2 pattern subscriber gets every message once, in order, across token expiries.
+func TestPolicyHandoverAsPattern(t *testing.T) {
+	obs := newMechanisms()
+	f := newFixture(t, fixtureOpts{lifetime: 3 * time.Second, userRules: []string{"-subscribe"},
+		proxyOpt: func(o *proxy.Options) { o.Observer = obs }})
+	ctx := t.Context()
+	sub := f.client(t, 2).PSubscribe(ctx, "news.*")
+	if _, err := sub.Receive(ctx); err != nil {
+		t.Fatal(err)
+	}
+	msgs := sub.Channel(redis.WithChannelSize(1 << 16))
+	stop := make(chan struct{})
+	published := make(chan int, 1)
+	go func() {
+		i := 0
+		for ; ; i++ {
+			select {
+			case <-stop:
+				f.env.Admin(context.Background(), "PUBLISH", "news.a", "end")
+				published <- i
+				return
+			default:
+			}
+			if _, err := f.env.Admin(context.Background(), "PUBLISH", "news.a", strconv.Itoa(i)); err != nil {
+				t.Error(err)
+			}
+			time.Sleep(time.Millisecond) // a steady stream, not a flood
+		}
+	}()
+	f.rotations(t, 2)
+	close(stop)
+	n := <-published
+	for i := 0; ; i++ {
+		m := <-msgs
+		if m.Payload == "end" {
+			if i != n {
+				t.Fatalf("%d messages, want %d", i, n)
+			}
+			break
+		}
+		if m.Payload != strconv.Itoa(i) || m.Pattern != "news.*" {
+			t.Fatalf("message %d: %q by %q: lost, duplicated or reordered", i, m.Payload, m.Pattern)
+		}
+	}
+	if obs.count("handover") < 2 {
+		t.Fatalf("%d handovers across 2 expiries", obs.count("handover"))
+	}
+}
+
+// An identity limited to its own channels (Redis 7 channel rules): the marker is refused both ways, so the
+// handover gives up at once, says so (WARN, handover_refused), and the client is not stalled; its connection
+// ends when the old token expires, as it would without the proxy's help.
+func TestPolicyHandoverRefused(t *testing.T) {
+	obs := newMechanisms()
+	f := newFixture(t, fixtureOpts{lifetime: 3 * time.Second, userRules: []string{"resetchannels", "&news.*"},
+		proxyOpt: func(o *proxy.Options) { o.Observer = obs }})
+	r := f.raw(t)
+	r.send("SUBSCRIBE news.a")
+	r.expect("*3\r\n$9\r\nsubscribe\r\n$6\r\nnews.a\r\n:1\r\n")
+	obs.await(t, "handover_refused", 20*time.Second)
+	r.c.SetReadDeadline(time.Now().Add(5 * time.Second)) // the old code stalled the client 10 s per try
+	r.send("PING x")
+	r.expect("*2\r\n$4\r\npong\r\n$1\r\nx\r\n")
+	if n := obs.count("handover"); n != 0 {
+		t.Fatalf("%d handovers", n)
+	}
 }
