@@ -211,3 +211,38 @@ func (c countingConn) Write(p []byte) (int, error) {
 	c.n.add(len(p))
 	return c.TCPConn.Write(p)
 }
+
+// BenchmarkUpstreamDial is one new upstream connection (TCP, TLS, AUTH) as proxy.TLSDialer makes it, with
+// TLS session resumption (the default) and without, side by side.
+func BenchmarkUpstreamDial(b *testing.B) {
+	env := azurefake.StartT(b, azurefake.Options{TokenLifetime: 2 * time.Minute})
+	user, pass := env.AdminCredentials()
+	auth := resp.AppendCommand(nil, "AUTH", user, pass)
+	for _, tc := range []struct {
+		name   string
+		resume bool
+	}{{"Resumed", true}, {"Full", false}} {
+		b.Run(tc.name, func(b *testing.B) {
+			cfg := env.ClientTLSConfig()
+			cfg.SessionTicketsDisabled = !tc.resume
+			d := &proxy.TLSDialer{Addr: env.RedisAddr, Config: cfg}
+			resumed := 0
+			b.ReportAllocs()
+			for b.Loop() {
+				ctx, cancel := context.WithTimeout(b.Context(), benchIOLimit)
+				c, err := d.DialContext(ctx)
+				cancel()
+				if err != nil {
+					b.Fatal(err)
+				}
+				bc := &benchConn{c: c, r: bufio.NewReader(c)}
+				bc.roundTrip(b, auth, []byte("+OK\r\n"))
+				if c.(*tls.Conn).ConnectionState().DidResume {
+					resumed++
+				}
+				c.Close()
+			}
+			b.ReportMetric(float64(resumed)/float64(b.N), "resumed/op")
+		})
+	}
+}
