@@ -45,7 +45,6 @@ type Config struct {
 	AllowNonLoopback bool     `envconfig:"ENTRA_REDIS_PROXY_ALLOW_NON_LOOPBACK" default:"false" desc:"allow LISTEN on a non-loopback address (every process that can reach it can use your identity)"`
 	PoolSize         int      `envconfig:"ENTRA_REDIS_PROXY_POOL_SIZE" default:"4" desc:"authenticated upstream connections kept ready for new clients (a clean client's upstream is reused); 0 turns the pool off"`
 	LocalPassword    string   `envconfig:"ENTRA_REDIS_PROXY_LOCAL_PASSWORD" desc:"if set, clients must AUTH with this password before other commands"`
-	GoMaxProcs       int      `envconfig:"ENTRA_REDIS_PROXY_GOMAXPROCS" default:"1" desc:"CPUs the proxy runs on at once (Go's GOMAXPROCS): 1 leaves the other CPUs to the app and costs the least CPU per request, up to about one core's worth of traffic; 0 means Go's default (all CPUs or the container's limit); ignored when GOMAXPROCS is set"`
 }
 
 // ByteSize is a size in bytes read from strings like 512MiB, 64KB or 1048576.
@@ -145,9 +144,6 @@ func (c *Config) validate() error {
 	}
 	if c.MaxConnections < 0 {
 		return fmt.Errorf("%s: must be 0 (unlimited) or more", v("MAX_CONNECTIONS"))
-	}
-	if c.GoMaxProcs < 0 || c.GoMaxProcs > 1024 {
-		return fmt.Errorf("%s: must be between 0 (Go's default) and 1024", v("GOMAXPROCS"))
 	}
 	if c.PoolSize < 0 || c.PoolSize > 10000 {
 		return fmt.Errorf("%s: must be between 0 (off) and 10000", v("POOL_SIZE"))

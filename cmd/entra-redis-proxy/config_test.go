@@ -125,8 +125,6 @@ func TestConfigVariables(t *testing.T) {
 		{tag: "ALLOW_NON_LOOPBACK", def: false, valid: env{"ALLOW_NON_LOOPBACK": "true", "LISTEN": "0.0.0.0:6379"}, want: true,
 			invalid: []env{{"ALLOW_NON_LOOPBACK": "maybe"}}},
 		{tag: "LOCAL_PASSWORD", def: "", valid: env{"LOCAL_PASSWORD": "s3cret"}, want: "s3cret"},
-		{tag: "GOMAXPROCS", def: 1, valid: env{"GOMAXPROCS": "0"}, want: 0,
-			invalid: []env{{"GOMAXPROCS": "-1"}, {"GOMAXPROCS": "1025"}, {"GOMAXPROCS": "all"}}},
 	}
 
 	// Every variable of Config has a row, so that a new setting cannot go untested.
@@ -402,24 +400,5 @@ func TestInvalidConfigurationOneLine(t *testing.T) {
 				t.Errorf("stderr %q, want one line naming %s_%s", got, envPrefix, tc.key)
 			}
 		})
-	}
-}
-
-// The GOMAXPROCS setting applies unless Go's own GOMAXPROCS variable is set; 0 leaves Go's default.
-func TestMaxProcs(t *testing.T) {
-	for _, tc := range []struct {
-		setting int
-		goVar   string
-		want    int
-	}{
-		{1, "", 1},
-		{4, "", 4},
-		{0, "", 0},
-		{1, "2", 0},
-		{0, "2", 0},
-	} {
-		if got := maxProcs(tc.setting, tc.goVar); got != tc.want {
-			t.Errorf("maxProcs(%d, %q) = %d, want %d", tc.setting, tc.goVar, got, tc.want)
-		}
 	}
 }

@@ -12,7 +12,6 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"os"
-	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -116,19 +115,7 @@ func listen(addr string) (net.Listener, func(), error) {
 // 503 at once, the listener stays open for MIN_SIGTERM_DELAY, then every client connection is closed at its
 // next safe point, with every reply it asked for delivered (proxy.Server.Shutdown); the ones still open after
 // MAX_SIGTERM_DELAY are cut. A signal during the shutdown forces it: the open connections are cut at once.
-// maxProcs is the GOMAXPROCS to set for the GOMAXPROCS setting and the GOMAXPROCS variable, 0 for
-// none: Go's own variable wins, and 0 leaves Go's default.
-func maxProcs(setting int, goVar string) int {
-	if goVar != "" {
-		return 0
-	}
-	return setting
-}
-
 func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
-	if n := maxProcs(cfg.GoMaxProcs, os.Getenv("GOMAXPROCS")); n > 0 {
-		runtime.GOMAXPROCS(n)
-	}
 	reg := prometheus.NewRegistry()
 	m := metrics.New(reg)
 	m.SetMaxConnections(cfg.MaxConnections)
@@ -206,7 +193,7 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 	go func() { defer wg.Done(); serveDone <- srv.Serve(ln) }()
 
 	log.Info("entra-redis-proxy started", "version", version, "listen", cfg.Listen, "upstream", cfg.Upstream,
-		"credential", cfg.Credential, "http", cfg.HTTPListen, "gomaxprocs", runtime.GOMAXPROCS(0))
+		"credential", cfg.Credential, "http", cfg.HTTPListen)
 	go func() {
 		defer wg.Done()
 		select {
