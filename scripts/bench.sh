@@ -190,7 +190,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
 		echo "== Round $round/$ROUNDS, row $row: redis-benchmark ${ROW_ARGS[$row]}"
 		# Rotate the order every round, so that no target always runs first or last, and reverse it every
 		# other round, so that no target always runs right after another (the one after the proxy won by
-		# 10-40% at -P 16 whichever it was, in two runs of issue 13).
+		# 14-44% at -P 16 whichever it was, in two runs of issue 13).
 		ntargets=${#TARGETS[@]}
 		for ((i = 0; i < ntargets; i++)); do
 			j=$(((round % 2 ? i : ntargets - 1 - i) + round - 1))
