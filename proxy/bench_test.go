@@ -5,12 +5,15 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"fmt"
 	"io"
 	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/entra-redis-proxy/entra-redis-proxy/internal/azurefake"
+	"github.com/entra-redis-proxy/entra-redis-proxy/proxy"
 	"github.com/entra-redis-proxy/entra-redis-proxy/resp"
 )
 
@@ -123,4 +126,123 @@ func benchProxy(b *testing.B) func() (net.Conn, error) {
 	b.Helper()
 	addr := newFixture(b, fixtureOpts{}).addr
 	return func() (net.Conn, error) { return net.DialTimeout("tcp", addr, benchIOLimit) }
+}
+
+// BenchmarkPipelineWrites sends batches like redis-benchmark -P N (N commands in one write, then their N
+// replies) and reports the proxy's writes per batch in each direction: upstream (each one a TLS record) and
+// to the client. One write per direction per batch is the floor, whatever the batch size.
+func BenchmarkPipelineWrites(b *testing.B) {
+	for _, pairs := range []int{8, 50} {
+		b.Run(fmt.Sprintf("P%d", 2*pairs), func(b *testing.B) {
+			var up, down writeCount
+			f := newFixture(b, fixtureOpts{
+				proxyOpt: func(o *proxy.Options) {
+					o.Dialer = &countingDialer{tls: o.Dialer.(*proxy.TLSDialer), n: &up}
+				},
+				listener: func(ln net.Listener) net.Listener { return countingListener{ln, &down} },
+			})
+			c := dialBench(b, func() (net.Conn, error) { return net.DialTimeout("tcp", f.addr, benchIOLimit) })
+			c.roundTrip(b, resp.AppendCommand(nil, "PING"), []byte("+PONG\r\n")) // the upstream is set up
+			up0, down0 := up.snapshot(), down.snapshot()
+			benchPipeline(b, c, pairs)
+			upw, downw := up.snapshot().sub(up0), down.snapshot().sub(down0)
+			b.ReportMetric(float64(upw.writes)/float64(b.N), "upwrites/batch")
+			b.ReportMetric(float64(upw.bytes)/float64(upw.writes), "B/upwrite")
+			b.ReportMetric(float64(downw.writes)/float64(b.N), "clientwrites/batch")
+		})
+	}
+}
+
+// writeCount counts the writes on a set of connections and their bytes.
+type writeCount struct{ writes, bytes atomic.Int64 }
+
+type writeTotals struct{ writes, bytes int64 }
+
+func (w *writeCount) add(n int) { w.writes.Add(1); w.bytes.Add(int64(n)) }
+func (w *writeCount) snapshot() writeTotals {
+	return writeTotals{w.writes.Load(), w.bytes.Load()}
+}
+func (t writeTotals) sub(u writeTotals) writeTotals {
+	return writeTotals{t.writes - u.writes, t.bytes - u.bytes}
+}
+
+// countingDialer dials like tls (TLS over TCP) and counts the writes on the TCP connection: one per TLS
+// record the proxy sends.
+type countingDialer struct {
+	tls *proxy.TLSDialer
+	n   *writeCount
+}
+
+func (d *countingDialer) DialContext(ctx context.Context) (net.Conn, error) {
+	var nd net.Dialer
+	raw, err := nd.DialContext(ctx, "tcp", d.tls.Addr)
+	if err != nil {
+		return nil, err
+	}
+	c := tls.Client(countingConn{raw.(*net.TCPConn), d.n}, d.tls.Config.Clone())
+	if err := c.HandshakeContext(ctx); err != nil {
+		raw.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// countingListener accepts TCP connections whose writes are counted; they keep the socket's methods
+// (SyscallConn, CloseWrite), so the proxy treats them like plain TCP connections.
+type countingListener struct {
+	net.Listener
+	n *writeCount
+}
+
+func (l countingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return countingConn{c.(*net.TCPConn), l.n}, nil
+}
+
+type countingConn struct {
+	*net.TCPConn
+	n *writeCount
+}
+
+func (c countingConn) Write(p []byte) (int, error) {
+	c.n.add(len(p))
+	return c.TCPConn.Write(p)
+}
+
+// BenchmarkUpstreamDial is one new upstream connection (TCP, TLS, AUTH) as proxy.TLSDialer makes it, with
+// TLS session resumption (the default) and without, side by side.
+func BenchmarkUpstreamDial(b *testing.B) {
+	env := azurefake.StartT(b, azurefake.Options{TokenLifetime: 2 * time.Minute})
+	user, pass := env.AdminCredentials()
+	auth := resp.AppendCommand(nil, "AUTH", user, pass)
+	for _, tc := range []struct {
+		name   string
+		resume bool
+	}{{"Resumed", true}, {"Full", false}} {
+		b.Run(tc.name, func(b *testing.B) {
+			cfg := env.ClientTLSConfig()
+			cfg.SessionTicketsDisabled = !tc.resume
+			d := &proxy.TLSDialer{Addr: env.RedisAddr, Config: cfg}
+			resumed := 0
+			b.ReportAllocs()
+			for b.Loop() {
+				ctx, cancel := context.WithTimeout(b.Context(), benchIOLimit)
+				c, err := d.DialContext(ctx)
+				cancel()
+				if err != nil {
+					b.Fatal(err)
+				}
+				bc := &benchConn{c: c, r: bufio.NewReader(c)}
+				bc.roundTrip(b, auth, []byte("+OK\r\n"))
+				if c.(*tls.Conn).ConnectionState().DidResume {
+					resumed++
+				}
+				c.Close()
+			}
+			b.ReportMetric(float64(resumed)/float64(b.N), "resumed/op")
+		})
+	}
 }

@@ -41,7 +41,8 @@ type fixtureOpts struct {
 	upstream   string        // dial this address instead of the fake's
 	reqTimeout time.Duration // tokensource.Options.RequestTimeout; default 30s
 	proxyOpt   func(*proxy.Options)
-	userRules  []string // azurefake.Options.UserRules: a data access policy
+	userRules  []string                        // azurefake.Options.UserRules: a data access policy
+	listener   func(net.Listener) net.Listener // wraps the proxy's listener (to watch client connections)
 }
 
 // testLogger prints the proxy's warnings (everything with PROXY_TEST_DEBUG set), and fails the test if the
@@ -140,7 +141,7 @@ func newProxyFor(t testing.TB, env *azurefake.Env, o fixtureOpts) *fixture {
 	runDone := make(chan struct{})
 	go func() { defer close(runDone); src.Run(ctx) }()
 	t.Cleanup(func() { cancel(); <-runDone }) // after the proxy's cleanup (cleanups run last first)
-	srv, addr := startProxy(t, opts)
+	srv, addr := startProxyOn(t, opts, o.listener)
 	f := &fixture{env: env, src: src, srv: srv, addr: addr}
 	select {
 	case <-src.Ready():
@@ -154,6 +155,12 @@ func newProxyFor(t testing.TB, env *azurefake.Env, o fixtureOpts) *fixture {
 // no client connection had to be cut.
 func startProxy(t testing.TB, opts proxy.Options) (*proxy.Server, string) {
 	t.Helper()
+	return startProxyOn(t, opts, nil)
+}
+
+// startProxyOn is startProxy with the listener wrapped by wrap, if not nil.
+func startProxyOn(t testing.TB, opts proxy.Options, wrap func(net.Listener) net.Listener) (*proxy.Server, string) {
+	t.Helper()
 	srv, err := proxy.New(opts)
 	if err != nil {
 		t.Fatal(err)
@@ -161,6 +168,9 @@ func startProxy(t testing.TB, opts proxy.Options) (*proxy.Server, string) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
+	}
+	if wrap != nil {
+		ln = wrap(ln)
 	}
 	done := make(chan struct{})
 	go func() { defer close(done); srv.Serve(ln) }()

@@ -5,7 +5,11 @@
 # the proxy, and redis-benchmark against each of the three in turn, for BENCH_ROUNDS rounds
 # (default 3). The proxy's warm pool holds BENCH_POOL_SIZE (default 40: twice row e's clients, so a
 # client that reconnects finds the connection its predecessor returned). Prints one table of medians and ratios and writes it to .bench/results.md; raw
-# numbers and logs stay in .bench/. See issue 5 for the rows and targets.
+# numbers and logs stay in .bench/. See issue 5 for the rows and targets. The CPU time (utime+stime) of
+# stunnel and the proxy is read from /proc around each run, per request. BENCH_PROXY2_ENV (NAME=VALUE
+# words, e.g. GOMAXPROCS=1) adds a fourth target, proxy2: a second proxy with those variables set, in the
+# same rounds, and a table comparing it with the first (issue 13); BENCH_PROXY2_BIN runs another build as
+# proxy2 (e.g. the one before a change).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -16,13 +20,17 @@ IDLE_CLIENTS=5000 # row f; each also holds an upstream: the proxy needs 2 descri
 # rounds take about 3 minutes (under 10 even when other jobs load the machine).
 N_A=30000 N_B=150000 N_C=10000 N_D=1500 N_E=800
 TARGETS=(direct stunnel proxy)
+PROXY2_ENV=${BENCH_PROXY2_ENV:-} PROXY2_BIN=${BENCH_PROXY2_BIN:-}
+[[ -z $PROXY2_ENV$PROXY2_BIN ]] || TARGETS+=(proxy2)
+PROXY2_LABEL="${PROXY2_ENV:+$PROXY2_ENV }${PROXY2_BIN:-same build}"
 
 OUT=.bench
 BIN=$OUT/bin
 RAW=$OUT/raw.csv
-FAKE_PID='' STUNNEL_PID='' PROXY_PID='' IDLE_PID=''
+CPU=$OUT/cpu.csv
+FAKE_PID='' STUNNEL_PID='' PROXY_PID='' PROXY2_PID='' IDLE_PID=''
 
-cleanup() { stop_pids "$IDLE_PID" "$PROXY_PID" "$STUNNEL_PID" "$FAKE_PID"; }
+cleanup() { stop_pids "$IDLE_PID" "$PROXY2_PID" "$PROXY_PID" "$STUNNEL_PID" "$FAKE_PID"; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -35,7 +43,7 @@ fi
 
 started=$SECONDS
 mkdir -p "$BIN"
-rm -f "$OUT"/*.log "$RAW" "$OUT/failures.txt"
+rm -f "$OUT"/*.log "$RAW" "$CPU" "$OUT/failures.txt"
 echo "== Build"
 version=$(git describe --tags --always --dirty 2>/dev/null || echo dev)
 CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.version=$version" -o "$BIN/entra-redis-proxy" ./cmd/entra-redis-proxy
@@ -87,6 +95,19 @@ proxy_up() {
 }
 start_proxy
 echo "entra-redis-proxy $version: 127.0.0.1:$PROXY_PORT"
+if [[ -n $PROXY2_ENV$PROXY2_BIN ]]; then
+	PROXY2_PORT=$(free_port)
+	# shellcheck disable=SC2086 # PROXY2_ENV is a list of NAME=VALUE words
+	env $PROXY2_ENV ENTRA_REDIS_PROXY_LISTEN=127.0.0.1:$PROXY2_PORT ENTRA_REDIS_PROXY_HTTP_LISTEN= \
+		ENTRA_REDIS_PROXY_LOG_LEVEL=warn ENTRA_REDIS_PROXY_POOL_SIZE=${BENCH_POOL_SIZE:-40} "${PROXY2_BIN:-$BIN/entra-redis-proxy}" >>"$OUT/proxy2.log" 2>&1 &
+	PROXY2_PID=$!
+	proxy2_up() {
+		alive "$PROXY2_PID" || die "proxy2 exited: $(tail -n 5 "$OUT/proxy2.log")"
+		[[ $(redis-cli -p "$PROXY2_PORT" PING 2>/dev/null) == PONG ]]
+	}
+	wait_until 30 "proxy2 on port $PROXY2_PORT to answer PING" proxy2_up
+	echo "proxy2 ($PROXY2_LABEL): 127.0.0.1:$PROXY2_PORT"
+fi
 
 # target_args TARGET prints redis-benchmark's connection options for TARGET.
 target_args() {
@@ -95,14 +116,52 @@ target_args() {
 	direct) echo "-h 127.0.0.1 -p $REDIS_PORT --tls --cacert $FAKEAZURE_CA_FILE --sni $FAKEAZURE_SERVER_NAME $auth" ;;
 	stunnel) echo "-h 127.0.0.1 -p $STUNNEL_PORT $auth" ;;
 	proxy) echo "-h 127.0.0.1 -p $PROXY_PORT" ;; # no password: the proxy authenticates with the token
+	proxy2) echo "-h 127.0.0.1 -p $PROXY2_PORT" ;;
 	esac
+}
+
+# target_pid TARGET prints the process id of TARGET's hop, if it has one.
+target_pid() {
+	case $1 in
+	stunnel) echo "$STUNNEL_PID" ;;
+	proxy) echo "$PROXY_PID" ;;
+	proxy2) echo "$PROXY2_PID" ;;
+	esac
+}
+
+# cpu_ticks PID prints the process's utime+stime in clock ticks (fields 14 and 15 of /proc/PID/stat,
+# counted after the command name, which may hold spaces).
+cpu_ticks() {
+	sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
+}
+CLK_TCK=$(getconf CLK_TCK)
+
+# requests ARGS... prints how many requests a redis-benchmark command line makes: -n per test of -t.
+requests() {
+	local n=100000 tests=1
+	while (($#)); do
+		case $1 in
+		-n)
+			n=$2
+			shift
+			;;
+		-t)
+			tests=$(($(tr -cd , <<<"$2" | wc -c) + 1))
+			shift
+			;;
+		esac
+		shift
+	done
+	echo $((n * tests))
 }
 
 # bench ROW TARGET ROUND ARGS... runs redis-benchmark and appends one line per test to $RAW:
 # row,target,test,round,rps,p50_ms,p99_ms.
 bench() {
-	local row=$1 target=$2 round=$3 out
+	local row=$1 target=$2 round=$3 out pid ticks=''
 	shift 3
+	pid=$(target_pid "$target")
+	[[ -z $pid ]] || ticks=$(cpu_ticks "$pid")
 	# shellcheck disable=SC2046 # target_args is a list of words without spaces inside
 	if ! out=$(redis-benchmark $(target_args "$target") "$@" --csv 2>"$OUT/redis-benchmark.err"); then
 		# Keep going: the table shows the cell as failed, and the other rows still count.
@@ -111,6 +170,10 @@ bench() {
 	fi
 	echo "$out" | tr -d '"' | awk -F, -v p="$row,$target" -v r="$round" \
 		'NR > 1 && $2 > 0 { print p "," $1 "," r "," $2 "," $5 "," $7 }' >>"$RAW"
+	if [[ -n $pid ]]; then # row,target,round,CPU us per request
+		awk -v r="$row,$target,$round" -v t="$(($(cpu_ticks "$pid") - ticks))" -v hz="$CLK_TCK" -v n="$(requests "$@")" \
+			'BEGIN { printf "%s,%.3f\n", r, t / hz * 1e6 / n }' >>"$CPU"
+	fi
 	printf '  %-8s %s\n' "$target" "$(echo "$out" | tr -d '"' | awk -F, 'NR > 1 { printf "%s %.0f/s p50 %s ms  ", $1, $2, $5 }')"
 }
 
@@ -125,9 +188,13 @@ declare -A ROW_ARGS=(
 for ((round = 1; round <= ROUNDS; round++)); do
 	for row in "${ROWS[@]}"; do
 		echo "== Round $round/$ROUNDS, row $row: redis-benchmark ${ROW_ARGS[$row]}"
-		# Rotate the order every round, so that no target always runs first or last.
-		for ((i = 0; i < ${#TARGETS[@]}; i++)); do
-			target=${TARGETS[$(((i + round - 1) % ${#TARGETS[@]}))]}
+		# Rotate the order every round, so that no target always runs first or last, and reverse it every
+		# other round, so that no target always runs right after another (the one after the proxy won by
+		# 14-44% at -P 16 whichever it was, in two runs of issue 13).
+		ntargets=${#TARGETS[@]}
+		for ((i = 0; i < ntargets; i++)); do
+			j=$(((round % 2 ? i : ntargets - 1 - i) + round - 1))
+			target=${TARGETS[$((j % ntargets))]}
 			# shellcheck disable=SC2086
 			bench "$row" "$target" "$round" ${ROW_ARGS[$row]}
 		done
@@ -209,6 +276,33 @@ cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 	table_row "e. GET, new connection per request, 20 clients (req/s)" e GET 5 1 conn:8
 	awk -v v="$per_client" -v n="$IDLE_CLIENTS" 'BEGIN {
 		printf "| f. proxy RSS per idle client, %d clients (KiB) | - | - | %.1f | - | - | <= 40 KiB | %s |\n", n, v, v <= 40 ? "yes" : "NO" }'
+	echo
+	echo "CPU of the hop per request (utime+stime of its process over each run, median, us):"
+	echo
+	if [[ -n $PROXY2_ENV$PROXY2_BIN ]]; then
+		echo "| row | stunnel | proxy | proxy2 ($PROXY2_LABEL) | proxy2/proxy CPU | proxy2/proxy req/s |"
+		echo "|---|---:|---:|---:|---:|---|"
+	else
+		echo "| row | stunnel | proxy |"
+		echo "|---|---:|---:|"
+	fi
+	for row in "${ROWS[@]}"; do
+		awk -F, -v row="$row" -v two="$PROXY2_ENV$PROXY2_BIN" -v rps="$(for x in SET GET; do
+			a=$(median "$row" proxy "$x" 5) b=$(median "$row" proxy2 "$x" 5)
+			[[ $a == nan || $b == nan ]] || awk -v x="$x" -v a="$a" -v b="$b" 'BEGIN { printf "%s %.2f ", x, b / a }'
+		done)" '
+		$1 == row { v[$2] = v[$2] " " $4 }
+		function med(s,   a, n, i, j, t) {
+			n = split(s, a, " "); if (n == 0) return "-"
+			for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
+			return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+		}
+		END {
+			s = med(v["stunnel"]); p = med(v["proxy"]); q = med(v["proxy2"])
+			if (two == "") { printf "| %s | %s | %s |\n", row, s, p; exit }
+			printf "| %s | %s | %s | %s | %s | %s |\n", row, s, p, q, (p == "-" || q == "-" || p == 0) ? "-" : sprintf("%.2f", q / p), rps == "" ? "-" : rps
+		}' "$CPU"
+	done
 	if [[ -s $OUT/failures.txt ]]; then
 		echo
 		echo "Failed runs (their cells count as missing; see the logs in $OUT/):"
