@@ -5,13 +5,16 @@ FUZZTIME ?= 1m
 BENCH_ROUNDS ?= 3
 export FUZZTIME BENCH_ROUNDS
 
-.PHONY: help test demo bench bench-go fuzz soak stress build clean
+.PHONY: help test test-versions demo bench bench-go fuzz soak stress build clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 test: ## run all checks and tests: gofmt, go vet, go test -race (installs redis-server if missing)
 	scripts/test.sh
+
+test-versions: ## run the suites that start redis-server against Redis 6.0.20 and 7.2.6, built from REDIS_SOURCES (default ../shared/redis)
+	scripts/test-versions.sh
 
 demo: ## run the proxy end to end on loopback against a fake Azure cache, with a token rotation (~1 min)
 	scripts/demo.sh

@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/entra-redis-proxy/entra-redis-proxy/internal/azurefake"
 	"github.com/entra-redis-proxy/entra-redis-proxy/proxy"
 	"github.com/entra-redis-proxy/entra-redis-proxy/resp"
 )
@@ -65,6 +66,12 @@ import (
 // proxy side writes its last step, calls CloseWrite, and must deliver the same bytes, then EOF: the proxy
 // promises a half-closed client the replies to what it sent.
 //
+// Server versions. The generator speaks the dialect of the server under test (diffDialect): on Redis 6.0, what
+// Azure Cache for Redis runs, it sends no RESET (6.2+; the way back is UNSUBSCRIBE, PUNSUBSCRIBE, CLIENT REPLY ON,
+// UNWATCH, SELECT 0, HELLO 2 instead), no RPOP count and no HELLO without a version (6.2+), and no CLIENT REPLY
+// without an argument as a refused command (6.x queues it inside MULTI, where the model expects an abort). From
+// 7.0 on the sequences are exactly those it has always generated.
+//
 // Seeds: diffDefaultSeeds in CI; PROXY_DIFF_SEEDS=N runs seeds 1..N instead, PROXY_DIFF_SEED=S runs one seed.
 // A failure prints the seed, the step, the sequence and the first difference.
 
@@ -97,6 +104,21 @@ func diffSeeds(t *testing.T) []uint64 {
 		return seeds
 	}
 	return diffDefaultSeeds
+}
+
+// diffDialect is what the generator may send, by server version.
+type diffDialect struct {
+	reset      bool // RESET (6.2+)
+	popCount   bool // RPOP key count (6.2+)
+	bareHello  bool // HELLO without a protocol version (6.2+)
+	replyArity bool // CLIENT REPLY without an argument is refused while queuing, aborting a MULTI (7.0+)
+}
+
+// diff7 is the dialect of Redis 7.0 and newer: everything the generator knows.
+var diff7 = diffDialect{reset: true, popCount: true, bareHello: true, replyArity: true}
+
+func diffDialectFor(v azurefake.Version) diffDialect {
+	return diffDialect{reset: v.AtLeast(6, 2), popCount: v.AtLeast(6, 2), bareHello: v.AtLeast(6, 2), replyArity: v.AtLeast(7, 0)}
 }
 
 func TestDifferential(t *testing.T) {
@@ -272,6 +294,7 @@ func (m *diffModel) resp2Sub() bool   { return m.proto == 2 && m.subscribed() }
 type diffGen struct {
 	r    *rand.Rand
 	seed uint64
+	d    diffDialect
 	m    *diffModel
 	// blocking timeouts of the commands generated into the current step
 	blockFor time.Duration
@@ -291,8 +314,8 @@ func diffKeys(seed uint64) (strs, lists, empties, chans, pats []string) {
 	return
 }
 
-func newDiffGen(seed uint64) *diffGen {
-	g := &diffGen{r: rand.New(rand.NewPCG(seed, 0x5eed_d1ff)), seed: seed, m: newDiffModel()}
+func newDiffGen(seed uint64, d diffDialect) *diffGen {
+	g := &diffGen{r: rand.New(rand.NewPCG(seed, 0x5eed_d1ff)), seed: seed, d: d, m: newDiffModel()}
 	g.strs, g.lists, g.empties, g.chans, g.pats = diffKeys(seed)
 	return g
 }
@@ -379,7 +402,11 @@ func (g *diffGen) dataCmd(inMulti bool) []string {
 		return c
 	case 9:
 		if g.chance(0.3) {
-			return []string{"RPOP", g.pick(g.lists), strconv.Itoa(1 + g.r.IntN(3))}
+			c := []string{"RPOP", g.pick(g.lists), strconv.Itoa(1 + g.r.IntN(3))}
+			if !g.d.popCount {
+				c = c[:2]
+			}
+			return c
 		}
 		return []string{"RPOP", g.pick(g.lists)}
 	case 10:
@@ -415,6 +442,9 @@ func (g *diffGen) refusedCmd() []string {
 	case 3:
 		return []string{"lpush", g.pick(g.lists)}
 	default:
+		if !g.d.replyArity {
+			return []string{"CLIENT"}
+		}
 		return []string{"CLIENT", "REPLY"}
 	}
 }
@@ -548,20 +578,39 @@ func (g *diffGen) hello(st *diffModel) []string {
 		return []string{"HELLO", "3"}
 	case x < 8:
 		if st.subscribed() && st.replyOff {
-			return []string{"HELLO"} // RESP2 subscribed with replies off would have no way back
+			return g.bareHello() // RESP2 subscribed with replies off would have no way back
 		}
 		st.proto = 2
 		return []string{"HELLO", "2"}
 	case x < 9:
 		return []string{"HELLO", "4"}
 	default:
-		return []string{"HELLO"}
+		return g.bareHello()
 	}
 }
 
-// reset returns RESET and the AUTH it needs (the token user is logged out), and applies them.
+// bareHello is a HELLO that changes nothing: without arguments where the server allows that.
+func (g *diffGen) bareHello() []string {
+	if !g.d.bareHello {
+		return []string{"HELLO", "4"} // refused when run, like a bare HELLO on 6.0 would be, but not while queuing
+	}
+	return []string{"HELLO"}
+}
+
+// reset returns RESET and the AUTH it needs (the token user is logged out), and applies them. Without RESET
+// (6.0) it returns the commands that take the connection back to the state the model starts in.
 func (g *diffGen) reset() [][]string {
+	m := g.m
 	*g.m = *newDiffModel()
+	if !g.d.reset {
+		var cmds [][]string
+		if m.inMulti {
+			cmds = append(cmds, []string{"DISCARD"})
+		}
+		// Unsubscribing first: in RESP2 subscribed mode nothing else runs.
+		return append(cmds, []string{"UNSUBSCRIBE"}, []string{"PUNSUBSCRIBE"}, []string{"CLIENT", "REPLY", "ON"},
+			[]string{"UNWATCH"}, []string{"SELECT", "0"}, []string{"HELLO", "2"})
+	}
 	return [][]string{{"RESET"}, {"AUTH", diffAuthUser, diffAuthPass}}
 }
 
@@ -633,8 +682,8 @@ func (g *diffGen) closeStep(cmds [][]string, sentinel string) [][]string {
 	return append(cmds, []string{"PING", sentinel})
 }
 
-func genDiffSeq(seed uint64) *diffSeq {
-	g := newDiffGen(seed)
+func genDiffSeq(seed uint64, d diffDialect) *diffSeq {
+	g := newDiffGen(seed, d)
 	s := &diffSeq{seed: seed, halfClose: g.chance(0.25)}
 	nSteps := 5 + g.r.IntN(12)
 	holds := 0
@@ -1013,7 +1062,7 @@ func runDirect(t *testing.T, f *fixture, seq *diffSeq, ctl *diffControl) []diffC
 }
 
 func runDiffSeed(t *testing.T, f *fixture, seed uint64) {
-	seq := genDiffSeq(seed)
+	seq := genDiffSeq(seed, diffDialectFor(f.env.Version()))
 	ctl := newDiffControl(t, f)
 	want := runDirect(t, f, seq, ctl)
 
@@ -1088,15 +1137,51 @@ func diffTail(b []byte, n int) string {
 }
 
 // TestDifferentialGenerator checks that sequences are deterministic and that the default seeds cover what
-// the issue asks for. (Whether the generator's model is right shows in TestDifferential's direct runs.)
+// the issue asks for, in both dialects, and that the 6.0 dialect sends nothing 6.0 lacks. (Whether the
+// generator's model is right shows in TestDifferential's direct runs.)
 func TestDifferentialGenerator(t *testing.T) {
-	a, b := genDiffSeq(7).String(), genDiffSeq(7).String()
-	if a != b {
-		t.Fatal("the same seed gave two sequences")
+	diff60 := diffDialectFor(azurefake.Version{Major: 6, Minor: 0, Patch: 20})
+	if diffDialectFor(azurefake.Version{Major: 7, Minor: 0}) != diff7 || diff60 != (diffDialect{}) {
+		t.Fatalf("dialects: 7.0 %+v, 6.0 %+v", diffDialectFor(azurefake.Version{Major: 7, Minor: 0}), diff60)
 	}
+	common := []string{"half-close", "hold an open MULTI", "hold a blocked BLPOP", "rotate", "publish",
+		"open step", "MULTI", "EXEC", "DISCARD", "WATCH", "CLIENT REPLY OFF", "CLIENT REPLY SKIP", "CLIENT REPLY ON",
+		"SUBSCRIBE", "PSUBSCRIBE", "UNSUBSCRIBE", "HELLO 2", "HELLO 3", "BLPOP", "BRPOP", "SELECT", "ECHO",
+		"NOSUCHCMD", "value over 16 KiB"}
+	for _, tc := range []struct {
+		name      string
+		d         diffDialect
+		want, not []string
+	}{
+		{"7.0+", diff7, append(common, "RESET", "RPOP count", "HELLO", "CLIENT REPLY"), nil},
+		{"6.0", diff60, append(common, "UNWATCH", "PUNSUBSCRIBE", "CLIENT", "HELLO 4"), []string{"RESET", "RPOP count", "HELLO", "CLIENT REPLY"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, b := genDiffSeq(7, tc.d).String(), genDiffSeq(7, tc.d).String()
+			if a != b {
+				t.Fatal("the same seed gave two sequences")
+			}
+			seen := diffCoverage(tc.d)
+			for _, k := range tc.want {
+				if !seen[k] {
+					t.Errorf("the default seeds never generate %s", k)
+				}
+			}
+			for _, k := range tc.not {
+				if seen[k] {
+					t.Errorf("the default seeds generate %s, which this version lacks", k)
+				}
+			}
+		})
+	}
+}
+
+// diffCoverage returns what the default seeds generate: command names (CLIENT and HELLO with their argument,
+// and "CLIENT REPLY" and "HELLO" without; "RPOP count"), and op kinds.
+func diffCoverage(d diffDialect) map[string]bool {
 	seen := map[string]bool{}
 	for _, seed := range diffDefaultSeeds {
-		s := genDiffSeq(seed)
+		s := genDiffSeq(seed, d)
 		if s.halfClose {
 			seen["half-close"] = true
 		}
@@ -1114,8 +1199,11 @@ func TestDifferentialGenerator(t *testing.T) {
 				}
 				for _, c := range op.cmds {
 					name := strings.ToUpper(c[0])
-					if name == "CLIENT" && len(c) == 3 || name == "HELLO" && len(c) == 2 {
+					switch {
+					case name == "CLIENT" && len(c) <= 3 || name == "HELLO" && len(c) == 2:
 						name = strings.Join(c, " ")
+					case name == "RPOP" && len(c) == 3:
+						name = "RPOP count"
 					}
 					seen[name] = true
 					for _, a := range c {
@@ -1127,12 +1215,5 @@ func TestDifferentialGenerator(t *testing.T) {
 			}
 		}
 	}
-	for _, k := range []string{"half-close", "hold an open MULTI", "hold a blocked BLPOP", "rotate", "publish",
-		"open step", "MULTI", "EXEC", "DISCARD", "WATCH", "CLIENT REPLY OFF", "CLIENT REPLY SKIP", "CLIENT REPLY ON",
-		"SUBSCRIBE", "PSUBSCRIBE", "UNSUBSCRIBE", "HELLO 2", "HELLO 3", "BLPOP", "BRPOP", "SELECT", "ECHO",
-		"NOSUCHCMD", "RESET", "value over 16 KiB"} {
-		if !seen[k] {
-			t.Errorf("the default seeds never generate %s", k)
-		}
-	}
+	return seen
 }

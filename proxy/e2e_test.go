@@ -204,11 +204,17 @@ func TestClientReplyAcrossRotation(t *testing.T) {
 	})
 }
 
+// RESET (6.2+) puts the connection back in database 0, still authenticated as the token's user; on 6.0 it is an
+// unknown command and changes nothing.
 func TestResetThenCommands(t *testing.T) {
 	f := newFixture(t, fixtureOpts{})
 	r := f.raw(t)
-	r.send("SELECT 2", "RESET", "SET k v", "ACL WHOAMI")
-	r.expect("+OK\r\n+RESET\r\n+OK\r\n" + bulk(f.currentOID()))
+	r.send("SELECT 2", "RESET", "SET k v", "ACL WHOAMI", "SELECT 0", "GET k")
+	if f.atLeast(6, 2) {
+		r.expect("+OK\r\n+RESET\r\n+OK\r\n" + bulk(f.currentOID()) + "+OK\r\n" + bulk("v"))
+	} else {
+		r.expect("+OK\r\n-ERR unknown command `RESET`, with args beginning with: \r\n+OK\r\n" + bulk(f.currentOID()) + "+OK\r\n$-1\r\n")
+	}
 }
 
 // The client's own credentials are answered by the proxy and never reach the cache.

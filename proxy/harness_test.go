@@ -195,6 +195,10 @@ func (f *fixture) client(t *testing.T, protocol int) *redis.Client {
 	return c
 }
 
+// atLeast reports whether the cache's redis-server is major.minor or newer: tests use a version's equivalent
+// of a command it lacks (Azure Cache for Redis runs 6.0, without what 6.2 added).
+func (f *fixture) atLeast(major, minor int) bool { return f.env.Version().AtLeast(major, minor) }
+
 // minted returns how many tokens the identity endpoint has issued.
 func (f *fixture) minted() int { return f.env.Stats().Minted }
 

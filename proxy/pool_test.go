@@ -22,7 +22,7 @@ func (f *fixture) upstreamIDs(t *testing.T) map[int64]bool {
 	}
 	ids := map[int64]bool{}
 	for _, line := range strings.Split(list.(string), "\n") {
-		if line == "" || strings.Contains(line, " user=admin ") {
+		if line == "" || slices.Contains(strings.Fields(line), "user=admin") { // 6.0 ends the line with user=
 			continue
 		}
 		for _, field := range strings.Fields(line) {
@@ -47,6 +47,27 @@ func (f *fixture) clientID(t *testing.T) (int64, *raw) {
 	}
 	id, _ := strconv.ParseInt(strings.TrimSpace(line[1:]), 10, 64)
 	return id, r
+}
+
+// clientInfo returns the fields of CLIENT INFO for the upstream connection id serving r: through r on 6.2+, and
+// on 6.0, which has no CLIENT INFO, from the admin's CLIENT LIST.
+func (f *fixture) clientInfo(t *testing.T, r *raw, id int64) []string {
+	t.Helper()
+	if f.atLeast(6, 2) {
+		r.send("CLIENT INFO")
+		return strings.Fields(r.readBulk())
+	}
+	list, err := f.env.Admin(t.Context(), "CLIENT", "LIST")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(list.(string), "\n") {
+		if fields := strings.Fields(line); slices.Contains(fields, "id="+strconv.FormatInt(id, 10)) {
+			return fields
+		}
+	}
+	t.Fatalf("upstream %d is not in CLIENT LIST %q", id, list)
+	return nil
 }
 
 // poolIdle waits for the pool to hold n idle connections and no loan, and returns their CLIENT IDs.
@@ -204,11 +225,18 @@ func TestPoolNeverReusesDirtyConnections(t *testing.T) {
 				if next == id {
 					t.Fatal("a dirty connection was reused")
 				}
-				nr.send("CLIENT INFO")
-				fields := strings.Fields(nr.readBulk())
-				for _, want := range []string{"db=0", "name=", "sub=0", "psub=0", "multi=-1", "resp=2", "flags=N"} {
-					if !slices.Contains(fields, want) {
-						t.Errorf("new client's connection is not clean: %q lacks %q", fields, want)
+				fields := f.clientInfo(t, nr, next)
+				want := []string{"db=0", "name=", "sub=0", "psub=0", "multi=-1", "flags=N"}
+				if f.atLeast(7, 0) {
+					want = append(want, "resp=2")
+				} else {
+					// No resp= field before 7.0: an empty hash is *0 in RESP2, %0 in RESP3.
+					nr.send("HGETALL pool:nohash")
+					nr.expect("*0\r\n")
+				}
+				for _, w := range want {
+					if !slices.Contains(fields, w) {
+						t.Errorf("new client's connection is not clean: %q lacks %q", fields, w)
 					}
 				}
 				nr.c.Close()

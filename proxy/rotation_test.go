@@ -11,7 +11,8 @@ import (
 )
 
 // RESP2 subscribers (channels, patterns, shard channels) get every message exactly once, in order, across
-// rotations: the proxy hands them over to new connections at a point both message streams share.
+// rotations: the proxy hands them over to new connections at a point both message streams share. Before 7.0,
+// which has no shard channels, the second subscriber uses SUBSCRIBE and PUBLISH instead.
 func TestRESP2PubSubAcrossRotations(t *testing.T) {
 	f := newFixture(t, fixtureOpts{lifetime: 3 * time.Second})
 	ctx, cancel := context.WithCancel(t.Context())
@@ -21,7 +22,20 @@ func TestRESP2PubSubAcrossRotations(t *testing.T) {
 	if err := sub.PSubscribe(ctx, "pat.*"); err != nil {
 		t.Fatal(err)
 	}
-	ssub := f.client(t, 2).SSubscribe(ctx, "shard")
+	pub := f.client(t, 2)
+	shard := f.atLeast(7, 0)
+	var ssub *redis.PubSub
+	if shard {
+		ssub = f.client(t, 2).SSubscribe(ctx, "shard")
+	} else {
+		ssub = f.client(t, 2).Subscribe(ctx, "shard")
+	}
+	spublish := func(msg any) error {
+		if shard {
+			return pub.SPublish(ctx, "shard", msg).Err()
+		}
+		return pub.Publish(ctx, "shard", msg).Err()
+	}
 	for _, s := range []*redis.PubSub{sub, ssub} {
 		if _, err := s.Receive(ctx); err != nil {
 			t.Fatal(err)
@@ -30,7 +44,6 @@ func TestRESP2PubSubAcrossRotations(t *testing.T) {
 	if _, err := sub.Receive(ctx); err != nil { // the psubscribe confirmation
 		t.Fatal(err)
 	}
-	pub := f.client(t, 2)
 	got := map[string][]int{}
 	collect := func(ch <-chan *redis.Message, done chan<- error) {
 		for m := range ch {
@@ -73,13 +86,13 @@ func TestRESP2PubSubAcrossRotations(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if err := pub.SPublish(ctx, "shard", sent).Err(); err != nil {
+		if err := spublish(sent); err != nil {
 			t.Fatal(err)
 		}
 		time.Sleep(2 * time.Millisecond) // a steady publishing rate
 	}
 	pub.Publish(ctx, "chan", "end")
-	pub.SPublish(ctx, "shard", "end")
+	spublish("end")
 	for _, d := range []chan error{doneSub, doneShard} {
 		select {
 		case err := <-d:
@@ -136,6 +149,10 @@ func TestBlockedAcrossRotations(t *testing.T) {
 	f := newFixture(t, fixtureOpts{lifetime: 3 * time.Second})
 	ctx := t.Context()
 	other := f.client(t, 2)
+	blmove := "BLMOVE list3 dst3 LEFT RIGHT 0"
+	if !f.atLeast(6, 2) {
+		blmove = "BRPOPLPUSH list3 dst3 0" // 6.0's BLMOVE list3 dst3 RIGHT LEFT 0
+	}
 	cases := []struct {
 		desc, cmd string
 		push      func() error
@@ -145,7 +162,7 @@ func TestBlockedAcrossRotations(t *testing.T) {
 			"*2\r\n" + bulk("list1") + bulk("v1")},
 		{"BRPOP 60s", "BRPOP list2 60", func() error { return other.LPush(ctx, "list2", "v2").Err() },
 			"*2\r\n" + bulk("list2") + bulk("v2")},
-		{"BLMOVE forever", "BLMOVE list3 dst3 LEFT RIGHT 0", func() error { return other.LPush(ctx, "list3", "v3").Err() },
+		{"BLMOVE forever", blmove, func() error { return other.LPush(ctx, "list3", "v3").Err() },
 			bulk("v3")},
 		{"BZPOPMIN forever", "BZPOPMIN zset4 0", func() error { return other.ZAdd(ctx, "zset4", redis.Z{Score: 1, Member: "m"}).Err() },
 			"*3\r\n" + bulk("zset4") + bulk("m") + bulk("1")},

@@ -21,6 +21,8 @@ import (
 	"net/http/httptest"
 	"os"
 	"os/exec"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -44,8 +46,14 @@ type Options struct {
 	// Tokens themselves are never logged.
 	Logger *slog.Logger
 	// UserRules are ACL rules added after "+@all" to every token's user, as an Azure data access policy
-	// restricts an identity: e.g. "-multi", "-client|reply", "resetchannels", "&news.*".
+	// restricts an identity: e.g. "-multi", "-client|reply", "resetchannels", "&news.*" (channel
+	// rules need 6.2 or newer: see Env.Version).
 	UserRules []string
+	// RenameCommands are written to redis.conf as "rename-command NAME NEWNAME"; an empty NEWNAME
+	// disables the command, e.g. {"RESET": ""} emulates a server without RESET (Redis 6.0,
+	// Redis Enterprise). NAME must exist in the server's version (redis-server refuses to start
+	// otherwise: see ServerVersion), and ACL, AUTH and PING, which the harness uses, cannot be renamed.
+	RenameCommands map[string]string
 }
 
 // Env is a running fake: redis-server plus identity endpoint. Its exported fields are fixed
@@ -67,6 +75,8 @@ type Env struct {
 	untrustedCA   string         // path of a PEM of a CA that signed nothing here
 	expiredCert   bool           // Options.ExpiredCert
 	userRules     []string       // Options.UserRules
+	renames       [][2]string    // Options.RenameCommands, sorted by name
+	version       Version        // of redisPath, read by Start
 	removeDir     bool
 	http          *httptest.Server
 	ctx           context.Context // canceled by Close, ends ACL commands of the expirer
@@ -105,6 +115,14 @@ func Start(ctx context.Context, opts Options) (_ *Env, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w (%v)", ErrNoRedisServer, err)
 	}
+	version, err := serverVersion(ctx, redisPath)
+	if err != nil {
+		return nil, err
+	}
+	renames, err := checkRenames(opts.RenameCommands)
+	if err != nil {
+		return nil, err
+	}
 	if opts.TokenLifetime <= 0 {
 		opts.TokenLifetime = time.Hour
 	}
@@ -128,6 +146,8 @@ func Start(ctx context.Context, opts Options) (_ *Env, err error) {
 		lifetime:       opts.TokenLifetime,
 		expiredCert:    opts.ExpiredCert,
 		userRules:      opts.UserRules,
+		renames:        renames,
+		version:        version,
 	}
 	e.ctx, e.cancel = context.WithCancel(context.Background())
 	if e.Dir == "" {
@@ -197,6 +217,38 @@ func (e *Env) writeCerts(expired bool) error {
 		e.path("server.pem"):     certPEM,
 		e.path("server-key.pem"): keyPEM,
 	})
+}
+
+// Version returns the version of the redis-server this Env runs, for tests that must choose a
+// command the version has (BRPOPLPUSH before 6.2, BLMOVE after).
+func (e *Env) Version() Version { return e.version }
+
+// harnessCommands are the commands the harness itself sends; renaming them would lock it out.
+var harnessCommands = []string{"ACL", "AUTH", "PING"}
+
+// checkRenames validates Options.RenameCommands and returns them sorted by name. Names are
+// plain words, so that redis.conf quoting is exact.
+func checkRenames(m map[string]string) ([][2]string, error) {
+	word := func(s string) bool {
+		for _, r := range s {
+			if r <= ' ' || r > '~' || r == '"' || r == '\\' || r == '\'' {
+				return false
+			}
+		}
+		return true
+	}
+	var out [][2]string
+	for from, to := range m {
+		if from == "" || !word(from) || !word(to) {
+			return nil, fmt.Errorf("azurefake: RenameCommands %q -> %q: names must be printable ASCII words", from, to)
+		}
+		if slices.ContainsFunc(harnessCommands, func(c string) bool { return strings.EqualFold(c, from) }) {
+			return nil, fmt.Errorf("azurefake: RenameCommands: %s is used by the harness and cannot be renamed", from)
+		}
+		out = append(out, [2]string{from, to})
+	}
+	slices.SortFunc(out, func(a, b [2]string) int { return strings.Compare(a[0], b[0]) })
+	return out, nil
 }
 
 // UntrustedCAFile returns the path of a PEM file of a CA that did not sign the server

@@ -467,3 +467,112 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 		}
 	}
 }
+
+// tokenConn mints a token through the identity endpoint and returns a connection authenticated with it.
+func tokenConn(t *testing.T, e *Env) *respConn {
+	t.Helper()
+	q := url.Values{"api-version": {appServiceAPIVersion}, "resource": {"https://redis.azure.com"}}
+	status, body, err := tokenRequest(t.Context(), e, e.IdentityHeader, q)
+	if err != nil || status != 200 {
+		t.Fatalf("token request: %d %q %v", status, body, err)
+	}
+	var r map[string]string
+	if err := json.Unmarshal(body, &r); err != nil {
+		t.Fatalf("token body %q: %v", body, err)
+	}
+	oid, _ := claims(t, r["access_token"])["oid"].(string)
+	c := mustDial(t, e)
+	if got, err := c.do("AUTH", oid, r["access_token"]); err != nil || got != "+OK" {
+		t.Fatalf("AUTH as the token's user: %q, %v", got, err)
+	}
+	return c
+}
+
+func TestParseVersion(t *testing.T) {
+	for in, want := range map[string]Version{
+		"Redis server v=6.0.20 sha=00000000:0 malloc=libc bits=64 build=b5f691652ff47944\n":        {6, 0, 20},
+		"Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc-5.3.0 bits=64 build=ae4d7c971a948f0": {7, 0, 15},
+	} {
+		if got, err := parseVersion(in); err != nil || got != want {
+			t.Errorf("parseVersion(%q) = %v, %v; want %v", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "Redis server v=7.x", "KeyDB v=6"} {
+		if got, err := parseVersion(in); err == nil {
+			t.Errorf("parseVersion(%q) = %v, want an error", in, got)
+		}
+	}
+	v := Version{6, 2, 0}
+	for _, c := range []struct {
+		major, minor int
+		want         bool
+	}{{6, 0, true}, {6, 2, true}, {6, 3, false}, {7, 0, false}, {5, 9, true}} {
+		if got := v.AtLeast(c.major, c.minor); got != c.want {
+			t.Errorf("%v.AtLeast(%d, %d) = %v, want %v", v, c.major, c.minor, got, c.want)
+		}
+	}
+}
+
+// The Env runs the version it reports, and its token users may use every pub/sub channel on it
+// (through "&*" from 6.2 on; 6.0 has no channel rules).
+func TestVersionAndChannels(t *testing.T) {
+	e := StartT(t, Options{})
+	want, err := ServerVersion(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.Version() != want || want.Major < 6 {
+		t.Fatalf("Version() = %v, redis-server --version says %v", e.Version(), want)
+	}
+	info, err := e.Admin(t.Context(), "INFO", "server")
+	if s, _ := info.(string); err != nil || !strings.Contains(s, "redis_version:"+want.String()+"\r\n") {
+		t.Fatalf("INFO server = %q, %v; want redis_version:%v", info, err, want)
+	}
+	sub := tokenConn(t, e)
+	if got, err := sub.do("SUBSCRIBE", "news"); err != nil || got != "*3" {
+		t.Fatalf("SUBSCRIBE news as a token user: %q, %v", got, err)
+	}
+	if got, err := tokenConn(t, e).do("PUBLISH", "news", "hi"); err != nil || got != ":1" {
+		t.Fatalf("PUBLISH news as a token user: %q, %v; want :1 (the subscriber)", got, err)
+	}
+}
+
+func TestRenameCommands(t *testing.T) {
+	renames := map[string]string{"FLUSHALL": "", "echo": "SAY"}
+	v, err := ServerVersion(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.AtLeast(6, 2) { // 6.0 has no RESET: renaming it would be refused at startup
+		renames["RESET"] = ""
+	}
+	e := StartT(t, Options{RenameCommands: renames})
+	c := tokenConn(t, e)
+	for _, step := range [][2]string{
+		{"FLUSHALL", "-ERR unknown command"},
+		{"ECHO hi", "-ERR unknown command"},
+		{"SAY hi", "hi"},
+		{"RESET", "-ERR unknown command"}, // taken away, or never there
+		{"PING", "+PONG"},
+	} {
+		if got, err := c.do(strings.Fields(step[0])...); err != nil || !strings.HasPrefix(got, step[1]) {
+			t.Fatalf("%s: got %q, %v; want %q", step[0], got, err, step[1])
+		}
+	}
+	if got, err := e.Admin(t.Context(), "ACL", "WHOAMI"); err != nil || got != "admin" {
+		t.Fatalf("admin after renames: %v, %v", got, err)
+	}
+
+	for _, bad := range []map[string]string{{"acl": "X"}, {"AUTH": ""}, {"GET": "G T"}, {"": "X"}, {"GET": `"`}} {
+		if e, err := Start(t.Context(), Options{RenameCommands: bad}); err == nil {
+			e.Close()
+			t.Errorf("Start with RenameCommands %q succeeded, want an error", bad)
+		}
+	}
+	if e, err := Start(t.Context(), Options{RenameCommands: map[string]string{"NOSUCHCMD": ""}}); err == nil {
+		e.Close()
+		t.Errorf("Start renaming a command the server lacks succeeded, want redis-server's refusal")
+	} else if !strings.Contains(err.Error(), "No such command in rename-command") {
+		t.Errorf("Start renaming NOSUCHCMD: %v, want redis-server's reason", err)
+	}
+}

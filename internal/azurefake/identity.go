@@ -242,7 +242,11 @@ func (e *Env) mint(ctx context.Context, resource, clientID string) (IssuedToken,
 func (e *Env) setUserLocked(ctx context.Context, t IssuedToken) error {
 	ctx, cancel := context.WithTimeout(ctx, aclTimeout)
 	defer cancel()
-	args := []any{"ACL", "SETUSER", t.OID, "on", ">" + t.Token, "~*", "&*", "+@all"}
+	args := []any{"ACL", "SETUSER", t.OID, "on", ">" + t.Token, "~*"}
+	if ch := strings.TrimSpace(e.allChannels()); ch != "" {
+		args = append(args, ch)
+	}
+	args = append(args, "+@all")
 	for _, r := range e.userRules {
 		args = append(args, r)
 	}

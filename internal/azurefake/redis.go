@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -37,10 +38,11 @@ type redisProc struct {
 }
 
 // redisConfig renders redis.conf. Everything Azure-like is here: TLS only, no default
-// user, no persistence.
+// user, no persistence, the commands Options.RenameCommands takes away.
 func (e *Env) redisConfig(port int) string {
 	q := strconv.Quote
-	return fmt.Sprintf(`# written by azurefake
+	var b strings.Builder
+	fmt.Fprintf(&b, `# written by azurefake
 daemonize no
 bind 127.0.0.1
 port 0
@@ -55,9 +57,23 @@ appendonly no
 dir %s
 logfile %s
 user default off
-user %s on >%s ~* &* +@all
+user %s on >%s ~* %s+@all
 `, port, q(e.path("server.pem")), q(e.path("server-key.pem")), q(e.CAFile),
-		q(e.Dir), q(e.path("redis.log")), adminUser, e.adminPassword)
+		q(e.Dir), q(e.path("redis.log")), adminUser, e.adminPassword, e.allChannels())
+	for _, r := range e.renames {
+		fmt.Fprintf(&b, "rename-command %s %s\n", r[0], q(r[1]))
+	}
+	return b.String()
+}
+
+// allChannels is the ACL rule, with a trailing space, that allows every pub/sub channel: "&* "
+// since 6.2, whose default for new users is to allow none from 7.0 on; nothing on 6.0, which
+// has no channel rules and allows every channel.
+func (e *Env) allChannels() string {
+	if e.version.AtLeast(6, 2) {
+		return "&* "
+	}
+	return ""
 }
 
 // startRedisLocked starts redis-server on port and waits until the admin user can PING it.
