@@ -42,6 +42,7 @@ type fixtureOpts struct {
 	reqTimeout time.Duration // tokensource.Options.RequestTimeout; default 30s
 	proxyOpt   func(*proxy.Options)
 	userRules  []string                        // azurefake.Options.UserRules: a data access policy
+	renames    map[string]string               // azurefake.Options.RenameCommands: a server lacking some
 	listener   func(net.Listener) net.Listener // wraps the proxy's listener (to watch client connections)
 }
 
@@ -99,7 +100,7 @@ func newFixture(t testing.TB, o fixtureOpts) *fixture {
 		// cache (which keeps tokens valid for 5 minutes or more) never hands one Env's token to another.
 		o.lifetime = 2 * time.Minute
 	}
-	env := azurefake.StartT(t, azurefake.Options{TokenLifetime: o.lifetime, UserRules: o.userRules})
+	env := azurefake.StartT(t, azurefake.Options{TokenLifetime: o.lifetime, UserRules: o.userRules, RenameCommands: o.renames})
 	return newProxyFor(t, env, o)
 }
 
