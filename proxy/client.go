@@ -557,7 +557,9 @@ func (s *session) onSubscribe(cmd resp.Command, e entry) {
 		s.expect(e) // queued
 		return
 	}
-	// Confirmations are pushed even under CLIENT REPLY OFF or SKIP (which the command still spends).
+	// Confirmations are pushed even under CLIENT REPLY OFF or SKIP (which the command still spends); an
+	// error is not.
+	e.optional = s.cl.mode != replyOn
 	s.cl.mode.takes()
 	s.cl.entries = append(s.cl.entries, e)
 }

@@ -39,7 +39,11 @@ type entry struct {
 	text  string   // actReplace: the reply to send; actFail: the error line
 	blk   *blocked // a blocking command, for a re-issue after an unblock
 	quiet bool     // the reply is the proxy's to read (e.g. HELLO under CLIENT REPLY OFF): not passed on
-	watch watchEffect
+	// optional: the reply may never come. A (P|S)SUBSCRIBE sent under CLIENT REPLY OFF or SKIP has its
+	// confirmations pushed, but a refusal (NOPERM) is a reply, which is suppressed: a frame that is not
+	// its confirmation settles it unanswered.
+	optional bool
+	watch    watchEffect
 	// sets: what the command changes in the state a handover carries, applied if its reply is not an
 	// error; for actExec, the transaction's settings, each applied by its element of the reply.
 	sets []setting
@@ -60,8 +64,13 @@ type ledger struct {
 	n       int       // entries not settled
 	unsent  int       // entries settled whose replies are not yet written to the client
 	sent    uint64    // deliveries so far: progress, for waits re-armed on progress
+	maybe   int       // entries not settled that are optional (their reply may never come)
 	closed  bool      // push and waits return at once
 }
+
+// optionalQuiet bounds a wait for a safe point while only optional entries are outstanding: an answer that
+// never comes (a refusal under CLIENT REPLY OFF) shows only as silence.
+const optionalQuiet = 2 * time.Second
 
 // maxPending bounds the commands in flight on one connection (redis has no such bound, but this is far
 // above what any client pipelines and keeps a runaway client's memory bounded): push blocks while it is
@@ -90,6 +99,9 @@ func (l *ledger) push(es []entry) bool {
 		}
 		l.q[(l.head+l.n)%len(l.q)] = e
 		l.n++
+		if e.optional {
+			l.maybe++
+		}
 	}
 	return !l.closed
 }
@@ -128,6 +140,9 @@ func (l *ledger) settle() {
 	defer l.mu.Unlock()
 	if l.n == 0 {
 		return
+	}
+	if l.q[l.head].optional {
+		l.maybe--
 	}
 	l.q[l.head] = entry{}
 	l.head = (l.head + 1) % len(l.q)
@@ -168,14 +183,19 @@ func (l *ledger) idle() bool {
 }
 
 // waitIdle waits for a safe point, until the ledger is closed, or until no reply has been delivered for
-// quiet (the wait is re-armed on every delivery). It reports whether the safe point was reached.
+// quiet (the wait is re-armed on every delivery), or optionalQuiet while only optional entries are
+// outstanding. It reports whether the safe point was reached.
 func (l *ledger) waitIdle(quiet time.Duration) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for !l.closed && (l.n > 0 || l.unsent > 0) {
 		seen := l.sent
 		timedOut := false
-		t := time.AfterFunc(quiet, func() {
+		wait := quiet
+		if l.n == l.maybe && l.unsent == 0 {
+			wait = min(quiet, optionalQuiet)
+		}
+		t := time.AfterFunc(wait, func() {
 			l.mu.Lock()
 			timedOut = true
 			l.changed.Broadcast()

@@ -308,3 +308,13 @@ func TestPolicyHandoverRefused(t *testing.T) {
 		t.Fatalf("%d handovers", n)
 	}
 }
+
+// A SUBSCRIBE refused under CLIENT REPLY OFF: its error is suppressed, so no answer ever comes; the proxy
+// must not wait for one forever (it did: the client loop hung before CLIENT REPLY ON).
+func TestPolicySubscribeRefusedRepliesOff(t *testing.T) {
+	f := newFixture(t, fixtureOpts{lifetime: time.Minute, userRules: []string{"-subscribe"}})
+	sameAsDirect(t, f, nil,
+		[]string{"CLIENT REPLY OFF", "SUBSCRIBE x", "CLIENT REPLY ON", "PING", "SET k v", "GET k"},
+		[]string{"CLIENT REPLY SKIP", "SUBSCRIBE x", "PING", "GET k"},
+	)
+}

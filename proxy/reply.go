@@ -221,6 +221,23 @@ func (s *session) classify(p []byte, h *resp.Head) (bool, error) {
 		}
 	}
 	e, ok := s.led.front()
+	for ok && e.optional {
+		if len(p) < 2 {
+			return false, nil
+		}
+		if p[0] == '*' {
+			if ok, err := resp.PeekHead(p, 1, h); !ok || err != nil {
+				return ok, err
+			}
+			if len(h.Elems) == 1 {
+				if confirm, _ := isConfirm(h.Elems[0], e.fam); confirm {
+					break
+				}
+			}
+		}
+		s.led.settle() // refused under CLIENT REPLY OFF or SKIP: its answer was suppressed
+		e, ok = s.led.front()
+	}
 	if !ok {
 		// Nothing is expected (a CLIENT REPLY state the proxy could not foresee): the client may be.
 		s.log.Debug("reply with no command waiting; passing it on")

@@ -334,3 +334,32 @@ func TestFactsLearn(t *testing.T) {
 		}
 	}
 }
+
+// A wait for a safe point with only optional entries outstanding (answers that may never come) ends after
+// optionalQuiet; with any other entry outstanding it waits for it.
+func TestLedgerOptional(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		l := newLedger()
+		l.push([]entry{{optional: true}})
+		start := time.Now()
+		if l.waitIdle(forever) || time.Since(start) != optionalQuiet {
+			t.Fatalf("waited %v for an optional answer", time.Since(start))
+		}
+		l.push([]entry{{}})
+		done := make(chan bool)
+		go func() { done <- l.waitIdle(forever) }()
+		time.Sleep(time.Hour) // the fake clock: nothing comes
+		synctest.Wait()
+		select {
+		case <-done:
+			t.Fatal("stopped waiting for a required answer")
+		default:
+		}
+		l.settle()
+		l.settle()
+		l.delivered()
+		if !<-done {
+			t.Fatal("not idle after both settled")
+		}
+	})
+}
