@@ -22,6 +22,7 @@ type Config struct {
 	Upstream      string        `envconfig:"ENTRA_REDIS_PROXY_UPSTREAM" required:"true" desc:"Azure Cache for Redis host[:port]; the port defaults to 6380 (Azure Managed Redis listens on 10000)"`
 	Listen        string        `envconfig:"ENTRA_REDIS_PROXY_LISTEN" default:"127.0.0.1:6379" desc:"where apps connect: host:port on loopback, or unix:/path/to/socket (created with mode 0600)"`
 	HTTPListen    string        `envconfig:"ENTRA_REDIS_PROXY_HTTP_LISTEN" default:"127.0.0.1:9090" desc:"host:port for /metrics, /startup, /liveness, /readiness; empty turns the HTTP server off"`
+	AdminListen   string        `envconfig:"ENTRA_REDIS_PROXY_ADMIN_LISTEN" default:"127.0.0.1:9091" desc:"loopback host:port or unix:/path/to/socket for POST /quitquitquit and /debug/pprof; opened only when QUITQUITQUIT or PPROF is on"`
 	Credential    string        `envconfig:"ENTRA_REDIS_PROXY_CREDENTIAL" default:"default" desc:"how to get Entra tokens: default, managed-identity, workload-identity, azure-cli, client-secret, client-certificate (azidentity's AZURE_* variables apply)"`
 	MIClientID    string        `envconfig:"ENTRA_REDIS_PROXY_MANAGED_IDENTITY_CLIENT_ID" desc:"client ID of a user-assigned managed identity (credential managed-identity or default)"`
 	MIResourceID  string        `envconfig:"ENTRA_REDIS_PROXY_MANAGED_IDENTITY_RESOURCE_ID" desc:"resource ID of a user-assigned managed identity (credential managed-identity); excludes MANAGED_IDENTITY_CLIENT_ID"`
@@ -36,10 +37,10 @@ type Config struct {
 	MinSigtermDelay   time.Duration `envconfig:"ENTRA_REDIS_PROXY_MIN_SIGTERM_DELAY" default:"0s" desc:"after SIGTERM, keep accepting new connections this long"`
 	MaxSigtermDelay   time.Duration `envconfig:"ENTRA_REDIS_PROXY_MAX_SIGTERM_DELAY" default:"30s" desc:"after SIGTERM (and MIN_SIGTERM_DELAY), wait this long for open connections to finish before closing them"`
 	ExitZeroOnSigterm bool          `envconfig:"ENTRA_REDIS_PROXY_EXIT_ZERO_ON_SIGTERM" default:"false" desc:"exit 0 even when connections had to be cut at shutdown (for Kubernetes Jobs)"`
-	QuitQuitQuit      bool          `envconfig:"ENTRA_REDIS_PROXY_QUITQUITQUIT" default:"false" desc:"serve POST /quitquitquit, which starts the same shutdown as SIGTERM"`
+	QuitQuitQuit      bool          `envconfig:"ENTRA_REDIS_PROXY_QUITQUITQUIT" default:"false" desc:"serve POST /quitquitquit on ADMIN_LISTEN, which starts the same shutdown as SIGTERM"`
 	LogFormat         string        `envconfig:"ENTRA_REDIS_PROXY_LOG_FORMAT" default:"text" desc:"text or json"`
 	LogLevel          string        `envconfig:"ENTRA_REDIS_PROXY_LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
-	Pprof             bool          `envconfig:"ENTRA_REDIS_PROXY_PPROF" default:"false" desc:"serve /debug/pprof on HTTP_LISTEN"`
+	Pprof             bool          `envconfig:"ENTRA_REDIS_PROXY_PPROF" default:"false" desc:"serve /debug/pprof on ADMIN_LISTEN"`
 
 	MaxBulkBytes     ByteSize `envconfig:"ENTRA_REDIS_PROXY_MAX_BULK_BYTES" default:"512MiB" desc:"largest bulk string a client may send (like redis proto-max-bulk-len)"`
 	AllowNonLoopback bool     `envconfig:"ENTRA_REDIS_PROXY_ALLOW_NON_LOOPBACK" default:"false" desc:"allow LISTEN on a non-loopback address (every process that can reach it can use your identity)"`
@@ -104,6 +105,9 @@ func (c *Config) validate() error {
 	c.Upstream = net.JoinHostPort(host, port)
 	if err := c.validateListen(); err != nil {
 		return fmt.Errorf("%s: %v", v("LISTEN"), err)
+	}
+	if err := c.validateAdminListen(); err != nil {
+		return fmt.Errorf("%s: %v", v("ADMIN_LISTEN"), err)
 	}
 	if c.HTTPListen != "" {
 		if _, _, err := net.SplitHostPort(c.HTTPListen); err != nil {
@@ -193,15 +197,42 @@ func (c *Config) validateListen() error {
 	if err != nil {
 		return fmt.Errorf("%q is not host:port or unix:/path", c.Listen)
 	}
-	if c.AllowNonLoopback {
+	if c.AllowNonLoopback || isLoopbackHost(host) {
 		return nil
 	}
-	if host == "localhost" {
+	return fmt.Errorf("%q is not a loopback address; every process that can reach it could use this identity. Set %s_ALLOW_NON_LOOPBACK=true to allow it", host, envPrefix)
+}
+
+// validateAdminListen keeps /quitquitquit and /debug/pprof off the network: anyone who reaches them can stop
+// the proxy or profile it. ALLOW_NON_LOOPBACK does not apply. Empty turns them off; enabling either needs it.
+func (c *Config) validateAdminListen() error {
+	if c.AdminListen == "" {
+		if c.QuitQuitQuit || c.Pprof {
+			return fmt.Errorf("empty, but %s_QUITQUITQUIT or %s_PPROF is on and needs it", envPrefix, envPrefix)
+		}
 		return nil
 	}
-	addr, err := netip.ParseAddr(host)
-	if err != nil || !addr.IsLoopback() {
-		return fmt.Errorf("%q is not a loopback address; every process that can reach it could use this identity. Set %s_ALLOW_NON_LOOPBACK=true to allow it", host, envPrefix)
+	if path, ok := strings.CutPrefix(c.AdminListen, "unix:"); ok {
+		if path == "" {
+			return errors.New("unix: needs a socket path")
+		}
+		return nil
+	}
+	host, _, err := net.SplitHostPort(c.AdminListen)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port or unix:/path", c.AdminListen)
+	}
+	if !isLoopbackHost(host) {
+		return fmt.Errorf("%q is not a loopback address or unix:/path; whoever reaches it can shut the proxy down or profile it", host)
 	}
 	return nil
+}
+
+// isLoopbackHost reports whether host is localhost or a loopback IP literal (not "", which means every address).
+func isLoopbackHost(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	addr, err := netip.ParseAddr(host)
+	return err == nil && addr.IsLoopback()
 }

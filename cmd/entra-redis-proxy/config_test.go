@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"reflect"
 	"strings"
@@ -90,6 +91,11 @@ func TestConfigVariables(t *testing.T) {
 			invalid: []env{{"LISTEN": "0.0.0.0:6379"}, {"LISTEN": ":6379"}, {"LISTEN": "6379"}, {"LISTEN": "unix:"}}},
 		{tag: "HTTP_LISTEN", def: "127.0.0.1:9090", valid: env{"HTTP_LISTEN": "0.0.0.0:9091"}, want: "0.0.0.0:9091",
 			invalid: []env{{"HTTP_LISTEN": "9090"}}},
+		{tag: "ADMIN_LISTEN", def: "127.0.0.1:9091", valid: env{"ADMIN_LISTEN": "unix:/run/erp/admin.sock", "QUITQUITQUIT": "true"},
+			want: "unix:/run/erp/admin.sock",
+			invalid: []env{{"ADMIN_LISTEN": "0.0.0.0:9091"}, {"ADMIN_LISTEN": ":9091"}, {"ADMIN_LISTEN": "10.0.0.4:9091"},
+				{"ADMIN_LISTEN": "0.0.0.0:9091", "ALLOW_NON_LOOPBACK": "true"}, {"ADMIN_LISTEN": "9091"}, {"ADMIN_LISTEN": "unix:"},
+				{"ADMIN_LISTEN": "", "QUITQUITQUIT": "true"}, {"ADMIN_LISTEN": "", "PPROF": "true"}}},
 		{tag: "CREDENTIAL", def: "default", valid: env{"CREDENTIAL": "workload-identity"}, want: "workload-identity",
 			invalid: []env{{"CREDENTIAL": "msi"}, {"CREDENTIAL": ""}}},
 		{tag: "MANAGED_IDENTITY_CLIENT_ID", def: "", valid: env{"MANAGED_IDENTITY_CLIENT_ID": "11111111-2222-3333-4444-555555555555"},
@@ -258,6 +264,53 @@ func TestConfigListenLoopback(t *testing.T) {
 	}
 }
 
+// ADMIN_LISTEN serves /quitquitquit and /debug/pprof: loopback or a unix socket only, whatever
+// ALLOW_NON_LOOPBACK says; empty only while both are off.
+func TestConfigAdminListen(t *testing.T) {
+	for _, tc := range []struct {
+		admin string
+		extra map[string]string
+		ok    bool
+	}{
+		{"127.0.0.1:9091", nil, true},
+		{"127.0.0.2:9191", nil, true},
+		{"[::1]:9091", nil, true},
+		{"localhost:9091", nil, true},
+		{"unix:/run/erp/admin.sock", map[string]string{"PPROF": "true"}, true},
+		{"", nil, true},
+		{"", map[string]string{"QUITQUITQUIT": "true"}, false},
+		{"0.0.0.0:9091", nil, false},
+		{"[::]:9091", nil, false},
+		{":9091", nil, false},
+		{"10.0.0.4:9091", nil, false},
+		{"admin.example:9091", nil, false},
+		{"0.0.0.0:9091", map[string]string{"ALLOW_NON_LOOPBACK": "true", "LISTEN": "0.0.0.0:6379"}, false},
+		{"unix:", nil, false},
+	} {
+		t.Run(fmt.Sprintf("%s/%v", tc.admin, tc.extra), func(t *testing.T) {
+			cleanEnv(t)
+			setEnv(t, map[string]string{"UPSTREAM": testUpstream, "ADMIN_LISTEN": tc.admin})
+			setEnv(t, tc.extra)
+			c, err := loadConfig()
+			if tc.ok {
+				if err != nil {
+					t.Fatalf("refused: %v", err)
+				}
+				if c.AdminListen != tc.admin {
+					t.Errorf("AdminListen %q, want %q", c.AdminListen, tc.admin)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("accepted")
+			}
+			if !strings.Contains(err.Error(), envPrefix+"_ADMIN_LISTEN") {
+				t.Errorf("error %q does not name %s_ADMIN_LISTEN", err, envPrefix)
+			}
+		})
+	}
+}
+
 // envconfig falls back to the bare tag (USERNAME, LISTEN, LOG_LEVEL) when the prefixed variable is unset.
 // The proxy must read only its own variables: a login shell's USERNAME must never become the AUTH username.
 func TestConfigIgnoresUnprefixedVariables(t *testing.T) {
@@ -386,6 +439,7 @@ func TestInvalidConfigurationOneLine(t *testing.T) {
 	}{
 		{map[string]string{}, "UPSTREAM"},
 		{map[string]string{"UPSTREAM": testUpstream, "LISTEN": "0.0.0.0:6379"}, "LISTEN"},
+		{map[string]string{"UPSTREAM": testUpstream, "ADMIN_LISTEN": "0.0.0.0:9091", "QUITQUITQUIT": "true"}, "ADMIN_LISTEN"},
 		{map[string]string{"UPSTREAM": testUpstream, "MAX_BULK_BYTES": "huge"}, "MAX_BULK_BYTES"},
 	} {
 		t.Run(tc.key, func(t *testing.T) {

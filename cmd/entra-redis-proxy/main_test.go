@@ -102,6 +102,8 @@ type proxyRun struct {
 	t              *testing.T
 	fake           *azurefake.Env
 	listen, http   string // LISTEN and the base URL of HTTP_LISTEN
+	admin          string // the base URL of ADMIN_LISTEN
+	adminClient    *http.Client
 	stdout, stderr *syncBuffer
 	done           chan int // receives run's exit code
 }
@@ -111,15 +113,24 @@ type proxyRun struct {
 func startProxy(t *testing.T, fake *azurefake.Env, extra map[string]string) *proxyRun {
 	t.Helper()
 	setFakeEnv(t, fake)
-	p := &proxyRun{t: t, fake: fake, listen: freeAddr(t), stdout: &syncBuffer{}, stderr: &syncBuffer{}, done: make(chan int, 1)}
-	httpAddr := freeAddr(t)
+	p := &proxyRun{t: t, fake: fake, listen: freeAddr(t), stdout: &syncBuffer{}, stderr: &syncBuffer{}, done: make(chan int, 1),
+		adminClient: http.DefaultClient}
+	httpAddr, adminAddr := freeAddr(t), freeAddr(t)
 	p.http = "http://" + httpAddr
-	env := map[string]string{"LISTEN": p.listen, "HTTP_LISTEN": httpAddr, "QUITQUITQUIT": "true", "LOG_LEVEL": "debug"}
+	env := map[string]string{"LISTEN": p.listen, "HTTP_LISTEN": httpAddr, "ADMIN_LISTEN": adminAddr, "QUITQUITQUIT": "true", "LOG_LEVEL": "debug"}
 	for k, v := range extra {
 		env[k] = v
 	}
 	if l, ok := extra["LISTEN"]; ok {
 		p.listen = l
+	}
+	p.admin = "http://" + env["ADMIN_LISTEN"]
+	if path, ok := strings.CutPrefix(env["ADMIN_LISTEN"], "unix:"); ok {
+		p.admin = "http://admin.invalid" // the host is not used: every connection goes to the socket
+		p.adminClient = &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		}}}
 	}
 	setEnv(t, env)
 	go func() { p.done <- run(nil, p.stdout, p.stderr) }()
@@ -127,7 +138,7 @@ func startProxy(t *testing.T, fake *azurefake.Env, extra map[string]string) *pro
 		select {
 		case <-p.done:
 		default:
-			p.post("/quitquitquit")
+			p.quit()
 			select {
 			case <-p.done:
 			case <-time.After(45 * time.Second):
@@ -143,23 +154,24 @@ func startProxy(t *testing.T, fake *azurefake.Env, extra map[string]string) *pro
 	return p
 }
 
-// get returns the status code and body of a GET, or 0 and the error when the request failed.
+// get returns the status code and body of a GET on HTTP_LISTEN, or 0 and the error when the request failed.
 func (p *proxyRun) get(path string) (int, string) {
-	return p.request(http.MethodGet, path)
+	return p.request(http.DefaultClient, http.MethodGet, p.http+path)
 }
 
-func (p *proxyRun) post(path string) (int, string) {
-	return p.request(http.MethodPost, path)
+// quit POSTs /quitquitquit on ADMIN_LISTEN.
+func (p *proxyRun) quit() (int, string) {
+	return p.request(p.adminClient, http.MethodPost, p.admin+"/quitquitquit")
 }
 
-func (p *proxyRun) request(method, path string) (int, string) {
+func (p *proxyRun) request(c *http.Client, method, url string) (int, string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, method, p.http+path, nil)
+	req, err := http.NewRequestWithContext(ctx, method, url, nil)
 	if err != nil {
 		return 0, err.Error()
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := c.Do(req)
 	if err != nil {
 		return 0, err.Error()
 	}
@@ -307,7 +319,7 @@ func TestStartupProbesAndTraffic(t *testing.T) {
 func shutdown(t *testing.T, p *proxyRun, sigterm bool) {
 	t.Helper()
 	if !sigterm {
-		if code, body := p.post("/quitquitquit"); code != http.StatusOK {
+		if code, body := p.quit(); code != http.StatusOK {
 			t.Fatalf("POST /quitquitquit: %d %q", code, body)
 		}
 		return
@@ -720,5 +732,97 @@ func TestCheck(t *testing.T) {
 				t.Logf("stdout:\n%s\nstderr:\n%s", out, stderr.String())
 			}
 		})
+	}
+}
+
+// /quitquitquit and /debug/pprof answer on ADMIN_LISTEN only; HTTP_LISTEN (which a manifest may bind to the
+// pod address) keeps the probes and metrics and answers 404 for them.
+func TestAdminListener(t *testing.T) {
+	fake := azurefake.StartT(t, azurefake.Options{TokenLifetime: tokenLifetime})
+	// Not t.TempDir: its long path can exceed the 108-byte limit of a socket path.
+	dir, err := os.MkdirTemp("", "erp-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	sock := filepath.Join(dir, "admin.sock")
+	for _, tc := range []struct {
+		name  string
+		admin string // ADMIN_LISTEN; empty: a free loopback port
+	}{{"loopback", ""}, {"unix socket", "unix:" + sock}} {
+		t.Run(tc.name, func(t *testing.T) {
+			extra := map[string]string{"PPROF": "true"}
+			if tc.admin != "" {
+				extra["ADMIN_LISTEN"] = tc.admin
+			}
+			p := startProxy(t, fake, extra)
+			p.awaitStarted()
+			onHTTP := func(method, path string) (int, string) { return p.request(http.DefaultClient, method, p.http+path) }
+			onAdmin := func(method, path string) (int, string) { return p.request(p.adminClient, method, p.admin+path) }
+			for _, r := range []struct {
+				on           func(string, string) (int, string)
+				where        string
+				method, path string
+				code         int
+				body         string
+			}{
+				{onHTTP, "HTTP_LISTEN", "GET", "/debug/pprof/", http.StatusNotFound, ""},
+				{onHTTP, "HTTP_LISTEN", "GET", "/debug/pprof/goroutine?debug=1", http.StatusNotFound, ""},
+				{onHTTP, "HTTP_LISTEN", "POST", "/quitquitquit", http.StatusNotFound, ""},
+				{onHTTP, "HTTP_LISTEN", "GET", "/startup", http.StatusOK, "ok"},
+				{onHTTP, "HTTP_LISTEN", "GET", "/metrics", http.StatusOK, "entra_redis_proxy_"},
+				{onAdmin, "ADMIN_LISTEN", "GET", "/debug/pprof/", http.StatusOK, "goroutine"},
+				{onAdmin, "ADMIN_LISTEN", "GET", "/debug/pprof/goroutine?debug=1", http.StatusOK, "goroutine profile"},
+				{onAdmin, "ADMIN_LISTEN", "GET", "/quitquitquit", http.StatusMethodNotAllowed, ""},
+				{onAdmin, "ADMIN_LISTEN", "GET", "/startup", http.StatusNotFound, ""},
+				{onAdmin, "ADMIN_LISTEN", "GET", "/metrics", http.StatusNotFound, ""},
+			} {
+				code, body := r.on(r.method, r.path)
+				if code != r.code || !strings.Contains(body, r.body) {
+					t.Errorf("%s %s on %s: %d %.80q, want %d with %q", r.method, r.path, r.where, code, body, r.code, r.body)
+				}
+			}
+			if tc.admin != "" {
+				if fi, err := os.Stat(sock); err != nil || fi.Mode()&os.ModeSocket == 0 || fi.Mode().Perm() != 0o600 {
+					t.Errorf("%s: %v, %v; want a socket with mode 0600", sock, fi, err)
+				}
+			}
+			want := tc.admin
+			if want == "" {
+				want = strings.TrimPrefix(p.admin, "http://")
+			}
+			if log := p.stderr.String(); !strings.Contains(log, "admin="+want) {
+				t.Errorf("the start line does not name the admin listener %s:\n%s", want, log)
+			}
+
+			if code, body := p.quit(); code != http.StatusOK {
+				t.Fatalf("POST /quitquitquit on ADMIN_LISTEN: %d %q", code, body)
+			}
+			if code := p.wait(20 * time.Second); code != exitOK {
+				t.Errorf("exit %d after /quitquitquit, want 0", code)
+			}
+			if _, err := os.Lstat(sock); tc.admin != "" && !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("%s after exit: %v, want it removed", sock, err)
+			}
+		})
+	}
+}
+
+// With /quitquitquit and /debug/pprof both off, nothing listens on ADMIN_LISTEN.
+func TestAdminListenerOff(t *testing.T) {
+	fake := azurefake.StartT(t, azurefake.Options{TokenLifetime: tokenLifetime})
+	adminAddr := freeAddr(t)
+	p := startProxy(t, fake, map[string]string{"QUITQUITQUIT": "false", "ADMIN_LISTEN": adminAddr})
+	p.awaitStarted()
+	if c, err := net.DialTimeout("tcp", adminAddr, 2*time.Second); err == nil {
+		c.Close()
+		t.Errorf("%s accepts connections with QUITQUITQUIT and PPROF off", adminAddr)
+	}
+	if log := p.stderr.String(); !strings.Contains(log, "admin=off") {
+		t.Errorf("the start line does not say admin=off:\n%s", log)
+	}
+	shutdown(t, p, true)
+	if code := p.wait(20 * time.Second); code != exitOK {
+		t.Errorf("exit %d, want 0", code)
 	}
 }

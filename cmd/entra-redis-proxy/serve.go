@@ -83,20 +83,20 @@ func newTokenSource(cfg *Config, log *slog.Logger, onRefresh func(string, time.T
 	})
 }
 
-// listen opens the client listener: TCP, or a unix socket that only this user may use.
-func listen(addr string) (net.Listener, func(), error) {
+// listen opens the listener of setting (LISTEN, ADMIN_LISTEN): TCP, or a unix socket that only this user may use.
+func listen(setting, addr string) (net.Listener, func(), error) {
 	path, ok := strings.CutPrefix(addr, "unix:")
 	if !ok {
 		ln, err := net.Listen("tcp", addr)
 		if err != nil {
-			return nil, nil, fmt.Errorf("%s_LISTEN: %w", envPrefix, err)
+			return nil, nil, fmt.Errorf("%s_%s: %w", envPrefix, setting, err)
 		}
 		return ln, func() {}, nil
 	}
 	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
 		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
 			c.Close()
-			return nil, nil, fmt.Errorf("%s_LISTEN: %s is in use by another process", envPrefix, path)
+			return nil, nil, fmt.Errorf("%s_%s: %s is in use by another process", envPrefix, setting, path)
 		}
 		os.Remove(path) // a stale socket of an earlier run
 	}
@@ -105,7 +105,7 @@ func listen(addr string) (net.Listener, func(), error) {
 	ln, err := net.Listen("unix", path)
 	syscall.Umask(old)
 	if err != nil {
-		return nil, nil, fmt.Errorf("%s_LISTEN: %w", envPrefix, err)
+		return nil, nil, fmt.Errorf("%s_%s: %w", envPrefix, setting, err)
 	}
 	ln.(*net.UnixListener).SetUnlinkOnClose(true)
 	return ln, func() { os.Remove(path) }, nil
@@ -140,7 +140,7 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 		log.Error("cannot start", "err", err)
 		return exitConfig
 	}
-	ln, cleanup, err := listen(cfg.Listen)
+	ln, cleanup, err := listen("LISTEN", cfg.Listen)
 	if err != nil {
 		log.Error("cannot listen", "err", err)
 		srv.Close()
@@ -151,38 +151,68 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 	check := health.New(src.Valid, srv.AtLimit)
 	quit := make(chan struct{})
 	var quitOnce sync.Once
-	var quitFn func()
-	if cfg.QuitQuitQuit {
-		quitFn = func() { quitOnce.Do(func() { close(quit) }) }
-	}
 	var wg sync.WaitGroup // every goroutine serve starts; each ends before serve returns
 	defer wg.Wait()
-	var httpSrv *http.Server
+	// startHTTP serves mux on hln until stopHTTP; failMsg is logged if Serve fails.
+	var httpSrvs []*http.Server
+	startHTTP := func(failMsg string, mux *http.ServeMux, hln net.Listener) {
+		hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		httpSrvs = append(httpSrvs, hs)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := hs.Serve(hln); !errors.Is(err, http.ErrServerClosed) {
+				log.Error(failMsg, "err", err)
+			}
+		}()
+	}
+	stopHTTP := func() {
+		for _, hs := range httpSrvs {
+			shCtx, cancel := context.WithTimeout(context.Background(), time.Second)
+			if hs.Shutdown(shCtx) != nil {
+				hs.Close() // a profile or a slow scrape still running: cut it
+			}
+			cancel()
+		}
+	}
+	defer stopHTTP() // on an early return; a second Shutdown returns at once
+	fail := func(msg string, err error) int {
+		log.Error(msg, "err", err)
+		ln.Close()
+		srv.Close()
+		return exitConfig
+	}
 	if cfg.HTTPListen != "" {
 		mux := http.NewServeMux()
-		check.Register(mux, quitFn)
+		check.Register(mux)
 		mux.Handle("/metrics", m.Handler())
+		hln, err := net.Listen("tcp", cfg.HTTPListen)
+		if err != nil {
+			return fail("cannot listen for HTTP", fmt.Errorf("%s_HTTP_LISTEN: %w", envPrefix, err))
+		}
+		startHTTP("HTTP listener failed: health probes and metrics are not served", mux, hln)
+	}
+	// The admin endpoints can stop or profile the proxy: they listen apart, on loopback or a unix socket only
+	// (Config.validateAdminListen), and only when one of them is on.
+	admin := "off"
+	if cfg.QuitQuitQuit || cfg.Pprof {
+		mux := http.NewServeMux()
+		if cfg.QuitQuitQuit {
+			health.RegisterQuit(mux, func() { quitOnce.Do(func() { close(quit) }) })
+		}
 		if cfg.Pprof {
 			mux.HandleFunc("/debug/pprof/", pprof.Index)
 			mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 			mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 			mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 		}
-		hln, err := net.Listen("tcp", cfg.HTTPListen)
+		aln, acleanup, err := listen("ADMIN_LISTEN", cfg.AdminListen)
 		if err != nil {
-			log.Error("cannot listen for HTTP", "err", fmt.Errorf("%s_HTTP_LISTEN: %w", envPrefix, err))
-			ln.Close()
-			srv.Close()
-			return exitConfig
+			return fail("cannot listen for the admin endpoints", err)
 		}
-		httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := httpSrv.Serve(hln); !errors.Is(err, http.ErrServerClosed) {
-				log.Error("HTTP listener failed: health probes and metrics are not served", "err", err)
-			}
-		}()
+		defer acleanup()
+		startHTTP("admin listener failed: /quitquitquit and /debug/pprof are not served", mux, aln)
+		admin = cfg.AdminListen
 	}
 
 	tsCtx, stopTokens := context.WithCancel(context.Background())
@@ -193,7 +223,7 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 	go func() { defer wg.Done(); serveDone <- srv.Serve(ln) }()
 
 	log.Info("entra-redis-proxy started", "version", version, "listen", cfg.Listen, "upstream", cfg.Upstream,
-		"credential", cfg.Credential, "http", cfg.HTTPListen)
+		"credential", cfg.Credential, "http", cfg.HTTPListen, "admin", admin)
 	go func() {
 		defer wg.Done()
 		select {
@@ -245,11 +275,7 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 	cancel()
 	force() // the drain is over: a later signal has nothing left to force
 	stopTokens()
-	if httpSrv != nil {
-		shCtx, cancel := context.WithTimeout(context.Background(), time.Second)
-		httpSrv.Shutdown(shCtx)
-		cancel()
-	}
+	stopHTTP()
 	switch {
 	case listenErr != nil:
 		log.Error("shut down after the listener failed", "cut", cut)

@@ -5,7 +5,8 @@
 //   - /liveness is 200 whenever the process serves HTTP;
 //   - /readiness is 503 while starting, after shutdown began, when no valid token is held,
 //     or at the connection limit, and 200 otherwise;
-//   - POST /quitquitquit, when enabled, starts the same shutdown as SIGTERM.
+//   - POST /quitquitquit starts the same shutdown as SIGTERM. RegisterQuit serves it, on its own mux:
+//     the proxy keeps it on a loopback-only admin listener, apart from the probes the kubelet reaches.
 //
 // Every response is a short plain-text body saying why.
 package health
@@ -54,23 +55,24 @@ func (c *Check) NotifyStarted() { c.started.Store(true) }
 // readiness turns 503 for good.
 func (c *Check) NotifyStopping() { c.stopping.Store(true) }
 
-// Register adds the health endpoints to mux. quit, when not nil, is called once by the first
-// POST to QuitPath (later ones are answered without calling it again); when nil, QuitPath
-// is not served (404).
-func (c *Check) Register(mux *http.ServeMux, quit func()) {
+// Register adds the probe endpoints (startup, liveness, readiness) to mux.
+func (c *Check) Register(mux *http.ServeMux) {
 	// "GET /x" patterns also match HEAD; other methods get 405 from the mux.
 	mux.HandleFunc("GET "+StartupPath, c.startup)
 	mux.HandleFunc("GET "+LivenessPath, func(w http.ResponseWriter, _ *http.Request) {
 		reply(w, http.StatusOK, "ok")
 	})
 	mux.HandleFunc("GET "+ReadinessPath, c.readiness)
-	if quit != nil {
-		var once sync.Once
-		mux.HandleFunc("POST "+QuitPath, func(w http.ResponseWriter, _ *http.Request) {
-			once.Do(quit)
-			reply(w, http.StatusOK, "shutting down")
-		})
-	}
+}
+
+// RegisterQuit adds POST QuitPath to mux: the first POST calls quit, later ones are answered
+// without calling it again.
+func RegisterQuit(mux *http.ServeMux, quit func()) {
+	var once sync.Once
+	mux.HandleFunc("POST "+QuitPath, func(w http.ResponseWriter, _ *http.Request) {
+		once.Do(quit)
+		reply(w, http.StatusOK, "shutting down")
+	})
 }
 
 func (c *Check) startup(w http.ResponseWriter, _ *http.Request) {

@@ -35,7 +35,7 @@ func TestEndpoints(t *testing.T) {
 		{"readiness token invalid", state{started: true, tokenInvalid: true}, "GET", ReadinessPath, 503, "no valid Entra token"},
 		{"readiness at limit", state{started: true, atLimit: true}, "GET", ReadinessPath, 503, "connection limit"},
 		{"readiness POST", state{started: true}, "POST", ReadinessPath, 405, ""},
-		{"quit not enabled", state{started: true}, "POST", QuitPath, 404, ""},
+		{"quit is not a probe endpoint", state{started: true}, "POST", QuitPath, 404, ""},
 	}
 	for _, tc := range tcs {
 		t.Run(tc.desc, func(t *testing.T) {
@@ -50,7 +50,7 @@ func TestEndpoints(t *testing.T) {
 				c.NotifyStopping()
 			}
 			mux := http.NewServeMux()
-			c.Register(mux, nil)
+			c.Register(mux)
 			code, body := do(t, mux, tc.method, tc.path)
 			if code != tc.wantCode {
 				t.Errorf("%s %s: status %d, want %d (body %q)", tc.method, tc.path, code, tc.wantCode, body)
@@ -69,7 +69,7 @@ func TestReadinessFollowsInputs(t *testing.T) {
 	tokenValid.Store(true)
 	c := New(tokenValid.Load, atLimit.Load)
 	mux := http.NewServeMux()
-	c.Register(mux, nil)
+	c.Register(mux)
 	steps := []struct {
 		desc     string
 		change   func()
@@ -95,7 +95,7 @@ func TestNilInputs(t *testing.T) {
 	c := New(nil, nil)
 	c.NotifyStarted()
 	mux := http.NewServeMux()
-	c.Register(mux, nil)
+	c.Register(mux)
 	if code, body := do(t, mux, "GET", ReadinessPath); code != 200 {
 		t.Errorf("status %d, want 200 (body %q)", code, body)
 	}
@@ -103,9 +103,8 @@ func TestNilInputs(t *testing.T) {
 
 func TestQuit(t *testing.T) {
 	var calls atomic.Int32
-	c := New(nil, nil)
 	mux := http.NewServeMux()
-	c.Register(mux, func() { calls.Add(1) })
+	RegisterQuit(mux, func() { calls.Add(1) })
 	tcs := []struct {
 		desc      string
 		method    string
@@ -133,7 +132,7 @@ func TestQuit(t *testing.T) {
 func TestContentType(t *testing.T) {
 	c := New(nil, nil)
 	mux := http.NewServeMux()
-	c.Register(mux, nil)
+	c.Register(mux)
 	for _, path := range []string{StartupPath, LivenessPath, ReadinessPath} {
 		rec := httptest.NewRecorder()
 		mux.ServeHTTP(rec, httptest.NewRequest("GET", path, nil))
