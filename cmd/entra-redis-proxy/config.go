@@ -33,7 +33,7 @@ type Config struct {
 	DialTimeout   time.Duration `envconfig:"ENTRA_REDIS_PROXY_DIAL_TIMEOUT" default:"10s" desc:"limit for connecting to, handshaking with and authenticating to the upstream"`
 	IdlePing      time.Duration `envconfig:"ENTRA_REDIS_PROXY_UPSTREAM_IDLE_PING" default:"2m" desc:"PING an idle upstream this often so Azure does not close it (Azure closes after ~10m idle); 0 turns it off"`
 
-	MaxConnections    int           `envconfig:"ENTRA_REDIS_PROXY_MAX_CONNECTIONS" default:"0" desc:"most client connections at once; 0 means unlimited"`
+	MaxConnections    int           `envconfig:"ENTRA_REDIS_PROXY_MAX_CONNECTIONS" default:"0" desc:"most client connections at once; 0 means as many as the open-file limit allows (two descriptors per client, see the start log); a larger value is lowered to that"`
 	MinSigtermDelay   time.Duration `envconfig:"ENTRA_REDIS_PROXY_MIN_SIGTERM_DELAY" default:"0s" desc:"after SIGTERM, keep accepting new connections this long"`
 	MaxSigtermDelay   time.Duration `envconfig:"ENTRA_REDIS_PROXY_MAX_SIGTERM_DELAY" default:"30s" desc:"after SIGTERM (and MIN_SIGTERM_DELAY), wait this long for open connections to finish before closing them"`
 	ExitZeroOnSigterm bool          `envconfig:"ENTRA_REDIS_PROXY_EXIT_ZERO_ON_SIGTERM" default:"false" desc:"exit 0 even when connections had to be cut at shutdown (for Kubernetes Jobs)"`
@@ -147,7 +147,7 @@ func (c *Config) validate() error {
 		return fmt.Errorf("%s: %v is not below Azure's 10 minute idle timeout", v("UPSTREAM_IDLE_PING"), c.IdlePing)
 	}
 	if c.MaxConnections < 0 {
-		return fmt.Errorf("%s: must be 0 (unlimited) or more", v("MAX_CONNECTIONS"))
+		return fmt.Errorf("%s: must be 0 (only the open-file limit's) or more", v("MAX_CONNECTIONS"))
 	}
 	if c.PoolSize < 0 || c.PoolSize > 10000 {
 		return fmt.Errorf("%s: must be between 0 (off) and 10000", v("POOL_SIZE"))

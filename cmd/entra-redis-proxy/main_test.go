@@ -826,3 +826,51 @@ func TestAdminListenerOff(t *testing.T) {
 		t.Errorf("exit %d, want 0", code)
 	}
 }
+
+// The connection limit derived from RLIMIT_NOFILE refuses the client beyond it at once with redis's error,
+// probes and served clients keep working, a larger MAX_CONNECTIONS is lowered with a WARN, and the start log
+// says the limit, its source and how to raise it.
+func TestConnectionLimitFromNofile(t *testing.T) {
+	fake := azurefake.StartT(t, azurefake.Options{TokenLifetime: tokenLifetime})
+	const nofile = 90 // 86 reserved with the default POOL_SIZE, 2 per client: 2 clients
+	if cl, err := deriveConnLimit(syscall.Rlimit{Cur: nofile, Max: nofile}, 4, 0); err != nil || cl.limit != 2 {
+		t.Fatalf("RLIMIT_NOFILE %d allows %d clients (%v), the test wants 2", nofile, cl.limit, err)
+	}
+	withNofile(t, syscall.Rlimit{Cur: nofile, Max: nofile})
+	p := startProxy(t, fake, map[string]string{"MAX_CONNECTIONS": "1000"})
+	p.awaitStarted()
+	log := p.stderr.String()
+	for _, want := range []string{
+		`level=WARN msg="ENTRA_REDIS_PROXY_MAX_CONNECTIONS is above what the open-file limit allows: using the derived limit" max_connections=1000 limit=2`,
+		`level=INFO msg="client connection limit" limit=2 source=RLIMIT_NOFILE nofile=90`,
+		"ulimit -n",
+	} {
+		if !strings.Contains(log, want) {
+			t.Errorf("the start log lacks %q:\n%s", want, log)
+		}
+	}
+	if v, ok := p.metric("entra_redis_proxy_max_connections"); !ok || v != 2 {
+		t.Errorf("max_connections = %v (found %v), want 2", v, ok)
+	}
+
+	ctx := t.Context()
+	a, b := p.client(), p.client()
+	for i, c := range []*redis.Client{a, b} {
+		if err := setGet(ctx, c, fmt.Sprintf("k%d", i), "v"); err != nil {
+			t.Fatalf("client %d within the limit: %v", i, err)
+		}
+	}
+	p.awaitStatus("/readiness", http.StatusServiceUnavailable, 5*time.Second)
+	reply, err := rawPing(p.listen)
+	if reply != "-ERR max number of clients reached\r\n" {
+		t.Errorf("the client beyond the limit: %q, %v; want -ERR max number of clients reached", reply, err)
+	}
+	if err := setGet(ctx, a, "k0", "v2"); err != nil {
+		t.Errorf("a served client after the refusal: %v", err)
+	}
+	b.Close()
+	p.awaitStatus("/readiness", http.StatusOK, 10*time.Second)
+	if reply, err := rawPing(p.listen); err != nil || reply != "+PONG\r\n" {
+		t.Errorf("a client after one left: %q, %v; want +PONG", reply, err)
+	}
+}

@@ -116,9 +116,21 @@ func listen(setting, addr string) (net.Listener, func(), error) {
 // next safe point, with every reply it asked for delivered (proxy.Server.Shutdown); the ones still open after
 // MAX_SIGTERM_DELAY are cut. A signal during the shutdown forces it: the open connections are cut at once.
 func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
+	nofile, err := getNofile()
+	if err != nil {
+		log.Error("cannot read the open-file limit", "err", fmt.Errorf("getrlimit RLIMIT_NOFILE: %w", err))
+		return exitConfig
+	}
+	limit, err := deriveConnLimit(nofile, cfg.PoolSize, cfg.MaxConnections)
+	if err != nil {
+		log.Error("cannot start", "err", err)
+		return exitConfig
+	}
+	limit.log(log)
+
 	reg := prometheus.NewRegistry()
 	m := metrics.New(reg)
-	m.SetMaxConnections(cfg.MaxConnections)
+	m.SetMaxConnections(limit.limit)
 
 	src, err := newTokenSource(cfg, log, m.TokenRefresh)
 	if err != nil {
@@ -132,7 +144,7 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 	}
 	srv, err := proxy.New(proxy.Options{
 		Tokens: src, Dialer: &proxy.TLSDialer{Addr: cfg.Upstream, Config: tc},
-		Logger: log, Observer: m, MaxConnections: cfg.MaxConnections, DialTimeout: cfg.DialTimeout,
+		Logger: log, Observer: m, MaxConnections: limit.limit, DialTimeout: cfg.DialTimeout,
 		IdlePing: cfg.IdlePing, MaxBulk: int64(cfg.MaxBulkBytes), LocalPassword: cfg.LocalPassword,
 		PoolSize: cfg.PoolSize,
 	})

@@ -92,7 +92,7 @@ func (c *Check) readiness(w http.ResponseWriter, _ *http.Request) {
 	case !c.tokenValid():
 		reply(w, http.StatusServiceUnavailable, "no valid Entra token: the last token expired and no new one could be fetched")
 	case c.atLimit():
-		reply(w, http.StatusServiceUnavailable, "at the client connection limit (ENTRA_REDIS_PROXY_MAX_CONNECTIONS)")
+		reply(w, http.StatusServiceUnavailable, "at the client connection limit (the proxy's start log says which limit and how to raise it)")
 	default:
 		reply(w, http.StatusOK, "ok")
 	}
