@@ -48,7 +48,8 @@ import (
 // It also keeps the connection out of the one state with no way back (RESP2 subscribed mode with replies off,
 // where CLIENT REPLY ON is refused silently).
 //
-// What is not compared: HELLO's "id" field (connection ids differ; both sides are normalized), and the replies
+// What is not compared: HELLO's "id" field (connection ids differ; both sides are normalized), the user
+// named in Redis 7.2's NOPERM errors (each side's token user), and the replies
 // the proxy owns: the test's own AUTH on the direct side is read before the stream starts, and after RESET the
 // sequence sends AUTH, which redis answers directly and the proxy locally (both +OK).
 //
@@ -1022,8 +1023,12 @@ func (r *diffRun) hold() {
 // diffHelloID matches HELLO's connection id, which differs between the sides.
 var diffHelloID = regexp.MustCompile(`\r\n\$2\r\nid\r\n:[0-9]+\r\n`)
 
+// diffNoPermUser matches the user that Redis 7.2's NOPERM errors name: each side's token user.
+var diffNoPermUser = regexp.MustCompile(`NOPERM User [0-9a-f-]+ `)
+
 func diffNormalize(b []byte) []byte {
-	return diffHelloID.ReplaceAllLiteral(b, []byte("\r\n$2\r\nid\r\n:<id>\r\n"))
+	b = diffHelloID.ReplaceAllLiteral(b, []byte("\r\n$2\r\nid\r\n:<id>\r\n"))
+	return diffNoPermUser.ReplaceAllLiteral(b, []byte("NOPERM User <oid> "))
 }
 
 func diffEqual(a, b []byte) bool { return bytes.Equal(diffNormalize(a), diffNormalize(b)) }
