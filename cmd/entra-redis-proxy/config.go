@@ -186,16 +186,25 @@ func splitUpstream(s string) (host, port string, err error) {
 	return host, port, nil
 }
 
-func (c *Config) validateListen() error {
-	if path, ok := strings.CutPrefix(c.Listen, "unix:"); ok {
+// listenHost returns the host of a listen address, or "" for a unix socket (unix:/path).
+func listenHost(addr string) (string, error) {
+	if path, ok := strings.CutPrefix(addr, "unix:"); ok {
 		if path == "" {
-			return errors.New("unix: needs a socket path")
+			return "", errors.New("unix: needs a socket path")
 		}
-		return nil
+		return "", nil
 	}
-	host, _, err := net.SplitHostPort(c.Listen)
+	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
-		return fmt.Errorf("%q is not host:port or unix:/path", c.Listen)
+		return "", fmt.Errorf("%q is not host:port or unix:/path", addr)
+	}
+	return host, nil
+}
+
+func (c *Config) validateListen() error {
+	host, err := listenHost(c.Listen)
+	if err != nil || strings.HasPrefix(c.Listen, "unix:") {
+		return err
 	}
 	if c.AllowNonLoopback || isLoopbackHost(host) {
 		return nil
@@ -212,15 +221,9 @@ func (c *Config) validateAdminListen() error {
 		}
 		return nil
 	}
-	if path, ok := strings.CutPrefix(c.AdminListen, "unix:"); ok {
-		if path == "" {
-			return errors.New("unix: needs a socket path")
-		}
-		return nil
-	}
-	host, _, err := net.SplitHostPort(c.AdminListen)
-	if err != nil {
-		return fmt.Errorf("%q is not host:port or unix:/path", c.AdminListen)
+	host, err := listenHost(c.AdminListen)
+	if err != nil || strings.HasPrefix(c.AdminListen, "unix:") {
+		return err
 	}
 	if !isLoopbackHost(host) {
 		return fmt.Errorf("%q is not a loopback address or unix:/path; whoever reaches it can shut the proxy down or profile it", host)
