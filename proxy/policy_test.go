@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"context"
+	"io"
 	"strconv"
 	"strings"
 	"sync"
@@ -301,9 +302,14 @@ func TestPolicyHandoverRefused(t *testing.T) {
 	r.send("SUBSCRIBE news.a")
 	r.expect("*3\r\n$9\r\nsubscribe\r\n$6\r\nnews.a\r\n:1\r\n")
 	obs.await(t, "handover_refused", 20*time.Second)
-	r.c.SetReadDeadline(time.Now().Add(5 * time.Second)) // the old code stalled the client 10 s per try
+	// The old code stalled the client 10 s per try; raw.expect's own 10 s deadline would not tell.
 	r.send("PING x")
-	r.expect("*2\r\n$4\r\npong\r\n$1\r\nx\r\n")
+	want := "*2\r\n$4\r\npong\r\n$1\r\nx\r\n"
+	r.c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	got := make([]byte, len(want))
+	if _, err := io.ReadFull(r.r, got); err != nil || string(got) != want {
+		t.Fatalf("PING after the refused handover: got %q, %v; want %q within 5 s", got, err, want)
+	}
 	if n := obs.count("handover"); n != 0 {
 		t.Fatalf("%d handovers", n)
 	}
