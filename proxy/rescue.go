@@ -194,7 +194,8 @@ func (s *session) unblock(tok Token) error {
 	now := s.srv.now()
 	s.appendAuth(tok, now)
 	if res.reissue {
-		s.reissue(b.again(res.remaining), b.args, now)
+		nb := b.again(res.remaining)
+		s.reissue(nb, nb.args, now)
 		s.srv.obs.Mechanism("unblock_reissue")
 		s.log.Debug("blocked command re-issued after re-AUTH", "command", b.args[0])
 	}
