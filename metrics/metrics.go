@@ -30,7 +30,7 @@ var (
 	upstreamKinds  = []string{"dial", "tls", "auth", "closed", "stalled", "protocol"}
 	refreshResults = []string{"ok", "unchanged", "error"}
 	reauthResults  = []string{"ok", "error"}
-	mechanisms     = []string{"handover", "handover_refused", "unblock_reissue", "unblock_retry", "unblock_missed", "tx_replay", "tx_abort", "idle_ping", "pool_reuse"}
+	mechanisms     = []string{"handover", "handover_refused", "unblock_reissue", "unblock_retry", "unblock_missed", "lease_renewed", "tx_replay", "tx_abort", "idle_ping", "pool_reuse"}
 )
 
 // Metrics holds the proxy's metric families. It implements proxy.Observer, and it is a
@@ -128,7 +128,7 @@ func New(reg prometheus.Registerer) *Metrics {
 		"result", reauthResults)
 	m.mechanisms = counterVec("mechanisms_total",
 		"Times the proxy used a mechanism that keeps clients connected across token rotations and idle timeouts: "+
-			"handover, handover_refused, unblock_reissue, unblock_retry, unblock_missed, tx_replay, tx_abort, idle_ping, pool_reuse.",
+			"handover, handover_refused, unblock_reissue, unblock_retry, unblock_missed, lease_renewed, tx_replay, tx_abort, idle_ping, pool_reuse.",
 		"mechanism", mechanisms)
 	m.maxConnections = gauge("max_connections", "Most client connections allowed at once; 0 means unlimited.")
 

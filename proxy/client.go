@@ -163,6 +163,7 @@ func (s *session) takePokes() {
 // an unanswered blocking command nothing is handled: the bytes wait in b.
 func (s *session) handleCommands(b *readBuf) error {
 	c := &s.cl
+	s.renewLease()
 	now := s.srv.now()
 	for b.r < b.w && !c.quit {
 		if c.stream.active {
@@ -573,8 +574,16 @@ func (s *session) onMonitor(cmd resp.Command, e entry) {
 func (s *session) onBlocking(cmd resp.Command, e entry) {
 	c := &s.cl
 	if !c.tx.open() && c.mode == replyOn { // inside MULTI it does not block; without a reply it can't be tracked
-		e.blk = newBlocked(cmd.Args, lookup(cmd.Args[0]), s.srv.epoch.Add(time.Duration(e.start)))
+		now := s.srv.epoch.Add(time.Duration(e.start))
+		e.blk = newBlocked(cmd.Args, lookup(cmd.Args[0]), now)
 		c.hold.cmd = e.blk
+		if e.blk != nil && s.know(probeUnblock) == factNo {
+			if args := s.lease(e.blk, now); args != nil {
+				c.out = resp.AppendCommand(c.out, args...)
+				s.expect(e)
+				return
+			}
+		}
 	}
 	s.forward(cmd, e)
 }

@@ -46,7 +46,9 @@ type Observer interface {
 	// Mechanism reports one use of a mechanism: "handover", "handover_refused" (the identity may not
 	// subscribe to the handover's marker channel: a RESP2 subscriber stays on the old token), "unblock_reissue", "unblock_retry" (a CLIENT
 	// UNBLOCK answered 0 is sent again from a new control connection), "unblock_missed" (a rescue gave up on
-	// it: the blocked connection stays on the old token), "tx_replay", "tx_abort", "idle_ping", "pool_reuse".
+	// it: the blocked connection stays on the old token), "lease_renewed" (a blocking command sent again when
+	// its lease ran out, for an identity that may not run CLIENT UNBLOCK), "tx_replay", "tx_abort",
+	// "idle_ping", "pool_reuse".
 	Mechanism(name string)
 }
 

@@ -14,10 +14,9 @@ import (
 func TestDifferentialPolicies(t *testing.T) {
 	v := serverVersion(t)
 	type policy struct {
-		name          string
-		rules         []string
-		renames       map[string]string
-		noBlockedHold bool
+		name    string
+		rules   []string
+		renames map[string]string
 	}
 	enterprise := policy{name: "Enterprise command set", rules: []string{"-select", "-client|reply"}}
 	switch {
@@ -28,8 +27,8 @@ func TestDifferentialPolicies(t *testing.T) {
 	}
 	policies := []policy{
 		// Azure's built-in Data Contributor is +@all -@dangerous (and a few cluster commands): CLIENT UNBLOCK
-		// is @dangerous, so a command blocked across a token's expiry cannot be rescued (README).
-		{name: "Data Contributor", rules: []string{"-@dangerous"}, noBlockedHold: true},
+		// is @dangerous, so a command blocked across a token's expiry goes on leases (rescue.go).
+		{name: "Data Contributor", rules: []string{"-@dangerous"}},
 		// Data Reader: +@read +@connection.
 		{name: "Data Reader", rules: []string{"-@all", "+@read", "+@connection"}},
 		{name: "no transactions, pub/sub or MONITOR", rules: []string{"-@pubsub", "-multi", "-exec", "-discard", "-watch", "-monitor"}},
@@ -50,7 +49,6 @@ func TestDifferentialPolicies(t *testing.T) {
 		t.Run(p.name, func(t *testing.T) {
 			f := newFixture(t, fixtureOpts{lifetime: diffLifetime, userRules: p.rules, renames: p.renames})
 			d := diffDialectFor(f.env.Version())
-			d.noBlockedHold = p.noBlockedHold
 			// Without RESET the sequence's "RESET; AUTH" leaves a subscriber subscribed, where redis refuses
 			// the client's AUTH and the proxy answers it itself (README: what is not exact).
 			if _, renamed := p.renames["RESET"]; renamed {

@@ -113,9 +113,6 @@ type diffDialect struct {
 	popCount   bool // RPOP key count (6.2+)
 	bareHello  bool // HELLO without a protocol version (6.2+)
 	replyArity bool // CLIENT REPLY without an argument is refused while queuing, aborting a MULTI (7.0+)
-	// noBlockedHold: no BLPOP is held across a token's expiry, for a policy that denies CLIENT UNBLOCK
-	// (@dangerous), where the proxy cannot rescue a blocked command and the connection ends at expiry.
-	noBlockedHold bool
 }
 
 // diff7 is the dialect of Redis 7.0 and newer: everything the generator knows.
@@ -707,7 +704,7 @@ func genDiffSeq(seed uint64, d diffDialect) *diffSeq {
 		}
 		// A BLPOP held across the old token's expiry: an open step ending blocked, served later by the control
 		// connection.
-		if holds > 0 && !last && !g.m.inMulti && !g.m.resp2Sub() && !d.noBlockedHold && g.chance(0.3) {
+		if holds > 0 && !last && !g.m.inMulti && !g.m.resp2Sub() && g.chance(0.3) {
 			holds--
 			g.m.skipNext = false
 			cmds = append(cmds, []string{"BLPOP", g.empties[1], "10"})

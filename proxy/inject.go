@@ -51,6 +51,9 @@ func (s *session) rescue() error {
 	case s.cl.tx.open():
 		s.rescueMulti(tok)
 	case s.cl.hold.holding():
+		if s.cl.hold.cmd.leased {
+			return nil // its lease ends before the deadline: it is sent again then, on the newest token
+		}
 		if err := s.flush(); err != nil {
 			return err
 		}

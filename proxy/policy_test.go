@@ -324,3 +324,22 @@ func TestPolicySubscribeRefusedRepliesOff(t *testing.T) {
 		[]string{"CLIENT REPLY SKIP", "SUBSCRIBE x", "PING", "GET k"},
 	)
 }
+
+// Azure's Data Contributor policy (+@all -@dangerous) denies CLIENT UNBLOCK, so a blocked connection cannot
+// be rescued; its blocking commands go on leases instead (rescue.go). Every kind stays blocked across token
+// expiries and gets its element once; no rescue was attempted. (XREAD "$" is not leased: it reads past a
+// fixed ID here.)
+func TestPolicyLeaseWhenUnblockDenied(t *testing.T) {
+	obs := newMechanisms()
+	f := newFixture(t, fixtureOpts{lifetime: 3 * time.Second, userRules: []string{"-@dangerous"},
+		proxyOpt: func(o *proxy.Options) { o.Observer = obs }})
+	blockedAcrossRotations(t, f, "0-0")
+	if n := obs.count("lease_renewed"); n < 3*5 {
+		t.Errorf("lease_renewed counted %d times, want at least one per blocked client and expiry (15)", n)
+	}
+	for _, name := range []string{"unblock_reissue", "unblock_retry", "unblock_missed"} {
+		if n := obs.count(name); n != 0 {
+			t.Errorf("%s counted %d times: a rescue was attempted", name, n)
+		}
+	}
+}

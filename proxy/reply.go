@@ -361,13 +361,13 @@ func (s *session) classifyMessage(p []byte, h *resp.Head) (ok, handled bool, err
 	return true, true, nil
 }
 
-// blockedReply handles the reply to a blocking command. After a CLIENT UNBLOCK by the proxy, a timeout
-// reply with time left is hidden and the client loop re-issues the command; every outcome is reported to
-// it. Either way the commands held back behind it may go now.
+// blockedReply handles the reply to a blocking command. After a CLIENT UNBLOCK by the proxy, or when its
+// lease ran out, a timeout reply with time left is hidden and the client loop re-issues the command; every
+// outcome is reported to it. Either way the commands held back behind it may go now.
 func (s *session) blockedReply(p []byte, e entry) (bool, error) {
 	b := e.blk
 	var res unblockResult
-	if b.unblocking.Load() {
+	if b.leased || b.unblocking.Load() {
 		timeout, ok := b.isTimeoutReply(p)
 		if !ok {
 			return false, nil
@@ -381,7 +381,8 @@ func (s *session) blockedReply(p []byte, e entry) (bool, error) {
 	if res.reissue {
 		s.rl.frame.fwd = false
 		s.rl.frame.e.act = actDrop // its place goes to the re-issued command
-	} else {
+	}
+	if !res.reissue || b.leased { // (an unblock rescue waits for the result itself)
 		s.poke(pokeResume)
 	}
 	return true, nil

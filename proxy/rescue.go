@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -38,6 +39,9 @@ type blocked struct {
 	ms        bool      // the timeout is in milliseconds
 	deadline  time.Time // when it times out on its own; zero = never
 	answered  atomic.Bool
+	// leased: sent with its timeout capped at a lease (see lease), so a timeout reply with time left is the
+	// lease running out: the reply loop hides it and the client loop sends the command again.
+	leased bool
 	// unblocking is set by the client loop before CLIENT UNBLOCK; the reply loop then reports on result
 	// whether it hid a timeout reply (reissue) or passed the reply on.
 	unblocking atomic.Bool
@@ -115,17 +119,29 @@ func (b *blocked) withdraw() (unblockResult, bool) {
 
 // again returns the command with its timeout set to d (0 = forever).
 func (b *blocked) again(d time.Duration) *blocked {
-	nb := &blocked{args: append([]string(nil), b.args...), timeoutAt: b.timeoutAt, ms: b.ms, deadline: b.deadline,
+	return &blocked{args: b.argsWith(d), timeoutAt: b.timeoutAt, ms: b.ms, deadline: b.deadline,
 		result: make(chan unblockResult, 1)}
+}
+
+// argsWith returns b's arguments with the timeout set to d (0 = forever).
+func (b *blocked) argsWith(d time.Duration) []string {
+	args := append([]string(nil), b.args...)
 	switch {
 	case d == 0:
-		nb.args[b.timeoutAt] = "0"
+		args[b.timeoutAt] = "0"
 	case b.ms:
-		nb.args[b.timeoutAt] = strconv.FormatInt(max(d.Milliseconds(), 1), 10)
+		args[b.timeoutAt] = strconv.FormatInt(max(d.Milliseconds(), 1), 10)
 	default:
-		nb.args[b.timeoutAt] = strconv.FormatFloat(max(d.Seconds(), 0.001), 'f', 3, 64)
+		args[b.timeoutAt] = strconv.FormatFloat(max(d.Seconds(), 0.001), 'f', 3, 64)
 	}
-	return nb
+	return args
+}
+
+// readsNewEntries reports whether b is an XREAD for entries after "$": sent again after its own timeout,
+// it would miss those added in between, so it is never leased.
+func (b *blocked) readsNewEntries() bool {
+	return (strings.EqualFold(b.args[0], "xread") || strings.EqualFold(b.args[0], "xreadgroup")) &&
+		slices.Contains(b.args[b.timeoutAt:], "$")
 }
 
 // isTimeoutReply reports whether the frame at p is what a blocking command answers when it times out: a
@@ -179,13 +195,74 @@ func (s *session) unblock(tok Token) error {
 	s.appendAuth(tok, now)
 	if res.reissue {
 		nb := b.again(res.remaining)
-		s.cl.out = resp.AppendCommand(s.cl.out, nb.args...)
-		s.expect(entry{act: actForward, cmd: lookup([]byte(nb.args[0])).idx, start: now, blk: nb})
-		s.cl.hold.cmd = nb
+		s.reissue(nb, nb.args, now)
 		s.srv.obs.Mechanism("unblock_reissue")
-		s.log.Debug("blocked command re-issued after re-AUTH", "command", nb.args[0])
+		s.log.Debug("blocked command re-issued after re-AUTH", "command", b.args[0])
 	}
 	return s.flush()
+}
+
+// reissue sends the blocking command nb, as args, and holds what follows behind it.
+func (s *session) reissue(nb *blocked, args []string, now int64) {
+	s.cl.out = resp.AppendCommand(s.cl.out, args...)
+	s.expect(entry{act: actForward, cmd: lookup([]byte(args[0])).idx, start: now, blk: nb})
+	s.cl.hold.cmd = nb
+}
+
+// An identity that may not run CLIENT UNBLOCK (Azure's Data Contributor policy: it is @dangerous) cannot be
+// rescued while blocked. Its blocking commands are sent on a lease instead: with the timeout capped so that
+// the command returns while the connection's token has 15% of its life left. A timeout reply with the
+// client's own time left is the lease running out: the reply loop hides it, and the client loop sends the
+// newest token and the command again with the time left, on a new lease. Data that arrives meanwhile waits
+// in the server (a list, a sorted set, a stream past a fixed ID) for the next issue. XREAD "$" is never
+// leased: "$" sent again would skip the entries added between the lease's end and the new issue.
+
+// minLease is the shortest lease worth taking: nearer a token's expiry the command is sent as it is. Without
+// a newer token, each lease is 85% of the time left, so a few leases reach it.
+const minLease = 100 * time.Millisecond
+
+// lease returns the arguments to send for b on a lease, after sending the newest token if the connection
+// is not on it yet; nil when b returns by itself before the lease would end, or cannot be leased.
+func (s *session) lease(b *blocked, now time.Time) []string {
+	tok, _ := s.srv.opts.Tokens.Current()
+	if tok.Secret == "" || tok.ExpiresOn.IsZero() || b.readsNewEntries() {
+		return nil
+	}
+	d := tok.ExpiresOn.Sub(now) * 85 / 100
+	if rem, _ := b.remaining(now); d < minLease || (rem != 0 && rem <= d) {
+		return nil
+	}
+	if tok.Secret != s.cl.secret {
+		s.appendAuth(tok, s.srv.now())
+	}
+	b.leased = true
+	return b.argsWith(d)
+}
+
+// renewLease sends a leased command again after its lease ran out (the reply loop hid its timeout reply),
+// on the newest token and a new lease.
+func (s *session) renewLease() {
+	b := s.cl.hold.cmd
+	if b == nil || !b.leased || !b.answered.Load() {
+		return
+	}
+	s.cl.hold.cmd = nil
+	res := <-b.result // sent right after answered
+	if !res.reissue {
+		return
+	}
+	now := s.srv.now()
+	nb := b.again(res.remaining)
+	args := s.lease(nb, s.srv.epoch.Add(time.Duration(now)))
+	if args == nil {
+		args = nb.args
+		if tok, _ := s.srv.opts.Tokens.Current(); tok.Secret != "" && tok.Secret != s.cl.secret {
+			s.appendAuth(tok, now)
+		}
+	}
+	s.reissue(nb, args, now)
+	s.srv.obs.Mechanism("lease_renewed")
+	s.log.Debug("blocked command's lease renewed", "command", b.args[0], "leased", nb.leased)
 }
 
 // awaitUnblock sends CLIENT UNBLOCK for b until b is answered, and returns b's result. It returns false when

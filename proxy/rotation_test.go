@@ -146,7 +146,13 @@ func TestRESP2SubscriptionCountsAfterHandover(t *testing.T) {
 // Clients blocked past a token's life (timeout 0 = forever, or longer than the token) survive rotations: the
 // proxy unblocks, re-authenticates and re-issues the command; the element arrives exactly once.
 func TestBlockedAcrossRotations(t *testing.T) {
-	f := newFixture(t, fixtureOpts{lifetime: 3 * time.Second})
+	blockedAcrossRotations(t, newFixture(t, fixtureOpts{lifetime: 3 * time.Second}), "$")
+}
+
+// blockedAcrossRotations holds one client blocked in each kind of blocking command across 3 token expiries,
+// then gives each its element: each gets exactly that, once, and its connection lives. XREAD reads from
+// xreadFrom ("$", or an ID).
+func blockedAcrossRotations(t *testing.T, f *fixture, xreadFrom string) {
 	ctx := t.Context()
 	other := f.client(t, 2)
 	blmove := "BLMOVE list3 dst3 LEFT RIGHT 0"
@@ -166,7 +172,7 @@ func TestBlockedAcrossRotations(t *testing.T) {
 			bulk("v3")},
 		{"BZPOPMIN forever", "BZPOPMIN zset4 0", func() error { return other.ZAdd(ctx, "zset4", redis.Z{Score: 1, Member: "m"}).Err() },
 			"*3\r\n" + bulk("zset4") + bulk("m") + bulk("1")},
-		{"XREAD BLOCK 0 $", "XREAD BLOCK 0 STREAMS stream5 $", func() error {
+		{"XREAD BLOCK 0 " + xreadFrom, "XREAD BLOCK 0 STREAMS stream5 " + xreadFrom, func() error {
 			return other.XAdd(ctx, &redis.XAddArgs{Stream: "stream5", ID: "1-1", Values: []string{"f", "v"}}).Err()
 		}, "*1\r\n*2\r\n" + bulk("stream5") + "*1\r\n*2\r\n" + bulk("1-1") + "*2\r\n" + bulk("f") + bulk("v")},
 	}

@@ -164,8 +164,11 @@ func (m *replyMode) takes() bool {
 // its read buffer. That keeps the unblock-and-reissue rescue possible and the order exact.
 type holdBack struct{ cmd *blocked }
 
-// holding reports whether later commands must wait.
-func (h *holdBack) holding() bool { return h.cmd != nil && !h.cmd.answered.Load() }
+// holding reports whether later commands must wait: until the command is answered, and a leased one until
+// the client loop took its outcome (it may be sent again).
+func (h *holdBack) holding() bool {
+	return h.cmd != nil && (h.cmd.leased || !h.cmd.answered.Load())
+}
 
 // subscriptions are what the connection is subscribed to, per family, as the server confirmed. The reply
 // loop writes; a handover reads a snapshot.

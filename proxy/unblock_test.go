@@ -36,6 +36,8 @@ func (u *unblockScript) install(f *fakeUpstream) {
 		switch {
 		case len(args) == 2 && strings.EqualFold(args[1], "ID"):
 			c.reply(":" + strconv.FormatInt(c.id, 10) + "\r\n")
+		case len(args) == 3 && strings.EqualFold(args[1], "UNBLOCK") && args[2] == "0":
+			c.reply(":0\r\n") // the proxy's probe: may it run CLIENT UNBLOCK? (not a rescue's attempt)
 		case len(args) >= 3 && strings.EqualFold(args[1], "UNBLOCK"):
 			u.mu.Lock()
 			u.n++
@@ -150,7 +152,7 @@ func TestUnblockRetriedAfterZero(t *testing.T) {
 					t.Fatalf("%d upstream connections, want 3 (the client's, two control connections)", len(conns))
 				}
 				expectCommands(t, conns[0], "the client's upstream",
-					append(handshake(1), "BLPOP k "+tc.timeout, "AUTH oid-1 tok-2", reissued)...)
+					append(handshake(1), "CLIENT UNBLOCK 0", "BLPOP k "+tc.timeout, "AUTH oid-1 tok-2", reissued)...)
 				for _, ctl := range conns[1:] {
 					expectCommands(t, ctl, "a control connection", append(handshake(2), "CLIENT UNBLOCK 1 TIMEOUT")...)
 				}
@@ -215,11 +217,11 @@ func TestUnblockMissedFallsBack(t *testing.T) {
 				switch {
 				case tc.data:
 					c.expectOpen("re-authenticated once the command returned")
-					expectCommands(t, up, "the client's upstream", append(handshake(1), "BLPOP k 0", "AUTH oid-1 tok-2")...)
+					expectCommands(t, up, "the client's upstream", append(handshake(1), "CLIENT UNBLOCK 0", "BLPOP k 0", "AUTH oid-1 tok-2")...)
 				case !errors.Is(err, io.EOF):
 					t.Errorf("client connection: %v, want closed (io.EOF) once the old token expired", err)
 				default:
-					expectCommands(t, up, "the client's upstream", append(handshake(1), "BLPOP k 0")...)
+					expectCommands(t, up, "the client's upstream", append(handshake(1), "CLIENT UNBLOCK 0", "BLPOP k 0")...)
 				}
 			})
 		})
@@ -264,7 +266,7 @@ func TestUnblockZeroAfterAnswer(t *testing.T) {
 					t.Errorf("%d miss WARN lines, want none", n)
 				}
 				expectCommands(t, e.fake.Conns()[0], "the client's upstream",
-					append(handshake(1), "BLPOP k 0", "AUTH oid-1 tok-2", "PING")...)
+					append(handshake(1), "CLIENT UNBLOCK 0", "BLPOP k 0", "AUTH oid-1 tok-2", "PING")...)
 			})
 		})
 	}
