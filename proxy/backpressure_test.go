@@ -265,6 +265,13 @@ func (u *stallingUpstream) serve(c net.Conn, replies map[string]string) error {
 		return err
 	}
 	cmd, err := readCommand(r)
+	if err == nil && len(cmd) == 3 && strings.EqualFold(cmd[0], "CLIENT") && strings.EqualFold(cmd[1], "UNBLOCK") {
+		// The first connection's probe (may this identity unblock?).
+		if _, err := io.WriteString(c, ":0\r\n"); err != nil {
+			return err
+		}
+		cmd, err = readCommand(r)
+	}
 	if err != nil || len(cmd) != 2 || !strings.EqualFold(cmd[0], "GET") {
 		return fmt.Errorf("got %q, %v; want GET <key>", cmd, err)
 	}

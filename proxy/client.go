@@ -577,7 +577,7 @@ func (s *session) onBlocking(cmd resp.Command, e entry) {
 		now := s.srv.epoch.Add(time.Duration(e.start))
 		e.blk = newBlocked(cmd.Args, lookup(cmd.Args[0]), now)
 		c.hold.cmd = e.blk
-		if e.blk != nil && s.know(probeUnblock) == factNo {
+		if e.blk != nil && s.srv.facts.get(probeUnblock) == factNo {
 			if args := s.lease(e.blk, now); args != nil {
 				c.out = resp.AppendCommand(c.out, args...)
 				s.expect(e)

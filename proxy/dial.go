@@ -111,12 +111,6 @@ func (c *ctrlConn) handshake(ctx context.Context, tok Token, tokens TokenSource)
 	}
 }
 
-// handshake is ctrlConn.handshake on a connection that is read by something else afterwards (a fresh
-// connection has nothing buffered after the replies).
-func handshake(ctx context.Context, c net.Conn, tok Token, tokens TokenSource) (int64, Token, error) {
-	return newCtrlConn(c).handshake(ctx, tok, tokens)
-}
-
 func truncate(s string, n int) string {
 	if len(s) > n {
 		return s[:n] + "..."

@@ -28,7 +28,7 @@ type probe int32
 const (
 	probeClientReply probe = iota // CLIENT REPLY ON: may this identity run CLIENT REPLY?
 	probeReset                    // COMMAND INFO RESET: does the server have RESET?
-	probeUnblock                  // CLIENT UNBLOCK 0: may this identity run CLIENT UNBLOCK (see lease)?
+	probeUnblock                  // CLIENT UNBLOCK 0: may this identity run CLIENT UNBLOCK? (on the first dial)
 	probeCount
 )
 
@@ -78,8 +78,6 @@ func (s *session) know(pr probe) fact {
 		c.out = resp.AppendCommand(c.out, "CLIENT", "REPLY", "ON") // the permission covers OFF and SKIP too
 	case probeReset:
 		c.out = resp.AppendCommand(c.out, "COMMAND", "INFO", "RESET")
-	case probeUnblock:
-		c.out = resp.AppendCommand(c.out, "CLIENT", "UNBLOCK", "0") // no client has id 0: ":0" when allowed
 	}
 	c.entries = append(c.entries, entry{act: actProbe, arg: int32(pr), cmd: cmdOther, start: s.srv.now()})
 	if s.flush() == nil {

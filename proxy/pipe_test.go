@@ -350,6 +350,10 @@ func expectCommands(t *testing.T, c *fakeConn, what string, want ...string) {
 // handshake is what the proxy sends on every new upstream connection, with token n.
 func handshake(n int) []string { return []string{"AUTH oid-1 tok-" + strconv.Itoa(n), "CLIENT ID"} }
 
+// firstHandshake is what the proxy's first upstream connection gets: the handshake, then the probe that
+// tells whether blocking commands need leases.
+func firstHandshake() []string { return append(handshake(1), "CLIENT UNBLOCK 0") }
+
 // ranges formats sorted ints as "1-4, 7".
 func ranges(xs []int) string {
 	var parts []string
@@ -598,7 +602,7 @@ func TestPipeReauthInPipeline(t *testing.T) {
 				synctest.Wait()
 				c.expect("replies of the pipeline", want)
 				c.expectOpen("after the pipeline")
-				wantCmds := handshake(1)
+				wantCmds := firstHandshake()
 				for j := range n {
 					if j == i {
 						wantCmds = append(wantCmds, "AUTH oid-1 tok-2")
@@ -627,7 +631,7 @@ func TestPipeReauthDeferredInMulti(t *testing.T) {
 				synctest.Wait()
 				old := e.rotate()
 				up := e.fake.Conns()[0]
-				expectCommands(t, up, "no AUTH while the transaction is open", append(handshake(1), "MULTI", "SET a 1")...)
+				expectCommands(t, up, "no AUTH while the transaction is open", append(firstHandshake(), "MULTI", "SET a 1")...)
 				c.send(cmd("INCR", "b"), cmd(end))
 				time.Sleep(time.Second)
 				synctest.Wait()
@@ -636,7 +640,7 @@ func TestPipeReauthDeferredInMulti(t *testing.T) {
 					want = "+OK\r\n+QUEUED\r\n+QUEUED\r\n+OK\r\n"
 				}
 				c.expect("the transaction's replies", want)
-				expectCommands(t, up, "the re-AUTH right after "+end, append(handshake(1), "MULTI", "SET a 1", "INCR b", end, "AUTH oid-1 tok-2")...)
+				expectCommands(t, up, "the re-AUTH right after "+end, append(firstHandshake(), "MULTI", "SET a 1", "INCR b", end, "AUTH oid-1 tok-2")...)
 				// The new token took: the connection outlives the old one.
 				e.pastExpiry(old)
 				c.send(cmd("PING"))
@@ -664,7 +668,7 @@ func TestPipeReauthClientReplySkip(t *testing.T) {
 				up := e.fake.Conns()[0]
 				// (First the proxy asks, once per process, whether this identity may run CLIENT REPLY.)
 				expectCommands(t, up, "no AUTH between CLIENT REPLY SKIP and the command it silences",
-					append(handshake(1), "CLIENT REPLY ON", "CLIENT REPLY SKIP")...)
+					append(firstHandshake(), "CLIENT REPLY ON", "CLIENT REPLY SKIP")...)
 				if tc.separate {
 					c.send(cmd("ECHO", "skipped"))
 					synctest.Wait()
@@ -776,7 +780,7 @@ func TestPipeRESP3PushAroundReauth(t *testing.T) {
 		synctest.Wait()
 		c.expect("HELLO, pushes and replies",
 			"%1\r\n+proto\r\n:3\r\n"+pushFrame("before ECHO")+bulkOf("a")+pushFrame("before AUTH")+pushFrame("before ECHO")+bulkOf("b"))
-		expectCommands(t, e.fake.Conns()[0], "commands", append(handshake(1), "HELLO 3", "ECHO a", "AUTH oid-1 tok-2", "ECHO b")...)
+		expectCommands(t, e.fake.Conns()[0], "commands", append(firstHandshake(), "HELLO 3", "ECHO a", "AUTH oid-1 tok-2", "ECHO b")...)
 	})
 }
 
@@ -797,7 +801,7 @@ func TestPipeMonitorAroundReauth(t *testing.T) {
 		up.write([]byte(line(3)))
 		synctest.Wait()
 		c.expect("MONITOR's +OK and the monitor lines", "+OK\r\n"+line(1)+line(2)+line(3))
-		expectCommands(t, up, "commands", append(handshake(1), "MONITOR", "AUTH oid-1 tok-2")...)
+		expectCommands(t, up, "commands", append(firstHandshake(), "MONITOR", "AUTH oid-1 tok-2")...)
 	})
 }
 

@@ -429,11 +429,23 @@ func (s *Server) dialUpstream(ctx context.Context) (*pooled, error) {
 		s.obs.UpstreamError(kind)
 		return nil, err
 	}
-	id, tok, err := handshake(ctx, conn, tok, s.opts.Tokens)
+	cc := newCtrlConn(conn)
+	id, tok, err := cc.handshake(ctx, tok, s.opts.Tokens)
 	if err != nil {
 		conn.Close()
 		s.obs.UpstreamError("auth")
 		return nil, err
+	}
+	if s.facts.get(probeUnblock) == factUnknown {
+		// Whether blocking commands need leases (rescue.go): learned on the first connection, before any
+		// client's command, so that no client waits for it.
+		r, err := cc.do(ctx, "CLIENT", "UNBLOCK", "0") // no client has id 0: ":0" where it is allowed
+		if err != nil {
+			conn.Close()
+			s.obs.UpstreamError("closed")
+			return nil, fmt.Errorf("CLIENT UNBLOCK 0 (may this identity unblock?): %w", err)
+		}
+		s.facts.learn(probeUnblock, []byte{r.typ})
 	}
 	s.obs.UpstreamOpened(time.Since(start))
 	return &pooled{conn: conn, id: id, secret: tok.Secret}, nil

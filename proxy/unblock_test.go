@@ -152,7 +152,7 @@ func TestUnblockRetriedAfterZero(t *testing.T) {
 					t.Fatalf("%d upstream connections, want 3 (the client's, two control connections)", len(conns))
 				}
 				expectCommands(t, conns[0], "the client's upstream",
-					append(handshake(1), "CLIENT UNBLOCK 0", "BLPOP k "+tc.timeout, "AUTH oid-1 tok-2", reissued)...)
+					append(firstHandshake(), "BLPOP k "+tc.timeout, "AUTH oid-1 tok-2", reissued)...)
 				for _, ctl := range conns[1:] {
 					expectCommands(t, ctl, "a control connection", append(handshake(2), "CLIENT UNBLOCK 1 TIMEOUT")...)
 				}
@@ -217,11 +217,11 @@ func TestUnblockMissedFallsBack(t *testing.T) {
 				switch {
 				case tc.data:
 					c.expectOpen("re-authenticated once the command returned")
-					expectCommands(t, up, "the client's upstream", append(handshake(1), "CLIENT UNBLOCK 0", "BLPOP k 0", "AUTH oid-1 tok-2")...)
+					expectCommands(t, up, "the client's upstream", append(firstHandshake(), "BLPOP k 0", "AUTH oid-1 tok-2")...)
 				case !errors.Is(err, io.EOF):
 					t.Errorf("client connection: %v, want closed (io.EOF) once the old token expired", err)
 				default:
-					expectCommands(t, up, "the client's upstream", append(handshake(1), "CLIENT UNBLOCK 0", "BLPOP k 0")...)
+					expectCommands(t, up, "the client's upstream", append(firstHandshake(), "BLPOP k 0")...)
 				}
 			})
 		})
@@ -266,7 +266,7 @@ func TestUnblockZeroAfterAnswer(t *testing.T) {
 					t.Errorf("%d miss WARN lines, want none", n)
 				}
 				expectCommands(t, e.fake.Conns()[0], "the client's upstream",
-					append(handshake(1), "CLIENT UNBLOCK 0", "BLPOP k 0", "AUTH oid-1 tok-2", "PING")...)
+					append(firstHandshake(), "BLPOP k 0", "AUTH oid-1 tok-2", "PING")...)
 			})
 		})
 	}
