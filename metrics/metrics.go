@@ -30,7 +30,8 @@ var (
 	upstreamKinds  = []string{"dial", "tls", "auth", "closed", "stalled", "protocol"}
 	refreshResults = []string{"ok", "unchanged", "error"}
 	reauthResults  = []string{"ok", "error"}
-	mechanisms     = []string{"handover", "handover_refused", "unblock_reissue", "unblock_retry", "unblock_missed", "tx_replay", "tx_abort", "idle_ping", "pool_reuse"}
+	mechanisms     = []string{"handover", "handover_refused", "unblock_reissue", "unblock_retry", "unblock_missed", "tx_replay", "tx_abort", "idle_ping", "pool_reuse",
+		"reconnect_restored", "reconnect_outstanding", "reconnect_unrestorable", "reconnect_failed"}
 )
 
 // Metrics holds the proxy's metric families. It implements proxy.Observer, and it is a
@@ -127,8 +128,10 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.reauths = counterVec("reauths_total", "AUTHs sent on open upstream connections after a token rotation, by result.",
 		"result", reauthResults)
 	m.mechanisms = counterVec("mechanisms_total",
-		"Times the proxy used a mechanism that keeps clients connected across token rotations and idle timeouts: "+
-			"handover, handover_refused, unblock_reissue, unblock_retry, unblock_missed, tx_replay, tx_abort, idle_ping, pool_reuse.",
+		"Times the proxy used a mechanism that keeps clients connected across token rotations, idle timeouts and "+
+			"upstream closes: handover, handover_refused, unblock_reissue, unblock_retry, unblock_missed, tx_replay, tx_abort, "+
+			"idle_ping, pool_reuse, reconnect_restored, reconnect_outstanding (closed with a reply outstanding), "+
+			"reconnect_unrestorable, reconnect_failed.",
 		"mechanism", mechanisms)
 	m.maxConnections = gauge("max_connections", "Most client connections allowed at once; 0 means unlimited.")
 

@@ -25,6 +25,12 @@ func (s *session) clientLoop() error {
 	c.parser.MaxBulk = s.srv.opts.MaxBulk
 	eof := false
 	for {
+		if c.want.relink {
+			c.want.relink = false
+			if err := s.relinkIfLost(); err != nil {
+				return err
+			}
+		}
 		if err := s.handleCommands(&b); err != nil {
 			return err
 		}
@@ -154,6 +160,7 @@ func (s *session) takePokes() {
 	w.auth = w.auth || p&pokeReauth != 0
 	w.ping = w.ping || p&pokePing != 0
 	w.deadline = w.deadline || p&pokeDeadline != 0
+	w.relink = w.relink || p&pokeRelink != 0
 	if p&pokeDrain != 0 && s.cl.drain == drainNone {
 		s.cl.drain = drainReading
 	}
@@ -242,13 +249,13 @@ var handlers [spCount]handler
 
 func init() {
 	handlers = [spCount]handler{
-		spNone: (*session).forward, spState: (*session).forward,
+		spNone: (*session).forward,
 		spAuth: (*session).onAuth, spHello: (*session).onHello, spReset: (*session).onReset,
 		spQuit: (*session).onQuit, spMulti: (*session).onMulti, spExec: (*session).onExec,
 		spDiscard: (*session).onExec, spClient: (*session).onClient, spSub: (*session).onSubscribe,
 		spUnsub: (*session).onSubscribe, spMonitor: (*session).onMonitor, spBlock: (*session).onBlocking,
 		spWatch: (*session).onWatch, spUnwatch: (*session).onUnwatch, spSelect: (*session).onSelect,
-		spRefused: (*session).onRefused,
+		spRefused: (*session).onRefused, spState: (*session).onState,
 	}
 }
 
@@ -384,6 +391,19 @@ func (s *session) sendSetting(cmd resp.Command, e entry, set setting) {
 	}
 }
 
+// onState forwards a command that changes the connection's state; READONLY's and READWRITE's replies say
+// whether reads from a replica are allowed, which a handover or a reconnect carries.
+func (s *session) onState(cmd resp.Command, e entry) {
+	set := noSetting
+	switch {
+	case equalFold(cmd.Args[0], "readonly"):
+		set.ro = roOn
+	case equalFold(cmd.Args[0], "readwrite"):
+		set.ro = roOff
+	}
+	s.sendSetting(cmd, e, set)
+}
+
 // knowSubscribed reports whether the connection is in RESP2 subscribed mode, where redis refuses CLIENT
 // and HELLO. After a command that may have changed that, it first waits for every reply to come (a round
 // trip, for the rare client that mixes CLIENT REPLY with pub/sub), so the answer is the server's.
@@ -432,7 +452,7 @@ func (s *session) onReset(cmd resp.Command, e entry) {
 		return // refused: nothing else changed (a SKIP was spent on it, as it would have been)
 	}
 	c.tx.end()
-	c.mode = replyOn
+	c.mode, c.replyUnknown = replyOn, false
 	if tok, _ := s.srv.opts.Tokens.Current(); tok.Secret != "" {
 		s.appendAuth(tok, e.start)
 	}
@@ -509,14 +529,28 @@ func (s *session) onUnwatch(cmd resp.Command, e entry) {
 	s.forward(cmd, e)
 }
 
-// onClient tracks CLIENT REPLY, which decides which commands get replies, and CLIENT SETNAME, which a
-// handover carries.
+// onClient tracks CLIENT REPLY, which decides which commands get replies, and CLIENT SETNAME and CLIENT
+// TRACKING, which a handover or a reconnect carries.
 func (s *session) onClient(cmd resp.Command, e entry) {
 	c := &s.cl
 	args := cmd.Args
-	if len(args) == 3 && equalFold(args[1], "setname") {
+	switch {
+	case len(args) == 3 && equalFold(args[1], "setname"):
 		s.sendSetting(cmd, e, setting{db: -1, name: string(args[2]), named: true})
 		return
+	case len(args) >= 3 && equalFold(args[1], "tracking"):
+		set := setting{db: -1, tracked: true}
+		if !equalFold(args[2], "off") {
+			strs := make([]string, len(args))
+			for i, a := range args {
+				strs[i] = string(a)
+			}
+			set.track = string(resp.AppendCommand(nil, strs...))
+		}
+		s.sendSetting(cmd, e, set)
+		return
+	case len(args) == 3 && equalFold(args[1], "reply") && c.tx.open():
+		c.replyUnknown = true // EXEC's reply would say whether it ran; the proxy does not follow it
 	}
 	if len(args) != 3 || !equalFold(args[1], "reply") || c.tx.open() || s.knowSubscribed() {
 		s.forward(cmd, e) // (in RESP2 subscribed mode it is refused: an error, and no change)
@@ -579,11 +613,16 @@ func (s *session) onBlocking(cmd resp.Command, e entry) {
 	s.forward(cmd, e)
 }
 
-// expect queues the entry for the next command's reply, unless CLIENT REPLY OFF/SKIP means none comes.
+// expect queues the entry for the next command's reply, unless CLIENT REPLY OFF/SKIP means none comes: then
+// nothing shows that the command ran until a later command's reply comes (see clientSide.blind).
 func (s *session) expect(e entry) {
-	if s.cl.mode.takes() {
-		s.cl.entries = append(s.cl.entries, e)
+	c := &s.cl
+	if c.mode.takes() {
+		c.entries = append(c.entries, e)
+		c.proves = c.blind
+		return
 	}
+	c.blind, c.proves = true, false
 }
 
 // local answers a command with e.text instead of running it; a PING holds the reply's place, so the answer
@@ -617,10 +656,19 @@ func (s *session) flush() error {
 	// Entries first, even with nothing in out: a streamed command's entry precedes its bytes.
 	if len(c.entries) > 0 {
 		if !s.led.push(c.entries) {
-			return errUpstreamGone
+			// The upstream closed with nothing owed: reconnect first, then send the batch there.
+			if err := s.relinkIfLost(); err != nil {
+				return err
+			}
+			if !s.led.push(c.entries) {
+				return errUpstreamGone
+			}
 		}
 		clear(c.entries)
 		c.entries = c.entries[:0]
+		if c.proves {
+			c.blind, c.proves = false, false
+		}
 	}
 	if len(c.out) == 0 {
 		return nil

@@ -46,7 +46,10 @@ type Observer interface {
 	// Mechanism reports one use of a mechanism: "handover", "handover_refused" (the identity may not
 	// subscribe to the handover's marker channel: a RESP2 subscriber stays on the old token), "unblock_reissue", "unblock_retry" (a CLIENT
 	// UNBLOCK answered 0 is sent again from a new control connection), "unblock_missed" (a rescue gave up on
-	// it: the blocked connection stays on the old token), "tx_replay", "tx_abort", "idle_ping", "pool_reuse".
+	// it: the blocked connection stays on the old token), "tx_replay", "tx_abort", "idle_ping", "pool_reuse";
+	// for an upstream that closed under a session (reconnect.go): "reconnect_restored" (the session goes on, on a
+	// new upstream), "reconnect_outstanding" (closed with a reply outstanding), "reconnect_unrestorable"
+	// (closed: its state can't be restored exactly), "reconnect_failed" (closed: no new upstream in time).
 	Mechanism(name string)
 }
 

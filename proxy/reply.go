@@ -21,13 +21,13 @@ var pubsubMessages = []string{"message", "pmessage", "smessage"}
 
 // replyLoop reads the upstream up and passes replies to the client until either side fails. Each frame is
 // classified from its head (whose is it, does it go to the client), then streamed through to its last byte;
-// only then is its entry settled, and only once written is it delivered.
-func (s *session) replyLoop(up net.Conn) error {
-	b := &readBuf{}
+// only then is its entry settled, and only once written is it delivered. b is up's buffer, holding what
+// was read from up already, if anything (after a reconnect).
+func (s *session) replyLoop(up net.Conn, b *readBuf) error {
 	defer func() { b.release() }()
 	sc := resp.Scanner{MaxBulk: 1 << 40}
 	var h resp.Head
-	inFrame, switched := false, false
+	inFrame, switched := false, b.r < b.w
 	var stallBy time.Time // the read deadline guarding a reply that stopped halfway; zero when none
 	for {
 		if b.full() && !inFrame && !b.grow(maxHeadBuf) {
@@ -133,6 +133,9 @@ func (s *session) upstreamReadError(err error, mid bool) error {
 			return errors.New("upstream sent unsolicited bytes: not reusable")
 		}
 		return errRecycled
+	case !mid && s.srv.opts.ReconnectTimeout > 0 && closedByPeer(err):
+		s.srv.obs.UpstreamError("closed")
+		return &upstreamLost{err}
 	case errors.Is(err, io.EOF):
 		s.srv.obs.UpstreamError("closed")
 		return s.lost(errUpstreamGone)

@@ -43,6 +43,10 @@ type Options struct {
 	WriteTimeout time.Duration
 	// StallTimeout: a reply that stops halfway this long closes the connection; default 30s.
 	StallTimeout time.Duration
+	// ReconnectTimeout: an upstream connection that closes with no reply outstanding is dialed again, with
+	// backoff, for at most this long, and the connection's state restored (reconnect.go); default 30s;
+	// negative: never (the client connection is closed, as for a loss with a reply outstanding).
+	ReconnectTimeout time.Duration
 }
 
 // ErrServerClosed is returned by Serve once Shutdown or Close has been called, as net/http's is.
@@ -117,6 +121,9 @@ func New(opts Options) (*Server, error) {
 	}
 	if opts.StallTimeout <= 0 {
 		opts.StallTimeout = 30 * time.Second
+	}
+	if opts.ReconnectTimeout == 0 {
+		opts.ReconnectTimeout = 30 * time.Second
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{

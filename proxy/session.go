@@ -21,6 +21,7 @@ const (
 	pokeDeadline                    // the old token nears expiry: rescue a blocked or MULTI connection
 	pokeResume                      // a blocking command was answered: send what waited behind it
 	pokeDrain                       // the server shuts down: close at the next safe point
+	pokeRelink                      // the upstream closed with nothing owed: reconnect (reconnect.go)
 )
 
 const (
@@ -67,6 +68,7 @@ type session struct {
 
 	forceAuth atomic.Bool             // send the token even if it was sent before (the retry after WRONGPASS)
 	cut       atomic.Pointer[cutover] // a pub/sub handover in progress
+	relink    chan relinked           // a reconnect's new upstream, from the client loop to the reply loop
 	recycling atomic.Bool             // the upstream goes back to the pool: the reply loop must not close it
 
 	cl clientSide // owned by the client loop
@@ -95,10 +97,15 @@ type clientSide struct {
 	mode    replyMode
 	hold    holdBack
 	stream  stream
-	want    struct{ auth, ping, deadline bool } // work due at the next safe point
-	out     []byte                              // commands to write upstream
-	entries []entry                             // their expected replies, pushed before the write
-	parser  resp.CommandParser
+	want    struct{ auth, ping, deadline, relink bool } // work due at the next safe point
+	// blind: a command was sent whose reply CLIENT REPLY suppressed, and no reply to a later one has been
+	// asked for since, so nothing shows it reached the server: a lost upstream can't be replaced silently.
+	// proves: a reply was asked for after it, in the batch not yet flushed.
+	blind, proves bool
+	replyUnknown  bool    // a CLIENT REPLY was queued in MULTI: the mode is not followed (until RESET)
+	out           []byte  // commands to write upstream
+	entries       []entry // their expected replies, pushed before the write
+	parser        resp.CommandParser
 }
 
 // stream is a command too large to buffer, forwarded as it arrives.
@@ -181,7 +188,17 @@ func (s *session) serve() {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		rerr = s.replyLoop(s.cl.up)
+		up, buf := s.cl.up, &readBuf{}
+		for {
+			rerr = s.replyLoop(up, buf)
+			var lost *upstreamLost
+			if !errors.As(rerr, &lost) {
+				break
+			}
+			if up, buf, rerr = s.awaitRelink(lost); up == nil {
+				break
+			}
+		}
 		if !errors.Is(rerr, errRecycled) {
 			s.close(rerr)
 		}
@@ -221,6 +238,7 @@ func newSession(srv *Server, c net.Conn, id uint64) *session {
 func (s *session) init() {
 	s.led = newLedger()
 	s.wake, s.done = make(chan struct{}, 1), make(chan struct{})
+	s.relink = make(chan relinked, 1)
 	s.rl.proto = 2
 }
 

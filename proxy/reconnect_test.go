@@ -1,0 +1,228 @@
+package proxy_test
+
+import (
+	"errors"
+	"io"
+	"strconv"
+	"strings"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/entra-redis-proxy/entra-redis-proxy/proxy"
+)
+
+// Deterministic tests of the reconnect after an unplanned upstream close (reconnect.go), over the scripted
+// fake upstream: the fake closes the session's upstream connection (as CLIENT KILL or a failover would),
+// and the client must see exactly what it would have seen had that not happened, or, where that can't be
+// promised, have its connection closed as before, counted.
+
+// reconnectEnv is a pipeEnv whose fake also answers the commands whose state a reconnect restores.
+func reconnectEnv(t *testing.T) (*pipeEnv, *diffObserver) {
+	obs := &diffObserver{counts: map[string]int{}}
+	e := newPipeEnv(t, func(o *proxy.Options) { o.Observer = obs })
+	ok := func(c *fakeConn, _ []string) { c.reply("+OK\r\n") }
+	for _, name := range []string{"SELECT", "READONLY", "WATCH"} {
+		e.fake.handle(name, ok)
+	}
+	e.fake.handle("CLIENT", func(c *fakeConn, args []string) {
+		switch strings.ToUpper(args[1]) {
+		case "ID":
+			c.reply(":" + strconv.FormatInt(c.id, 10) + "\r\n")
+		case "SETNAME", "TRACKING":
+			c.reply("+OK\r\n")
+		default:
+			c.reply("-ERR not scripted\r\n")
+		}
+	})
+	for _, name := range []string{"SUBSCRIBE", "PSUBSCRIBE"} {
+		e.fake.handle(name, func(c *fakeConn, args []string) {
+			for i, ch := range args[1:] {
+				c.reply(pubsubFrame(c.proto, strings.ToLower(name), ch, ":"+strconv.Itoa(i+1)+"\r\n"))
+			}
+		})
+	}
+	return e, obs
+}
+
+// pubsubFrame is a pub/sub confirmation or message: kind, channel, and the last element as RESP.
+func pubsubFrame(proto int, kind, channel, last string) string {
+	head := "*3\r\n"
+	if proto == 3 {
+		head = ">3\r\n"
+	}
+	return head + bulkOf(kind) + bulkOf(channel) + last
+}
+
+// kill closes the session's current upstream connection from the server's side.
+func (e *pipeEnv) kill() {
+	conns := e.fake.Conns()
+	conns[len(conns)-1].closeWith("killed by the test")
+	synctest.Wait()
+}
+
+// expectMechanisms fails the test unless the proxy's mechanism counts are exactly want.
+func expectMechanisms(t *testing.T, obs *diffObserver, want string) {
+	t.Helper()
+	if got := obs.String(); got != want {
+		t.Errorf("mechanisms: got %q, want %q", got, want)
+	}
+}
+
+func TestReconnectRestoresState(t *testing.T) {
+	for _, tc := range []struct {
+		desc   string
+		before [][]string // sent and answered before the kill
+		want   string     // what the client gets for them
+		// restored: what the new upstream receives after its handshake, before after is sent
+		restored []string
+		after    [][]string
+		wantEnd  string // what the client gets in all
+		mechs    string
+		// push, if set, is written by the new upstream after the commands in after (a published message)
+		push string
+	}{{
+		desc:     "database, name and READONLY",
+		before:   [][]string{cmd("SELECT", "2"), cmd("CLIENT", "SETNAME", "app"), cmd("READONLY")},
+		want:     "+OK\r\n+OK\r\n+OK\r\n",
+		restored: []string{"SELECT 2", "CLIENT SETNAME app", "READONLY"},
+		after:    [][]string{cmd("PING")},
+		wantEnd:  "+OK\r\n+OK\r\n+OK\r\n+PONG\r\n",
+		mechs:    "reconnect_restored=1",
+	}, {
+		desc:     "RESP2 subscriber",
+		before:   [][]string{cmd("SUBSCRIBE", "a"), cmd("PSUBSCRIBE", "p*")},
+		want:     pubsubFrame(2, "subscribe", "a", ":1\r\n") + pubsubFrame(2, "psubscribe", "p*", ":1\r\n"),
+		restored: []string{"SUBSCRIBE a", "PSUBSCRIBE p*"},
+		push:     pubsubFrame(2, "message", "a", bulkOf("after")),
+		wantEnd: pubsubFrame(2, "subscribe", "a", ":1\r\n") + pubsubFrame(2, "psubscribe", "p*", ":1\r\n") +
+			pubsubFrame(2, "message", "a", bulkOf("after")),
+		mechs: "reconnect_restored=1",
+	}, {
+		desc:     "RESP3 with tracking: the client's cache is told to drop everything",
+		before:   [][]string{cmd("HELLO", "3"), cmd("CLIENT", "TRACKING", "on")},
+		want:     "%1\r\n+proto\r\n:3\r\n+OK\r\n",
+		restored: []string{"HELLO 3", "CLIENT TRACKING on"},
+		after:    [][]string{cmd("PING")},
+		wantEnd:  "%1\r\n+proto\r\n:3\r\n+OK\r\n" + ">2\r\n$10\r\ninvalidate\r\n_\r\n" + "+PONG\r\n",
+		mechs:    "reconnect_restored=1",
+	}, {
+		desc:     "open MULTI, replayed",
+		before:   [][]string{cmd("MULTI"), cmd("PING"), cmd("ECHO", "x")},
+		want:     "+OK\r\n+QUEUED\r\n+QUEUED\r\n",
+		restored: []string{"MULTI", "PING", "ECHO x"},
+		after:    [][]string{cmd("EXEC")},
+		wantEnd:  "+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n+PONG\r\n" + bulkOf("x"),
+		mechs:    "reconnect_restored=1 tx_replay=1",
+	}, {
+		desc:    "open MULTI with WATCH: EXEC answers null, nothing runs",
+		before:  [][]string{cmd("WATCH", "k"), cmd("MULTI"), cmd("PING")},
+		want:    "+OK\r\n+OK\r\n+QUEUED\r\n",
+		after:   [][]string{cmd("ECHO", "x"), cmd("EXEC"), cmd("PING")},
+		wantEnd: "+OK\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n*-1\r\n+PONG\r\n",
+		// The proxy answers the aborted transaction itself (its place held by PINGs).
+		restored: nil,
+		mechs:    "reconnect_restored=1 tx_abort=1",
+	}, {
+		desc:     "CLIENT REPLY SKIP not yet spent",
+		before:   [][]string{cmd("ECHO", "a"), cmd("CLIENT", "REPLY", "SKIP")},
+		want:     bulkOf("a"),
+		restored: []string{"CLIENT REPLY SKIP"},
+		after:    [][]string{cmd("ECHO", "b"), cmd("ECHO", "c")},
+		wantEnd:  bulkOf("a") + bulkOf("c"),
+		mechs:    "reconnect_restored=1",
+	}} {
+		t.Run(tc.desc, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				e, obs := reconnectEnv(t)
+				c := e.connect("app")
+				c.send(tc.before...)
+				synctest.Wait()
+				c.expect("before the kill", tc.want)
+				e.kill()
+				c.expectOpen("after the kill")
+				conns := e.fake.Conns()
+				if len(conns) != 2 {
+					t.Fatalf("%d upstream connections, want the first and one new one", len(conns))
+				}
+				up := conns[1]
+				expectCommands(t, up, "the state restored on the new upstream", append(handshake(1), tc.restored...)...)
+				c.send(tc.after...)
+				synctest.Wait()
+				if tc.push != "" {
+					up.write([]byte(tc.push))
+					synctest.Wait()
+				}
+				c.expect("in all", tc.wantEnd)
+				c.expectOpen("at the end")
+				expectMechanisms(t, obs, tc.mechs)
+			})
+		})
+	}
+}
+
+// A client connection whose state can't be restored exactly is closed, as it was before reconnects, and
+// counted; a command in flight is never sent again.
+func TestReconnectCloses(t *testing.T) {
+	for _, tc := range []struct {
+		desc   string
+		before [][]string
+		want   string
+		down   bool // no new upstream can be dialed
+		mechs  string
+	}{
+		{"reply outstanding (blocked)", [][]string{cmd("PING"), cmd("BLPOP", "k", "0")}, "+PONG\r\n", false, "reconnect_outstanding=1"},
+		{"MONITOR", [][]string{cmd("MONITOR")}, "+OK\r\n", false, "reconnect_unrestorable=1"},
+		{"CLIENT REPLY OFF", [][]string{cmd("CLIENT", "REPLY", "OFF"), cmd("PING")}, "", false, "reconnect_unrestorable=1"},
+		{"WATCH outside MULTI", [][]string{cmd("WATCH", "k")}, "+OK\r\n", false, "reconnect_unrestorable=1"},
+		{"no upstream within ReconnectTimeout", [][]string{cmd("PING")}, "+PONG\r\n", true, "reconnect_failed=1"},
+	} {
+		t.Run(tc.desc, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				e, obs := reconnectEnv(t)
+				c := e.connect("app")
+				c.send(tc.before...)
+				synctest.Wait()
+				e.fake.setDown(tc.down)
+				e.kill()
+				time.Sleep(31 * time.Second) // past the default ReconnectTimeout
+				synctest.Wait()
+				c.expect("what the client got", tc.want)
+				if err, _ := c.ended(); !errors.Is(err, io.EOF) {
+					t.Errorf("the client connection was not closed: %v", err)
+				}
+				if n := len(e.fake.Conns()); !tc.down && n != 1 {
+					t.Errorf("%d upstream connections: nothing may be dialed, let alone sent again", n)
+				}
+				expectMechanisms(t, obs, tc.mechs)
+			})
+		})
+	}
+}
+
+// Commands that arrive while the upstream is being dialed again wait, and run once, on the new upstream.
+func TestReconnectHoldsCommands(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		e, obs := reconnectEnv(t)
+		c := e.connect("app")
+		c.send(cmd("SELECT", "1"))
+		synctest.Wait()
+		e.fake.setDown(true)
+		e.kill()
+		// The proxy reads nothing while it reconnects; a pipe, unlike a socket, has no buffer to hold the
+		// commands meanwhile, so they are written from another goroutine.
+		go c.send(cmd("ECHO", "waited"), cmd("PING"))
+		time.Sleep(5 * time.Second)
+		synctest.Wait()
+		c.expect("while no upstream can be dialed", "+OK\r\n")
+		c.expectOpen("while no upstream can be dialed")
+		e.fake.setDown(false)
+		time.Sleep(3 * time.Second) // more than the longest backoff
+		synctest.Wait()
+		c.expect("once an upstream could be dialed", "+OK\r\n"+bulkOf("waited")+"+PONG\r\n")
+		conns := e.fake.Conns()
+		expectCommands(t, conns[0], "the first upstream", append(handshake(1), "SELECT 1")...)
+		expectCommands(t, conns[len(conns)-1], "the new upstream", append(handshake(1), "SELECT 1", "ECHO waited", "PING")...)
+		expectMechanisms(t, obs, "reconnect_restored=1")
+	})
+}
