@@ -68,17 +68,18 @@ func closedByPeer(err error) bool {
 // awaitRelink is the reply loop's side of a reconnect: it returns the new upstream to read, or nil and the
 // session's cause when the connection can't be restored or the session ends meanwhile.
 func (s *session) awaitRelink(lost *upstreamLost) (net.Conn, *readBuf, error) {
+	closed := fmt.Errorf("upstream closed the connection (%w)", lost.err)
 	switch {
 	case s.rl.monitor:
-		return nil, nil, s.notRestored(lost.err, "MONITOR")
+		return nil, nil, s.notRestored(closed, "MONITOR")
 	case s.rl.marker.active() || s.cut.Load() != nil:
-		return nil, nil, s.notRestored(lost.err, "a pub/sub handover was in progress")
+		return nil, nil, s.notRestored(closed, "a pub/sub handover was in progress")
 	case !s.led.markLost():
 		if s.led.len() == 0 {
 			return nil, nil, lost.err // the session is closing
 		}
 		s.srv.obs.Mechanism("reconnect_outstanding")
-		return nil, nil, s.lost(fmt.Errorf("%w with a reply outstanding: its command's outcome is unknown, so it is not sent again", lost.err))
+		return nil, nil, s.lost(fmt.Errorf("%w with a reply outstanding: its command's outcome is unknown, so it is not sent again", closed))
 	}
 	s.poke(pokeRelink)
 	select {

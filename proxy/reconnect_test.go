@@ -20,7 +20,7 @@ import (
 // reconnectEnv is a pipeEnv whose fake also answers the commands whose state a reconnect restores.
 func reconnectEnv(t *testing.T) (*pipeEnv, *diffObserver) {
 	obs := &diffObserver{counts: map[string]int{}}
-	e := newPipeEnv(t, func(o *proxy.Options) { o.Observer = obs })
+	e := newPipeEnv(t, func(o *proxy.Options) { o.Observer, o.ReconnectTimeout = obs, 30*time.Second })
 	ok := func(c *fakeConn, _ []string) { c.reply("+OK\r\n") }
 	for _, name := range []string{"SELECT", "READONLY", "WATCH"} {
 		e.fake.handle(name, ok)

@@ -1,0 +1,195 @@
+package proxy_test
+
+import (
+	"context"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/entra-redis-proxy/entra-redis-proxy/proxy"
+)
+
+// restoredObserver tells the test each time a session was restored on a new upstream, and counts the
+// other outcomes of a lost upstream.
+type restoredObserver struct {
+	diffObserver
+	restored chan struct{}
+}
+
+func newRestoredObserver() *restoredObserver {
+	return &restoredObserver{diffObserver: diffObserver{counts: map[string]int{}}, restored: make(chan struct{}, 64)}
+}
+
+func (o *restoredObserver) Mechanism(name string) {
+	o.diffObserver.Mechanism(name)
+	if name == "reconnect_restored" {
+		o.restored <- struct{}{}
+	}
+}
+
+// await waits for n restored sessions.
+func (o *restoredObserver) await(t *testing.T, n int) {
+	t.Helper()
+	timeout := time.After(20 * time.Second)
+	for i := range n {
+		select {
+		case <-o.restored:
+		case <-timeout:
+			t.Fatalf("%d of %d sessions restored within 20 s (proxy events: %s)", i, n, o.String())
+		}
+	}
+}
+
+// reconnectClients are clients of every kind, each on its own proxied connection, with state set before an
+// upstream close: go-redis RESP2 and RESP3 with a database and a name, RESP2 and RESP3 subscribers, a raw
+// client inside MULTI, and one blocked in BLPOP.
+type reconnectClients struct {
+	kv   [2]*redis.Client // RESP2, RESP3
+	subs [2]*redis.PubSub
+	tx   *raw
+	blk  *raw
+}
+
+// reconnectFixture is a proxy with reconnects on (30 s), and an observer of their outcomes.
+func reconnectFixture(t *testing.T) (*fixture, *restoredObserver) {
+	obs := newRestoredObserver()
+	f := newFixture(t, fixtureOpts{proxyOpt: func(o *proxy.Options) {
+		o.Observer, o.ReconnectTimeout = obs, 30*time.Second
+	}})
+	return f, obs
+}
+
+func (f *fixture) reconnectClients(t *testing.T, ctx context.Context) *reconnectClients {
+	t.Helper()
+	var cs reconnectClients
+	for i, proto := range []int{2, 3} {
+		c := redis.NewClient(&redis.Options{Addr: f.addr, Protocol: proto, PoolSize: 1, MaxRetries: -1, DB: 3,
+			ClientName: "app" + strconv.Itoa(proto), ReadTimeout: 10 * time.Second, DisableIdentity: true})
+		t.Cleanup(func() { c.Close() })
+		if _, err := c.Pipelined(ctx, func(p redis.Pipeliner) error {
+			p.Set(ctx, "rc:k"+strconv.Itoa(proto), "before", 0)
+			p.Get(ctx, "rc:k"+strconv.Itoa(proto))
+			return nil
+		}); err != nil {
+			t.Fatalf("RESP%d pipeline before: %v", proto, err)
+		}
+		cs.kv[i] = c
+		ps := c.Subscribe(ctx, "rc:seq")
+		t.Cleanup(func() { ps.Close() })
+		if _, err := ps.Receive(ctx); err != nil {
+			t.Fatalf("RESP%d subscribe: %v", proto, err)
+		}
+		cs.subs[i] = ps
+	}
+	cs.tx = f.raw(t)
+	cs.tx.send("SELECT 5", "MULTI", "SET rc:tx inside", "INCR rc:n")
+	cs.tx.expect("+OK\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n")
+	cs.blk = f.raw(t)
+	cs.blk.send("PING", "BLPOP rc:never 0") // one batch: once PONG is here, BLPOP was sent upstream
+	cs.blk.expect("+PONG\r\n")
+	return &cs
+}
+
+// publish publishes the sequence numbers from..to-1 on rc:seq from a direct connection.
+func (f *fixture) publish(t *testing.T, ctx context.Context, from, to int) {
+	t.Helper()
+	for i := from; i < to; i++ {
+		if _, err := f.env.Admin(ctx, "PUBLISH", "rc:seq", strconv.Itoa(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// receive reads the sequence numbers from..to-1 from each subscriber: each once, in order.
+func (cs *reconnectClients) receive(t *testing.T, ctx context.Context, from, to int) {
+	t.Helper()
+	for i, ps := range cs.subs {
+		for want := from; want < to; want++ {
+			m, err := ps.ReceiveMessage(ctx)
+			if err != nil {
+				t.Fatalf("RESP%d subscriber, message %d: %v", i+2, want, err)
+			}
+			if m.Payload != strconv.Itoa(want) {
+				t.Fatalf("RESP%d subscriber: got %q, want %d (lost or duplicated)", i+2, m.Payload, want)
+			}
+		}
+	}
+}
+
+// check verifies, once every session with nothing outstanding was restored, that each client's state is
+// what it would be had the upstream not closed: messages published after the restore arrive once, in order;
+// writes land in the selected database; names are kept; the open transaction runs once; and the client
+// blocked in BLPOP (its command's outcome unknown) is closed.
+func (cs *reconnectClients) check(t *testing.T, ctx context.Context, f *fixture, obs *restoredObserver) {
+	t.Helper()
+	obs.await(t, 5)
+	const n = 50
+	f.publish(t, ctx, n, 2*n)
+	cs.receive(t, ctx, n, 2*n)
+	user, pass := f.env.AdminCredentials()
+	db3 := redis.NewClient(&redis.Options{Addr: f.env.RedisAddr, Username: user, Password: pass, DB: 3,
+		TLSConfig: f.env.ClientTLSConfig(), DisableIdentity: true})
+	defer db3.Close()
+	for i, c := range cs.kv {
+		proto := strconv.Itoa(i + 2)
+		cmds, err := c.Pipelined(ctx, func(p redis.Pipeliner) error {
+			p.Set(ctx, "rc:after"+proto, "v", 0)
+			p.ClientGetName(ctx)
+			return nil
+		})
+		if err != nil {
+			t.Fatalf("RESP%s pipeline after: %v", proto, err)
+		}
+		if got := cmds[1].(*redis.StringCmd).Val(); got != "app"+proto {
+			t.Errorf("RESP%s: CLIENT GETNAME = %q; the name was not restored", proto, got)
+		}
+		if got, err := db3.Get(ctx, "rc:after"+proto).Result(); got != "v" {
+			t.Errorf("RESP%s: the key written after the close is not in database 3 (%q, %v)", proto, got, err)
+		}
+		if _, err := c.TxPipelined(ctx, func(p redis.Pipeliner) error {
+			p.Incr(ctx, "rc:tx"+proto)
+			return nil
+		}); err != nil {
+			t.Errorf("RESP%s MULTI/EXEC after: %v", proto, err)
+		}
+	}
+	cs.tx.send("EXEC", "GET rc:tx")
+	cs.tx.expect("*2\r\n+OK\r\n:1\r\n" + bulk("inside"))
+	expectClosed(t, cs.blk, 5*time.Second)
+	if got, want := obs.String(), "reconnect_outstanding=1 reconnect_restored=5 tx_replay=1"; got != want {
+		t.Errorf("proxy events %q, want %q", got, want)
+	}
+}
+
+// CLIENT KILL of every upstream connection of the proxy's identity (a failover closes them all at once):
+// every session with nothing outstanding goes on, on a new upstream, with its state.
+func TestReconnectAfterClientKill(t *testing.T) {
+	f, obs := reconnectFixture(t)
+	ctx := t.Context()
+	cs := f.reconnectClients(t, ctx)
+	f.publish(t, ctx, 0, 50)
+	cs.receive(t, ctx, 0, 50)
+	if _, err := f.env.Admin(ctx, "CLIENT", "KILL", "USER", f.currentOID()); err != nil {
+		t.Fatal(err)
+	}
+	cs.check(t, ctx, f, obs)
+}
+
+// redis-server restarted on the same port (its data set lost: no persistence): the sessions reconnect once
+// it is back.
+func TestReconnectAfterRestart(t *testing.T) {
+	f, obs := reconnectFixture(t)
+	ctx := t.Context()
+	cs := f.reconnectClients(t, ctx)
+	f.publish(t, ctx, 0, 50)
+	cs.receive(t, ctx, 0, 50)
+	if err := f.env.StopRedis(); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.env.StartRedis(ctx); err != nil {
+		t.Fatal(err)
+	}
+	cs.check(t, ctx, f, obs)
+}
