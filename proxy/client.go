@@ -25,9 +25,8 @@ func (s *session) clientLoop() error {
 	c.parser.MaxBulk = s.srv.opts.MaxBulk
 	eof := false
 	for {
-		if c.want.relink {
-			c.want.relink = false
-			if err := s.relinkIfLost(); err != nil {
+		if s.led.isLost() { // before handling what was read: nothing is pending for the new upstream
+			if err := s.relinkIfLost(false); err != nil {
 				return err
 			}
 		}
@@ -160,7 +159,6 @@ func (s *session) takePokes() {
 	w.auth = w.auth || p&pokeReauth != 0
 	w.ping = w.ping || p&pokePing != 0
 	w.deadline = w.deadline || p&pokeDeadline != 0
-	w.relink = w.relink || p&pokeRelink != 0
 	if p&pokeDrain != 0 && s.cl.drain == drainNone {
 		s.cl.drain = drainReading
 	}
@@ -264,6 +262,7 @@ func (s *session) handleCommand(cmd resp.Command, now int64) {
 	c := &s.cl
 	info := lookup(cmd.Args[0])
 	c.dirty = c.dirty || dirties(info, cmd.Args)
+	c.batchDirty = c.batchDirty || info.sp != spNone || c.tx.state != txNone || c.mode != replyOn
 	e := entry{act: actForward, cmd: info.idx, start: now}
 	// Inside MULTI a (un)subscribe gets one reply, +QUEUED; after a refused MULTI, one per channel.
 	s.syncTx(info.sp == spSub || info.sp == spUnsub)
@@ -657,7 +656,7 @@ func (s *session) flush() error {
 	if len(c.entries) > 0 {
 		if !s.led.push(c.entries) {
 			// The upstream closed with nothing owed: reconnect first, then send the batch there.
-			if err := s.relinkIfLost(); err != nil {
+			if err := s.relinkIfLost(true); err != nil {
 				return err
 			}
 			if !s.led.push(c.entries) {
@@ -670,6 +669,7 @@ func (s *session) flush() error {
 			c.blind, c.proves = false, false
 		}
 	}
+	c.batchDirty = false
 	if len(c.out) == 0 {
 		return nil
 	}
@@ -694,7 +694,11 @@ func armWrite(c interface{ SetWriteDeadline(time.Time) error }, until *time.Time
 func (s *session) writeUp(p []byte) error {
 	armWrite(s.cl.up, &s.cl.writeBy, s.srv.opts.WriteTimeout)
 	if _, err := s.cl.up.Write(p); err != nil {
-		return fmt.Errorf("write upstream: %w", err)
+		err = fmt.Errorf("write upstream: %w", err)
+		if s.led.isLost() { // commands whose replies CLIENT REPLY suppressed, written after the close
+			return s.notRestored(err, "commands without replies were sent after the close")
+		}
+		return err
 	}
 	s.lastSent.Store(s.srv.now())
 	return nil
@@ -707,6 +711,7 @@ func (s *session) startStream(b *readBuf) error {
 	name, _ := resp.CommandName(p)
 	info := lookup(name)
 	c.dirty = c.dirty || dirties(info, nil)
+	c.batchDirty = true
 	e := entry{act: actForward, cmd: info.idx, start: s.srv.now()}
 	c.stream.discard = false
 	switch info.sp {

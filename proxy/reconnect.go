@@ -98,8 +98,9 @@ func (s *session) notRestored(err error, why string) error {
 
 // relinkIfLost is the client loop's side of a reconnect: if the reply loop marked the upstream lost, it
 // dials a new one, restores the session's state on it and hands it to the reply loop, retrying with backoff
-// for ReconnectTimeout. It returns the session's cause when that fails.
-func (s *session) relinkIfLost() error {
+// for ReconnectTimeout. It returns the session's cause when that fails. pending says a batch of commands
+// waits to be sent (the loss was found by its push).
+func (s *session) relinkIfLost(pending bool) error {
 	if !s.led.isLost() {
 		return nil
 	}
@@ -109,9 +110,10 @@ func (s *session) relinkIfLost() error {
 	c.up.Close()
 	s.srv.obs.UpstreamClosed()
 	if c.drain != drainNone {
+		s.closeWriteAndWait()
 		return errDrained // it would close at this safe point anyway
 	}
-	if why := s.unrestorable(); why != "" {
+	if why := s.unrestorable(pending); why != "" {
 		return s.notRestored(errUpstreamGone, why)
 	}
 	start := time.Now()
@@ -148,11 +150,15 @@ func (s *session) relinkIfLost() error {
 }
 
 // unrestorable says why the session's state can't be restored on a new upstream, or "" when it can.
-func (s *session) unrestorable() string {
+// pending: see relinkIfLost.
+func (s *session) unrestorable(pending bool) string {
 	c := &s.cl
 	s.syncTx(false)
 	tracking := s.carry.snapshot().tracking
 	switch {
+	case pending && (c.batchDirty || c.tx.state != txNone):
+		// The client loop's state already includes the batch's commands, which the old upstream never got.
+		return "the close came as commands that change the connection's state were being sent"
 	case c.mode == replyOff || c.blind:
 		return "CLIENT REPLY OFF or SKIP: nothing shows whether the last commands reached the server"
 	case c.replyUnknown:

@@ -97,15 +97,18 @@ type clientSide struct {
 	mode    replyMode
 	hold    holdBack
 	stream  stream
-	want    struct{ auth, ping, deadline, relink bool } // work due at the next safe point
+	want    struct{ auth, ping, deadline bool } // work due at the next safe point
 	// blind: a command was sent whose reply CLIENT REPLY suppressed, and no reply to a later one has been
 	// asked for since, so nothing shows it reached the server: a lost upstream can't be replaced silently.
 	// proves: a reply was asked for after it, in the batch not yet flushed.
 	blind, proves bool
-	replyUnknown  bool    // a CLIENT REPLY was queued in MULTI: the mode is not followed (until RESET)
-	out           []byte  // commands to write upstream
-	entries       []entry // their expected replies, pushed before the write
-	parser        resp.CommandParser
+	replyUnknown  bool // a CLIENT REPLY was queued in MULTI: the mode is not followed (until RESET)
+	// batchDirty: a command in the batch not yet flushed changed the state above, or ran inside MULTI or
+	// under CLIENT REPLY OFF/SKIP: a reconnect would restore a state that includes what was never sent.
+	batchDirty bool
+	out        []byte  // commands to write upstream
+	entries    []entry // their expected replies, pushed before the write
+	parser     resp.CommandParser
 }
 
 // stream is a command too large to buffer, forwarded as it arrives.
