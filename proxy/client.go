@@ -30,6 +30,11 @@ func (s *session) clientLoop() error {
 				return err
 			}
 		}
+		if c.want.move {
+			if err := s.move(); err != nil {
+				return err
+			}
+		}
 		if err := s.handleCommands(&b); err != nil {
 			return err
 		}
@@ -159,6 +164,7 @@ func (s *session) takePokes() {
 	w.auth = w.auth || p&pokeReauth != 0
 	w.ping = w.ping || p&pokePing != 0
 	w.deadline = w.deadline || p&pokeDeadline != 0
+	w.move = w.move || p&pokeMove != 0
 	if p&pokeDrain != 0 && s.cl.drain == drainNone {
 		s.cl.drain = drainReading
 	}

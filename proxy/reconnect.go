@@ -48,8 +48,12 @@ const (
 // invalidateAll is the RESP3 push redis sends a tracking client when any key may have changed (FLUSHALL).
 const invalidateAll = ">2\r\n$10\r\ninvalidate\r\n_\r\n"
 
-// upstreamLost ends a reply loop whose upstream closed between frames: the session may reconnect.
-type upstreamLost struct{ err error }
+// upstreamLost ends a reply loop whose upstream closed between frames (the session may reconnect), or that
+// left it for a maintenance move (moved).
+type upstreamLost struct {
+	err   error
+	moved bool
+}
 
 func (e *upstreamLost) Error() string { return e.err.Error() }
 func (e *upstreamLost) Unwrap() error { return e.err }
@@ -70,6 +74,7 @@ func closedByPeer(err error) bool {
 func (s *session) awaitRelink(lost *upstreamLost) (net.Conn, *readBuf, error) {
 	closed := fmt.Errorf("upstream closed the connection (%w)", lost.err)
 	switch {
+	case lost.moved: // the client loop has the new upstream ready
 	case s.rl.monitor:
 		return nil, nil, s.notRestored(closed, "MONITOR")
 	case s.rl.marker.active() || s.cut.Load() != nil:
@@ -80,8 +85,9 @@ func (s *session) awaitRelink(lost *upstreamLost) (net.Conn, *readBuf, error) {
 		}
 		s.srv.obs.Mechanism("reconnect_outstanding")
 		return nil, nil, s.lost(fmt.Errorf("%w with a reply outstanding: its command's outcome is unknown, so it is not sent again", closed))
+	default:
+		s.poke(pokeRelink)
 	}
-	s.poke(pokeRelink)
 	select {
 	case r := <-s.relink:
 		return r.conn, r.buf, nil
@@ -254,7 +260,8 @@ func replayTx(ctx context.Context, c *ctrlConn, tx *transaction) error {
 	return nil
 }
 
-// takeOver makes p the session's upstream and hands it to the reply loop.
+// takeOver makes p the session's upstream and hands it to the reply loop, once the reply loop has left the
+// old one.
 func (s *session) takeOver(p *pooled, buf *readBuf) error {
 	if !s.addConn(p.conn) {
 		p.conn.Close()
@@ -273,8 +280,12 @@ func (s *session) takeOver(p *pooled, buf *readBuf) error {
 			s.srv.obs.Mechanism("tx_abort")
 		}
 	}
+	select {
+	case s.relink <- relinked{conn: p.conn, buf: buf}:
+	case <-s.done:
+		return errUpstreamGone
+	}
 	s.led.relinked()
-	s.relink <- relinked{conn: p.conn, buf: buf}
 	return nil
 }
 

@@ -3,6 +3,7 @@ package proxy_test
 import (
 	"errors"
 	"io"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -21,6 +22,12 @@ import (
 func reconnectEnv(t *testing.T) (*pipeEnv, *diffObserver) {
 	obs := &diffObserver{counts: map[string]int{}}
 	e := newPipeEnv(t, func(o *proxy.Options) { o.Observer, o.ReconnectTimeout = obs, 30*time.Second })
+	scriptReconnect(e)
+	return e, obs
+}
+
+// scriptReconnect scripts the fake to answer the commands whose state a reconnect restores.
+func scriptReconnect(e *pipeEnv) {
 	ok := func(c *fakeConn, _ []string) { c.reply("+OK\r\n") }
 	for _, name := range []string{"SELECT", "READONLY", "WATCH"} {
 		e.fake.handle(name, ok)
@@ -42,7 +49,6 @@ func reconnectEnv(t *testing.T) (*pipeEnv, *diffObserver) {
 			}
 		})
 	}
-	return e, obs
 }
 
 // pubsubFrame is a pub/sub confirmation or message: kind, channel, and the last element as RESP.
@@ -224,5 +230,82 @@ func TestReconnectHoldsCommands(t *testing.T) {
 		expectCommands(t, conns[0], "the first upstream", append(handshake(1), "SELECT 1")...)
 		expectCommands(t, conns[len(conns)-1], "the new upstream", append(handshake(1), "SELECT 1", "ECHO waited", "PING")...)
 		expectMechanisms(t, obs, "reconnect_restored=1")
+	})
+}
+
+// azureEvent is an AzureRedisEvents message as Azure publishes it, as a RESP2 pub/sub message.
+func azureEventMessage(kind string, replica bool) string {
+	msg := "NotificationType|" + kind + "|StartTimeInUTC||IsReplica|" + map[bool]string{false: "False", true: "True"}[replica] +
+		"|IPAddress|10.0.0.4|SSLPort|15001|NonSSLPort|13001"
+	return pubsubFrame(2, "message", "AzureRedisEvents", bulkOf(msg))
+}
+
+// closedByProxy reports whether the proxy closed its end of upstream conn c.
+func closedByProxy(c *fakeConn) bool {
+	select {
+	case <-c.gone:
+		return true
+	default:
+		return false
+	}
+}
+
+// At NodeMaintenanceStart (of a primary), sessions move to new upstream connections at their next safe
+// point, before the node closes the old ones: the old connection is closed by the proxy only after the new
+// one took over; a session inside MULTI moves after EXEC. Other announcements, and a replica's, move nothing.
+func TestMaintenanceMovesSessions(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		obs := &diffObserver{counts: map[string]int{}}
+		e := newPipeEnv(t, func(o *proxy.Options) {
+			o.Observer, o.ReconnectTimeout, o.MaintenanceEvents = obs, 30*time.Second, true
+		})
+		scriptReconnect(e)
+		synctest.Wait()
+		var events *fakeConn
+		for _, c := range e.fake.Conns() {
+			if slices.Contains(c.Commands(), "SUBSCRIBE AzureRedisEvents") {
+				events = c
+			}
+		}
+		if events == nil {
+			t.Fatal("no control connection subscribed to AzureRedisEvents")
+		}
+		kv := e.connect("kv")
+		kv.send(cmd("SELECT", "2"), cmd("ECHO", "before"))
+		tx := e.connect("tx")
+		tx.send(cmd("MULTI"), cmd("PING"))
+		synctest.Wait()
+		conns := e.fake.Conns()
+		kvUp, txUp := conns[len(conns)-2], conns[len(conns)-1]
+
+		events.write([]byte(azureEventMessage("NodeMaintenanceStarting", false)))
+		events.write([]byte(azureEventMessage("NodeMaintenanceStart", true)))
+		synctest.Wait()
+		if n := len(e.fake.Conns()); n != len(conns) {
+			t.Fatalf("%d new upstream connections after Starting and a replica's Start; want none", n-len(conns))
+		}
+		events.write([]byte(azureEventMessage("NodeMaintenanceStart", false)))
+		synctest.Wait()
+		if !closedByProxy(kvUp) {
+			t.Error("the idle session's old upstream was not closed after the move")
+		}
+		if closedByProxy(txUp) {
+			t.Error("the session inside MULTI moved before EXEC")
+		}
+		kv.send(cmd("ECHO", "after"))
+		tx.send(cmd("EXEC"))
+		time.Sleep(2 * time.Second) // the move inside MULTI is tried again each second
+		synctest.Wait()
+		if !closedByProxy(txUp) {
+			t.Error("the session that was inside MULTI did not move after EXEC")
+		}
+		kv.expect("kv", "+OK\r\n"+bulkOf("before")+bulkOf("after"))
+		tx.expect("tx", "+OK\r\n+QUEUED\r\n*1\r\n+PONG\r\n")
+		all := e.fake.Conns()
+		expectCommands(t, all[len(all)-2], "kv's new upstream", append(handshake(1), "SELECT 2", "ECHO after")...)
+		expectCommands(t, all[len(all)-1], "tx's new upstream", handshake(1)...)
+		expectMechanisms(t, obs, "maintenance_move=2")
+		kv.expectOpen("kv")
+		tx.expectOpen("tx")
 	})
 }

@@ -105,15 +105,15 @@ func (s *session) replyLoop(up net.Conn, b *readBuf) error {
 			if now := time.Now(); stallBy.Sub(now) < s.srv.opts.StallTimeout/2 {
 				stallBy = now.Add(s.srv.opts.StallTimeout)
 				up.SetReadDeadline(stallBy)
-				if s.recycling.Load() {
+				if s.recycling.Load() || s.moving.Load() {
 					up.SetReadDeadline(pokeTime)
 				}
 			}
 		} else if !stallBy.IsZero() {
 			stallBy = time.Time{}
 			up.SetReadDeadline(stallBy)
-			if s.recycling.Load() {
-				up.SetReadDeadline(pokeTime) // the stop for the pool came meanwhile: don't undo it
+			if s.recycling.Load() || s.moving.Load() {
+				up.SetReadDeadline(pokeTime) // the stop for the pool or a move came meanwhile: don't undo it
 			}
 		}
 		if s.rl.closing != nil {
@@ -133,9 +133,14 @@ func (s *session) upstreamReadError(err error, mid bool) error {
 			return errors.New("upstream sent unsolicited bytes: not reusable")
 		}
 		return errRecycled
+	case isDeadline(err) && s.moving.Load():
+		if mid {
+			return errors.New("upstream sent a push while the session moved to a new upstream")
+		}
+		return &upstreamLost{err: err, moved: true}
 	case !mid && s.srv.opts.ReconnectTimeout > 0 && closedByPeer(err):
 		s.srv.obs.UpstreamError("closed")
-		return &upstreamLost{err}
+		return &upstreamLost{err: err}
 	case errors.Is(err, io.EOF):
 		s.srv.obs.UpstreamError("closed")
 		return s.lost(errUpstreamGone)

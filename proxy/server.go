@@ -47,6 +47,10 @@ type Options struct {
 	// backoff, for at most this long, and the connection's state restored (reconnect.go); default 30s;
 	// negative: never (the client connection is closed, as for a loss with a reply outstanding).
 	ReconnectTimeout time.Duration
+	// MaintenanceEvents: listen for Azure Cache for Redis's maintenance announcements (AzureRedisEvents) on a
+	// control connection of its own, and move sessions to new upstream connections ahead of a node's
+	// maintenance (maintenance.go).
+	MaintenanceEvents bool
 }
 
 // ErrServerClosed is returned by Serve once Shutdown or Close has been called, as net/http's is.
@@ -139,6 +143,9 @@ func New(opts Options) (*Server, error) {
 	s.goTracked(s.rotateLoop)
 	if opts.IdlePing > 0 {
 		s.goTracked(s.idleLoop)
+	}
+	if opts.MaintenanceEvents {
+		s.goTracked(s.eventsLoop)
 	}
 	return s, nil
 }

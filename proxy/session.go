@@ -22,6 +22,7 @@ const (
 	pokeResume                      // a blocking command was answered: send what waited behind it
 	pokeDrain                       // the server shuts down: close at the next safe point
 	pokeRelink                      // the upstream closed with nothing owed: reconnect (reconnect.go)
+	pokeMove                        // a maintenance was announced: move to a new upstream (maintenance.go)
 )
 
 const (
@@ -69,6 +70,7 @@ type session struct {
 	forceAuth atomic.Bool             // send the token even if it was sent before (the retry after WRONGPASS)
 	cut       atomic.Pointer[cutover] // a pub/sub handover in progress
 	relink    chan relinked           // a reconnect's new upstream, from the client loop to the reply loop
+	moving    atomic.Bool             // a maintenance move: the reply loop leaves the old upstream between frames
 	recycling atomic.Bool             // the upstream goes back to the pool: the reply loop must not close it
 
 	cl clientSide // owned by the client loop
@@ -97,7 +99,7 @@ type clientSide struct {
 	mode    replyMode
 	hold    holdBack
 	stream  stream
-	want    struct{ auth, ping, deadline bool } // work due at the next safe point
+	want    struct{ auth, ping, deadline, move bool } // work due at the next safe point
 	// blind: a command was sent whose reply CLIENT REPLY suppressed, and no reply to a later one has been
 	// asked for since, so nothing shows it reached the server: a lost upstream can't be replaced silently.
 	// proves: a reply was asked for after it, in the batch not yet flushed.
@@ -241,7 +243,7 @@ func newSession(srv *Server, c net.Conn, id uint64) *session {
 func (s *session) init() {
 	s.led = newLedger()
 	s.wake, s.done = make(chan struct{}, 1), make(chan struct{})
-	s.relink = make(chan relinked, 1)
+	s.relink = make(chan relinked)
 	s.rl.proto = 2
 }
 
