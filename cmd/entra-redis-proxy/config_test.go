@@ -115,6 +115,8 @@ func TestConfigVariables(t *testing.T) {
 			invalid: []env{{"UPSTREAM_IDLE_PING": "10m"}, {"UPSTREAM_IDLE_PING": "-1s"}, {"UPSTREAM_IDLE_PING": "often"}}},
 		{tag: "RECONNECT_TIMEOUT", def: 30 * time.Second, valid: env{"RECONNECT_TIMEOUT": "0s"}, want: time.Duration(0),
 			invalid: []env{{"RECONNECT_TIMEOUT": "-1s"}, {"RECONNECT_TIMEOUT": "soon"}}},
+		{tag: "MAINTENANCE_EVENTS", def: true, valid: env{"MAINTENANCE_EVENTS": "false"}, want: false,
+			invalid: []env{{"MAINTENANCE_EVENTS": "maybe"}}},
 		{tag: "MAX_CONNECTIONS", def: 0, valid: env{"MAX_CONNECTIONS": "100"}, want: 100,
 			invalid: []env{{"MAX_CONNECTIONS": "-1"}, {"MAX_CONNECTIONS": "many"}}},
 		{tag: "MIN_SIGTERM_DELAY", def: time.Duration(0), valid: env{"MIN_SIGTERM_DELAY": "5s"}, want: 5 * time.Second,

@@ -147,6 +147,7 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 		Logger: log, Observer: m, MaxConnections: limit.limit, DialTimeout: cfg.DialTimeout,
 		IdlePing: cfg.IdlePing, MaxBulk: int64(cfg.MaxBulkBytes), LocalPassword: cfg.LocalPassword,
 		PoolSize: cfg.PoolSize, ReconnectTimeout: reconnectTimeout(cfg.ReconnectTimeout),
+		MaintenanceEvents: cfg.MaintenanceEvents,
 	})
 	if err != nil {
 		log.Error("cannot start", "err", err)
