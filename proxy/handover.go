@@ -149,7 +149,7 @@ func (s *session) handover(tok Token) error {
 		return errors.New("pub/sub handover: dropped")
 	}
 	old := s.cl.up
-	s.cl.up, s.cl.secret, s.cl.writeBy = n, tok.Secret, time.Time{}
+	s.cl.up, s.cl.secret, s.cl.writeBy, s.cl.upSince = n, tok.Secret, time.Time{}, s.srv.now()
 	s.upID.Store(id)
 	s.dropConn(old)
 	old.Close()

@@ -149,6 +149,7 @@ func (s *Server) listenEvents(ctx context.Context) error {
 		return fmt.Errorf("SUBSCRIBE %s: %w", azureEventsChannel, err)
 	}
 	s.log.Debug("maintenance announcements: subscribed", "upstream_client_id", p.id)
+	s.eventsUpOnce.Do(func() { close(s.eventsUp) })
 	for {
 		// A read that its deadline interrupts consumes nothing, so reading again goes on where it stopped.
 		rctx, stop := context.WithTimeout(ctx, eventsPing)
@@ -193,6 +194,7 @@ func (s *Server) announce(msg string) {
 	move := ev.kind == "NodeMaintenanceStart" && !ev.replica
 	n := 0
 	if move {
+		s.maintAt.Store(s.now())
 		s.each(func(sess *session) {
 			n++
 			sess.poke(pokeMove)
@@ -208,6 +210,9 @@ func (s *Server) announce(msg string) {
 func (s *session) move() error {
 	c := &s.cl
 	c.want.move = false
+	if c.upSince > s.srv.maintAt.Load() {
+		return nil // on a connection opened since the announcement (a reconnect after the close came first)
+	}
 	if c.tx.open() || c.hold.holding() || c.stream.active {
 		s.retryLater(pokeMove) // after EXEC, or the blocked command's reply
 		return nil

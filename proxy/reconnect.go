@@ -269,7 +269,7 @@ func (s *session) takeOver(p *pooled, buf *readBuf) error {
 		return errUpstreamGone // the session is closing
 	}
 	c := &s.cl
-	c.up, c.secret, c.writeBy = p.conn, p.secret, time.Time{}
+	c.up, c.secret, c.writeBy, c.upSince = p.conn, p.secret, time.Time{}, s.srv.now()
 	s.upID.Store(p.id)
 	s.lastSent.Store(s.srv.now())
 	if watching := s.watch.on.Load(); c.tx.open() {

@@ -8,6 +8,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/entra-redis-proxy/entra-redis-proxy/internal/azurefake"
 	"github.com/entra-redis-proxy/entra-redis-proxy/proxy"
 )
 
@@ -21,6 +22,8 @@ type restoredObserver struct {
 func newRestoredObserver() *restoredObserver {
 	return &restoredObserver{diffObserver: diffObserver{counts: map[string]int{}}, restored: make(chan struct{}, 64)}
 }
+
+func (o *restoredObserver) Announcement(kind string) { o.diffObserver.add("announce_" + kind) }
 
 func (o *restoredObserver) Mechanism(name string) {
 	o.diffObserver.Mechanism(name)
@@ -52,12 +55,18 @@ type reconnectClients struct {
 	blk  *raw
 }
 
-// reconnectFixture is a proxy with reconnects on (30 s), and an observer of their outcomes.
+// reconnectFixture is a proxy with reconnects on (30 s) and maintenance announcements heard, and an
+// observer of their outcomes.
 func reconnectFixture(t *testing.T) (*fixture, *restoredObserver) {
 	obs := newRestoredObserver()
 	f := newFixture(t, fixtureOpts{proxyOpt: func(o *proxy.Options) {
-		o.Observer, o.ReconnectTimeout = obs, 30*time.Second
+		o.Observer, o.ReconnectTimeout, o.MaintenanceEvents = obs, 30*time.Second, true
 	}})
+	select {
+	case <-proxy.EventsListening(f.srv):
+	case <-time.After(10 * time.Second):
+		t.Fatal("the proxy did not subscribe to AzureRedisEvents within 10 s")
+	}
 	return f, obs
 }
 
@@ -122,9 +131,9 @@ func (cs *reconnectClients) receive(t *testing.T, ctx context.Context, from, to 
 // what it would be had the upstream not closed: messages published after the restore arrive once, in order;
 // writes land in the selected database; names are kept; the open transaction runs once; and the client
 // blocked in BLPOP (its command's outcome unknown) is closed.
-func (cs *reconnectClients) check(t *testing.T, ctx context.Context, f *fixture, obs *restoredObserver) {
+func (cs *reconnectClients) check(t *testing.T, ctx context.Context, f *fixture, obs *restoredObserver, restored int, events string) {
 	t.Helper()
-	obs.await(t, 5)
+	obs.await(t, restored)
 	const n = 50
 	f.publish(t, ctx, n, 2*n)
 	cs.receive(t, ctx, n, 2*n)
@@ -158,10 +167,13 @@ func (cs *reconnectClients) check(t *testing.T, ctx context.Context, f *fixture,
 	cs.tx.send("EXEC", "GET rc:tx")
 	cs.tx.expect("*2\r\n+OK\r\n:1\r\n" + bulk("inside"))
 	expectClosed(t, cs.blk, 5*time.Second)
-	if got, want := obs.String(), "reconnect_outstanding=1 reconnect_restored=5 tx_replay=1"; got != want {
-		t.Errorf("proxy events %q, want %q", got, want)
+	if got := obs.String(); got != events {
+		t.Errorf("proxy events %q, want %q", got, events)
 	}
 }
+
+// reconnectEvents: after an unannounced close, every session but the blocked one is restored.
+const reconnectEvents = "reconnect_outstanding=1 reconnect_restored=5 tx_replay=1"
 
 // CLIENT KILL of every upstream connection of the proxy's identity (a failover closes them all at once):
 // every session with nothing outstanding goes on, on a new upstream, with its state.
@@ -174,7 +186,7 @@ func TestReconnectAfterClientKill(t *testing.T) {
 	if _, err := f.env.Admin(ctx, "CLIENT", "KILL", "USER", f.currentOID()); err != nil {
 		t.Fatal(err)
 	}
-	cs.check(t, ctx, f, obs)
+	cs.check(t, ctx, f, obs, 5, reconnectEvents)
 }
 
 // redis-server restarted on the same port (its data set lost: no persistence): the sessions reconnect once
@@ -191,5 +203,26 @@ func TestReconnectAfterRestart(t *testing.T) {
 	if err := f.env.StartRedis(ctx); err != nil {
 		t.Fatal(err)
 	}
-	cs.check(t, ctx, f, obs)
+	cs.check(t, ctx, f, obs, 5, reconnectEvents)
+}
+
+// An announced maintenance of the primary (azurefake.RunMaintenance: the node closes, after
+// NodeMaintenanceStart, every connection it had then): the idle sessions and the RESP2 subscriber move before
+// the close; the RESP3 subscriber (which can't move exactly) and the session inside MULTI (which moves after
+// EXEC) are restored after it; the blocked one is closed. Every announcement is counted once, though the
+// control connection itself is closed and dialed again.
+func TestMaintenanceAnnounced(t *testing.T) {
+	f, obs := reconnectFixture(t)
+	ctx := t.Context()
+	cs := f.reconnectClients(t, ctx)
+	f.publish(t, ctx, 0, 50)
+	cs.receive(t, ctx, 0, 50)
+	if err := f.env.RunMaintenance(ctx, azurefake.Maintenance{Starting: 100 * time.Millisecond,
+		Close: 200 * time.Millisecond, Failover: time.Second}); err != nil {
+		t.Fatal(err)
+	}
+	cs.check(t, ctx, f, obs, 2, "announce_NodeMaintenanceEnded=1 announce_NodeMaintenanceFailoverComplete=1 "+
+		"announce_NodeMaintenanceScheduled=1 announce_NodeMaintenanceStart=1 announce_NodeMaintenanceStarting=1 "+
+		"handover=1 maintenance_handover=1 maintenance_move=2 maintenance_unmoved=1 reconnect_outstanding=1 "+
+		"reconnect_restored=2 tx_replay=1")
 }

@@ -80,6 +80,11 @@ type Server struct {
 	// tookPokes, if set (by tests), is told each time a session's client loop takes work handed to it:
 	// the event tests await instead of a stand-in for it.
 	tookPokes atomic.Pointer[func(conn uint64, bits uint32)]
+	// maintAt is when the last maintenance that moves sessions was announced (server clock; 0 = never).
+	maintAt atomic.Int64
+	// eventsUp is closed once the AzureRedisEvents subscription is first confirmed: the event tests await.
+	eventsUp     chan struct{}
+	eventsUpOnce sync.Once
 
 	mu        sync.Mutex
 	state     serverState
@@ -134,7 +139,8 @@ func New(opts Options) (*Server, error) {
 		opts: opts, log: opts.Logger, obs: opts.Observer, epoch: time.Now(),
 		listeners: make(map[*net.Listener]struct{}), conns: make(map[*session]struct{}),
 		sessions: make(map[*session]struct{}), closing: make(chan struct{}), drained: make(chan struct{}),
-		ctx: ctx, cancel: cancel,
+		eventsUp: make(chan struct{}),
+		ctx:      ctx, cancel: cancel,
 	}
 	if opts.PoolSize > 0 {
 		s.pool = newPool(s, opts.PoolSize)

@@ -87,7 +87,8 @@ type session struct {
 
 // clientSide is the client loop's state: what the commands it sent did to the connection.
 type clientSide struct {
-	up      net.Conn   // the upstream it writes to; replaced by a handover
+	up      net.Conn   // the upstream it writes to; replaced by a handover, a reconnect or a move
+	upSince int64      // when up became the session's (server clock): a move asked for before is done
 	secret  string     // the token last sent on up
 	writeBy time.Time  // up's write deadline in force
 	dirty   bool       // the client changed the connection state (see dirties): not for the pool
@@ -324,7 +325,7 @@ func (s *session) connect(ctx context.Context) error {
 		s.srv.obs.UpstreamClosed()
 		return errors.New("proxy shutting down")
 	}
-	s.cl.up, s.cl.secret = c.conn, c.secret
+	s.cl.up, s.cl.secret, s.cl.upSince = c.conn, c.secret, s.srv.now()
 	s.upID.Store(c.id)
 	s.lastSent.Store(s.srv.now())
 	s.log.Debug("upstream ready", "upstream_client_id", c.id, "pooled", pooled)
