@@ -175,54 +175,60 @@ func (cs *reconnectClients) check(t *testing.T, ctx context.Context, f *fixture,
 // reconnectEvents: after an unannounced close, every session but the blocked one is restored.
 const reconnectEvents = "reconnect_outstanding=1 reconnect_restored=5 tx_replay=1"
 
-// CLIENT KILL of every upstream connection of the proxy's identity (a failover closes them all at once):
-// every session with nothing outstanding goes on, on a new upstream, with its state.
-func TestReconnectAfterClientKill(t *testing.T) {
-	f, obs := reconnectFixture(t)
-	ctx := t.Context()
-	cs := f.reconnectClients(t, ctx)
-	f.publish(t, ctx, 0, 50)
-	cs.receive(t, ctx, 0, 50)
-	if _, err := f.env.Admin(ctx, "CLIENT", "KILL", "USER", f.currentOID()); err != nil {
-		t.Fatal(err)
+// Each way a cache closes the proxy's upstream connections, with clients of every kind in every state
+// (reconnectClients) on the proxy: every session with nothing outstanding goes on, on a new upstream, with its
+// state; the blocked one is closed.
+func TestUpstreamCloses(t *testing.T) {
+	for _, tc := range []struct {
+		desc     string
+		close    func(t *testing.T, ctx context.Context, f *fixture)
+		restored int    // sessions restored after the close
+		events   string // the proxy's events in all
+	}{{
+		// CLIENT KILL of every connection of the proxy's identity, as a failover closes them all at once.
+		desc: "CLIENT KILL", restored: 5, events: reconnectEvents,
+		close: func(t *testing.T, ctx context.Context, f *fixture) {
+			if _, err := f.env.Admin(ctx, "CLIENT", "KILL", "USER", f.currentOID()); err != nil {
+				t.Fatal(err)
+			}
+		},
+	}, {
+		// redis-server restarted on the same port (its data set lost: no persistence).
+		desc: "restart", restored: 5, events: reconnectEvents,
+		close: func(t *testing.T, ctx context.Context, f *fixture) {
+			if err := f.env.StopRedis(); err != nil {
+				t.Fatal(err)
+			}
+			if err := f.env.StartRedis(ctx); err != nil {
+				t.Fatal(err)
+			}
+		},
+	}, {
+		// An announced maintenance of the primary (the node closes, after NodeMaintenanceStart, every
+		// connection it had then): the idle sessions and the RESP2 subscriber move before the close; the RESP3
+		// subscriber (which can't move exactly) and the session inside MULTI (which moves after EXEC) are
+		// restored after it. Every announcement is counted once, though the control connection itself is
+		// closed and dialed again.
+		desc: "announced maintenance", restored: 2,
+		events: "announce_NodeMaintenanceEnded=1 announce_NodeMaintenanceFailoverComplete=1 " +
+			"announce_NodeMaintenanceScheduled=1 announce_NodeMaintenanceStart=1 announce_NodeMaintenanceStarting=1 " +
+			"handover=1 maintenance_handover=1 maintenance_move=2 maintenance_unmoved=1 reconnect_outstanding=1 " +
+			"reconnect_restored=2 tx_replay=1",
+		close: func(t *testing.T, ctx context.Context, f *fixture) {
+			if err := f.env.RunMaintenance(ctx, azurefake.Maintenance{Starting: 100 * time.Millisecond,
+				Close: 200 * time.Millisecond, Failover: time.Second}); err != nil {
+				t.Fatal(err)
+			}
+		},
+	}} {
+		t.Run(tc.desc, func(t *testing.T) {
+			f, obs := reconnectFixture(t)
+			ctx := t.Context()
+			cs := f.reconnectClients(t, ctx)
+			f.publish(t, ctx, 0, 50)
+			cs.receive(t, ctx, 0, 50)
+			tc.close(t, ctx, f)
+			cs.check(t, ctx, f, obs, tc.restored, tc.events)
+		})
 	}
-	cs.check(t, ctx, f, obs, 5, reconnectEvents)
-}
-
-// redis-server restarted on the same port (its data set lost: no persistence): the sessions reconnect once
-// it is back.
-func TestReconnectAfterRestart(t *testing.T) {
-	f, obs := reconnectFixture(t)
-	ctx := t.Context()
-	cs := f.reconnectClients(t, ctx)
-	f.publish(t, ctx, 0, 50)
-	cs.receive(t, ctx, 0, 50)
-	if err := f.env.StopRedis(); err != nil {
-		t.Fatal(err)
-	}
-	if err := f.env.StartRedis(ctx); err != nil {
-		t.Fatal(err)
-	}
-	cs.check(t, ctx, f, obs, 5, reconnectEvents)
-}
-
-// An announced maintenance of the primary (azurefake.RunMaintenance: the node closes, after
-// NodeMaintenanceStart, every connection it had then): the idle sessions and the RESP2 subscriber move before
-// the close; the RESP3 subscriber (which can't move exactly) and the session inside MULTI (which moves after
-// EXEC) are restored after it; the blocked one is closed. Every announcement is counted once, though the
-// control connection itself is closed and dialed again.
-func TestMaintenanceAnnounced(t *testing.T) {
-	f, obs := reconnectFixture(t)
-	ctx := t.Context()
-	cs := f.reconnectClients(t, ctx)
-	f.publish(t, ctx, 0, 50)
-	cs.receive(t, ctx, 0, 50)
-	if err := f.env.RunMaintenance(ctx, azurefake.Maintenance{Starting: 100 * time.Millisecond,
-		Close: 200 * time.Millisecond, Failover: time.Second}); err != nil {
-		t.Fatal(err)
-	}
-	cs.check(t, ctx, f, obs, 2, "announce_NodeMaintenanceEnded=1 announce_NodeMaintenanceFailoverComplete=1 "+
-		"announce_NodeMaintenanceScheduled=1 announce_NodeMaintenanceStart=1 announce_NodeMaintenanceStarting=1 "+
-		"handover=1 maintenance_handover=1 maintenance_move=2 maintenance_unmoved=1 reconnect_outstanding=1 "+
-		"reconnect_restored=2 tx_replay=1")
 }

@@ -26,6 +26,15 @@ func reconnectEnv(t *testing.T) (*pipeEnv, *diffObserver) {
 	return e, obs
 }
 
+// reconnectApp is a reconnectEnv with one client, which sent before and got the replies.
+func reconnectApp(t *testing.T, before [][]string) (*pipeEnv, *diffObserver, *pipeClient) {
+	e, obs := reconnectEnv(t)
+	c := e.connect("app")
+	c.send(before...)
+	synctest.Wait()
+	return e, obs, c
+}
+
 // scriptReconnect scripts the fake to answer the commands whose state a reconnect restores.
 func scriptReconnect(e *pipeEnv) {
 	ok := func(c *fakeConn, _ []string) { c.reply("+OK\r\n") }
@@ -140,10 +149,7 @@ func TestReconnectRestoresState(t *testing.T) {
 	}} {
 		t.Run(tc.desc, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
-				e, obs := reconnectEnv(t)
-				c := e.connect("app")
-				c.send(tc.before...)
-				synctest.Wait()
+				e, obs, c := reconnectApp(t, tc.before)
 				c.expect("before the kill", tc.want)
 				e.kill()
 				c.expectOpen("after the kill")
@@ -185,13 +191,10 @@ func TestReconnectCloses(t *testing.T) {
 	} {
 		t.Run(tc.desc, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
-				e, obs := reconnectEnv(t)
-				c := e.connect("app")
-				c.send(tc.before...)
-				synctest.Wait()
+				e, obs, c := reconnectApp(t, tc.before)
 				e.fake.setDown(tc.down)
 				e.kill()
-				time.Sleep(31 * time.Second) // past the default ReconnectTimeout
+				time.Sleep(31 * time.Second) // past ReconnectTimeout (30 s)
 				synctest.Wait()
 				c.expect("what the client got", tc.want)
 				if err, _ := c.ended(); !errors.Is(err, io.EOF) {
