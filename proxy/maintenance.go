@@ -16,7 +16,7 @@ import (
 // (~20 s), Start (< 5 s, when the node's connections are about to close), FailoverComplete, Ended.
 //
 // The server keeps one control connection subscribed to it (eventsLoop). Every announcement is one log line
-// and a metric. At NodeMaintenanceStart for a primary, every session moves to a new upstream connection at
+// and a metric. From Starting to Ended the stall limit is relaxed (stallTimeout). At NodeMaintenanceStart for a primary, every session moves to a new upstream connection at
 // its next safe point, before the node closes the old one:
 //
 //   - a RESP2 subscriber by the pub/sub handover (handover.go), so no message is lost or doubled;
@@ -90,6 +90,23 @@ func announcementLabel(kind string) string {
 // errTokenChanged ends a control connection subscribed to AzureRedisEvents when the token rotates: redis
 // refuses AUTH in RESP2 subscribed mode, so a new connection takes its place.
 var errTokenChanged = errors.New("token changed")
+
+const (
+	// maintenanceStall multiplies StallTimeout from NodeMaintenanceStarting to NodeMaintenanceEnded: a node
+	// being failed over may pause mid-reply longer than usual, and its connections are closed anyway.
+	maintenanceStall = 4
+	// maintenanceWindow bounds the relaxed stall limit when NodeMaintenanceEnded does not come.
+	maintenanceWindow = 15 * time.Minute
+)
+
+// stallTimeout is how long a reply may stop halfway before its connection is closed: StallTimeout, relaxed
+// while a maintenance is in progress.
+func (s *Server) stallTimeout() time.Duration {
+	if s.now() < s.maintUntil.Load() {
+		return maintenanceStall * s.opts.StallTimeout
+	}
+	return s.opts.StallTimeout
+}
 
 // eventsPing is how often the control connection PINGs when no message came (Azure closes idle connections).
 const eventsPing = 2 * time.Minute
@@ -191,6 +208,12 @@ func (s *Server) announce(msg string) {
 		return
 	}
 	s.obs.Announcement(announcementLabel(ev.kind))
+	switch ev.kind {
+	case "NodeMaintenanceStarting", "NodeMaintenanceStart":
+		s.maintUntil.Store(s.now() + int64(maintenanceWindow))
+	case "NodeMaintenanceEnded":
+		s.maintUntil.Store(0)
+	}
 	move := ev.kind == "NodeMaintenanceStart" && !ev.replica
 	n := 0
 	if move {

@@ -253,26 +253,30 @@ func closedByProxy(c *fakeConn) bool {
 	}
 }
 
+// maintenanceEnv is a reconnectEnv that hears maintenance announcements; it returns the control connection
+// subscribed to AzureRedisEvents, on which the test publishes them.
+func maintenanceEnv(t *testing.T) (*pipeEnv, *diffObserver, *fakeConn) {
+	obs := &diffObserver{counts: map[string]int{}}
+	e := newPipeEnv(t, func(o *proxy.Options) {
+		o.Observer, o.ReconnectTimeout, o.MaintenanceEvents = obs, 30*time.Second, true
+	})
+	scriptReconnect(e)
+	synctest.Wait()
+	for _, c := range e.fake.Conns() {
+		if slices.Contains(c.Commands(), "SUBSCRIBE AzureRedisEvents") {
+			return e, obs, c
+		}
+	}
+	t.Fatal("no control connection subscribed to AzureRedisEvents")
+	return nil, nil, nil
+}
+
 // At NodeMaintenanceStart (of a primary), sessions move to new upstream connections at their next safe
 // point, before the node closes the old ones: the old connection is closed by the proxy only after the new
 // one took over; a session inside MULTI moves after EXEC. Other announcements, and a replica's, move nothing.
 func TestMaintenanceMovesSessions(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		obs := &diffObserver{counts: map[string]int{}}
-		e := newPipeEnv(t, func(o *proxy.Options) {
-			o.Observer, o.ReconnectTimeout, o.MaintenanceEvents = obs, 30*time.Second, true
-		})
-		scriptReconnect(e)
-		synctest.Wait()
-		var events *fakeConn
-		for _, c := range e.fake.Conns() {
-			if slices.Contains(c.Commands(), "SUBSCRIBE AzureRedisEvents") {
-				events = c
-			}
-		}
-		if events == nil {
-			t.Fatal("no control connection subscribed to AzureRedisEvents")
-		}
+		e, obs, events := maintenanceEnv(t)
 		kv := e.connect("kv")
 		kv.send(cmd("SELECT", "2"), cmd("ECHO", "before"))
 		tx := e.connect("tx")
@@ -310,5 +314,33 @@ func TestMaintenanceMovesSessions(t *testing.T) {
 		expectMechanisms(t, obs, "maintenance_move=2")
 		kv.expectOpen("kv")
 		tx.expectOpen("tx")
+	})
+}
+
+// From NodeMaintenanceStarting to NodeMaintenanceEnded a reply may stop halfway for longer than
+// StallTimeout (4 times) without its connection being closed; after Ended the usual limit applies again.
+func TestMaintenanceRelaxesStallLimit(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		e, _, events := maintenanceEnv(t)
+		reply := bulkOf("a value that arrives in two pieces")
+		splitReply(e.fake, reply, len(reply), 2*pipeStall) // the second piece 2 StallTimeouts after the first
+		events.write([]byte(azureEventMessage("NodeMaintenanceStarting", false)))
+		synctest.Wait()
+		c := e.connect("during")
+		c.send(cmd("GET", "split:5"))
+		time.Sleep(3 * pipeStall)
+		synctest.Wait()
+		c.expect("a reply that stopped halfway for 2 StallTimeouts during the maintenance", reply)
+		c.expectOpen("during the maintenance")
+
+		events.write([]byte(azureEventMessage("NodeMaintenanceEnded", false)))
+		synctest.Wait()
+		after := e.connect("after")
+		after.send(cmd("GET", "split:5"))
+		time.Sleep(3 * pipeStall)
+		synctest.Wait()
+		if err, _ := after.ended(); err == nil {
+			t.Error("after NodeMaintenanceEnded, a reply that stopped halfway for 2 StallTimeouts did not close the connection")
+		}
 	})
 }

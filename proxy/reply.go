@@ -102,8 +102,8 @@ func (s *session) replyLoop(up net.Conn, b *readBuf) error {
 		// A reply that makes no progress for StallTimeout is an upstream fault, not a slow command: close
 		// rather than hang. The guard is re-armed while bytes flow, so a long reply is never cut.
 		if mid := inFrame || b.r < b.w; mid {
-			if now := time.Now(); stallBy.Sub(now) < s.srv.opts.StallTimeout/2 {
-				stallBy = now.Add(s.srv.opts.StallTimeout)
+			if now, stall := time.Now(), s.srv.stallTimeout(); stallBy.Sub(now) < stall/2 {
+				stallBy = now.Add(stall)
 				up.SetReadDeadline(stallBy)
 				if s.recycling.Load() || s.moving.Load() {
 					up.SetReadDeadline(pokeTime)
@@ -146,7 +146,7 @@ func (s *session) upstreamReadError(err error, mid bool) error {
 		return s.lost(errUpstreamGone)
 	case isDeadline(err):
 		s.srv.obs.UpstreamError("stalled")
-		return s.lost(fmt.Errorf("upstream reply stalled for %s", s.srv.opts.StallTimeout))
+		return s.lost(fmt.Errorf("upstream reply stalled for %s", s.srv.stallTimeout()))
 	}
 	s.srv.obs.UpstreamError("closed")
 	return s.lost(fmt.Errorf("read upstream: %w", err))

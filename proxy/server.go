@@ -82,6 +82,8 @@ type Server struct {
 	tookPokes atomic.Pointer[func(conn uint64, bits uint32)]
 	// maintAt is when the last maintenance that moves sessions was announced (server clock; 0 = never).
 	maintAt atomic.Int64
+	// maintUntil: stall limits are relaxed until then (server clock), while a maintenance is in progress.
+	maintUntil atomic.Int64
 	// eventsUp is closed once the AzureRedisEvents subscription is first confirmed: the event tests await.
 	eventsUp     chan struct{}
 	eventsUpOnce sync.Once
