@@ -619,15 +619,17 @@ func (s *session) onBlocking(cmd resp.Command, e entry) {
 }
 
 // expect queues the entry for the next command's reply, unless CLIENT REPLY OFF/SKIP means none comes: then
-// nothing shows that the command ran until a later command's reply comes (see clientSide.blind).
+// nothing shows that the command ran until a later command's reply is asked for (see sentProof).
 func (s *session) expect(e entry) {
 	c := &s.cl
-	if c.mode.takes() {
-		c.entries = append(c.entries, e)
-		c.proves = c.blind
+	if !c.mode.takes() {
+		c.proof = proofBlind
 		return
 	}
-	c.blind, c.proves = true, false
+	c.entries = append(c.entries, e)
+	if c.proof == proofBlind {
+		c.proof = proofPending
+	}
 }
 
 // local answers a command with e.text instead of running it; a PING holds the reply's place, so the answer
@@ -671,8 +673,8 @@ func (s *session) flush() error {
 		}
 		clear(c.entries)
 		c.entries = c.entries[:0]
-		if c.proves {
-			c.blind, c.proves = false, false
+		if c.proof == proofPending {
+			c.proof = proofShown
 		}
 	}
 	c.batchDirty = false

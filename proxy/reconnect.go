@@ -165,7 +165,7 @@ func (s *session) unrestorable(pending bool) string {
 	case pending && (c.batchDirty || c.tx.state != txNone):
 		// The client loop's state already includes the batch's commands, which the old upstream never got.
 		return "the close came as commands that change the connection's state were being sent"
-	case c.mode == replyOff || c.blind:
+	case c.mode == replyOff || c.proof != proofShown:
 		return "CLIENT REPLY OFF or SKIP: nothing shows whether the last commands reached the server"
 	case c.replyUnknown:
 		return "CLIENT REPLY was queued in MULTI"

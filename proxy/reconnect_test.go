@@ -139,6 +139,14 @@ func TestReconnectRestoresState(t *testing.T) {
 		restored: nil,
 		mechs:    "reconnect_restored=1 tx_abort=1",
 	}, {
+		desc:     "a reply after the command SKIP silenced shows it ran",
+		before:   [][]string{cmd("CLIENT", "REPLY", "SKIP"), cmd("ECHO", "a"), cmd("ECHO", "b")},
+		want:     bulkOf("b"),
+		restored: nil,
+		after:    [][]string{cmd("PING")},
+		wantEnd:  bulkOf("b") + "+PONG\r\n",
+		mechs:    "reconnect_restored=1",
+	}, {
 		desc:     "CLIENT REPLY SKIP not yet spent",
 		before:   [][]string{cmd("ECHO", "a"), cmd("CLIENT", "REPLY", "SKIP")},
 		want:     bulkOf("a"),
@@ -187,6 +195,8 @@ func TestReconnectCloses(t *testing.T) {
 		{"MONITOR", [][]string{cmd("MONITOR")}, "+OK\r\n", false, "reconnect_unrestorable=1"},
 		{"CLIENT REPLY OFF", [][]string{cmd("CLIENT", "REPLY", "OFF"), cmd("PING")}, "", false, "reconnect_unrestorable=1"},
 		{"WATCH outside MULTI", [][]string{cmd("WATCH", "k")}, "+OK\r\n", false, "reconnect_unrestorable=1"},
+		{"a command whose reply SKIP silenced, none asked for since", [][]string{cmd("CLIENT", "REPLY", "SKIP"), cmd("ECHO", "a")},
+			"", false, "reconnect_unrestorable=1"},
 		{"no upstream within ReconnectTimeout", [][]string{cmd("PING")}, "+PONG\r\n", true, "reconnect_failed=1"},
 	} {
 		t.Run(tc.desc, func(t *testing.T) {

@@ -141,8 +141,7 @@ func New(opts Options) (*Server, error) {
 		opts: opts, log: opts.Logger, obs: opts.Observer, epoch: time.Now(),
 		listeners: make(map[*net.Listener]struct{}), conns: make(map[*session]struct{}),
 		sessions: make(map[*session]struct{}), closing: make(chan struct{}), drained: make(chan struct{}),
-		eventsUp: make(chan struct{}),
-		ctx:      ctx, cancel: cancel,
+		ctx: ctx, cancel: cancel, eventsUp: make(chan struct{}),
 	}
 	if opts.PoolSize > 0 {
 		s.pool = newPool(s, opts.PoolSize)

@@ -101,18 +101,26 @@ type clientSide struct {
 	hold    holdBack
 	stream  stream
 	want    struct{ auth, ping, deadline, move bool } // work due at the next safe point
-	// blind: a command was sent whose reply CLIENT REPLY suppressed, and no reply to a later one has been
-	// asked for since, so nothing shows it reached the server: a lost upstream can't be replaced silently.
-	// proves: a reply was asked for after it, in the batch not yet flushed.
-	blind, proves bool
-	replyUnknown  bool // a CLIENT REPLY was queued in MULTI: the mode is not followed (until RESET)
+	out     []byte                                    // commands to write upstream
+	entries []entry                                   // their expected replies, pushed before the write
+	parser  resp.CommandParser
+
+	proof        sentProof
+	replyUnknown bool // a CLIENT REPLY was queued in MULTI: the mode is not followed (until RESET)
 	// batchDirty: a command in the batch not yet flushed changed the state above, or ran inside MULTI or
 	// under CLIENT REPLY OFF/SKIP: a reconnect would restore a state that includes what was never sent.
 	batchDirty bool
-	out        []byte  // commands to write upstream
-	entries    []entry // their expected replies, pushed before the write
-	parser     resp.CommandParser
 }
+
+// sentProof says whether every command sent is known to have reached the server: a reply to it, or to a
+// later command, came. A lost upstream can be replaced silently only then.
+type sentProof uint8
+
+const (
+	proofShown   sentProof = iota // every command sent has a reply asked for, at or after it
+	proofBlind                    // a command was sent whose reply CLIENT REPLY suppressed, and none asked for since
+	proofPending                  // ... then one was asked for, in the batch not yet flushed
+)
 
 // stream is a command too large to buffer, forwarded as it arrives.
 type stream struct {

@@ -19,21 +19,19 @@ const envPrefix = "ENTRA_REDIS_PROXY"
 // `entra-redis-proxy --help` prints this table. The tags hold full names: with a prefix, envconfig would
 // also read the bare name (a pod's USERNAME would become the AUTH username).
 type Config struct {
-	Upstream          string        `envconfig:"ENTRA_REDIS_PROXY_UPSTREAM" required:"true" desc:"Azure Cache for Redis host[:port]; the port defaults to 6380 (Azure Managed Redis listens on 10000)"`
-	Listen            string        `envconfig:"ENTRA_REDIS_PROXY_LISTEN" default:"127.0.0.1:6379" desc:"where apps connect: host:port on loopback, or unix:/path/to/socket (created with mode 0600)"`
-	HTTPListen        string        `envconfig:"ENTRA_REDIS_PROXY_HTTP_LISTEN" default:"127.0.0.1:9090" desc:"host:port for /metrics, /startup, /liveness, /readiness; empty turns the HTTP server off"`
-	AdminListen       string        `envconfig:"ENTRA_REDIS_PROXY_ADMIN_LISTEN" default:"127.0.0.1:9091" desc:"loopback host:port or unix:/path/to/socket for POST /quitquitquit and /debug/pprof; opened only when QUITQUITQUIT or PPROF is on"`
-	Credential        string        `envconfig:"ENTRA_REDIS_PROXY_CREDENTIAL" default:"default" desc:"how to get Entra tokens: default, managed-identity, workload-identity, azure-cli, client-secret, client-certificate (azidentity's AZURE_* variables apply)"`
-	MIClientID        string        `envconfig:"ENTRA_REDIS_PROXY_MANAGED_IDENTITY_CLIENT_ID" desc:"client ID of a user-assigned managed identity (credential managed-identity or default)"`
-	MIResourceID      string        `envconfig:"ENTRA_REDIS_PROXY_MANAGED_IDENTITY_RESOURCE_ID" desc:"resource ID of a user-assigned managed identity (credential managed-identity); excludes MANAGED_IDENTITY_CLIENT_ID"`
-	Scope             string        `envconfig:"ENTRA_REDIS_PROXY_SCOPE" default:"https://redis.azure.com/.default" desc:"OAuth scope of the tokens"`
-	Username          string        `envconfig:"ENTRA_REDIS_PROXY_USERNAME" desc:"AUTH username; empty means the oid claim of each token (the identity's object ID)"`
-	TLSCAFile         string        `envconfig:"ENTRA_REDIS_PROXY_TLS_CA_FILE" desc:"PEM file of CA certificates trusted in addition to the system roots"`
-	TLSServerName     string        `envconfig:"ENTRA_REDIS_PROXY_TLS_SERVER_NAME" desc:"name to verify in the upstream certificate and send as SNI; defaults to the upstream host (set it when you connect through a private endpoint IP)"`
-	DialTimeout       time.Duration `envconfig:"ENTRA_REDIS_PROXY_DIAL_TIMEOUT" default:"10s" desc:"limit for connecting to, handshaking with and authenticating to the upstream"`
-	IdlePing          time.Duration `envconfig:"ENTRA_REDIS_PROXY_UPSTREAM_IDLE_PING" default:"2m" desc:"PING an idle upstream this often so Azure does not close it (Azure closes after ~10m idle); 0 turns it off"`
-	ReconnectTimeout  time.Duration `envconfig:"ENTRA_REDIS_PROXY_RECONNECT_TIMEOUT" default:"30s" desc:"when the cache closes an upstream connection with no reply outstanding (failover, patch, restart), dial a new one for at most this long and restore the connection's state, so the app sees nothing; 0 closes the client connection instead"`
-	MaintenanceEvents bool          `envconfig:"ENTRA_REDIS_PROXY_MAINTENANCE_EVENTS" default:"true" desc:"listen for Azure Cache for Redis maintenance announcements (pub/sub channel AzureRedisEvents, one connection) and move connections to new upstream connections before a node's maintenance closes them"`
+	Upstream      string        `envconfig:"ENTRA_REDIS_PROXY_UPSTREAM" required:"true" desc:"Azure Cache for Redis host[:port]; the port defaults to 6380 (Azure Managed Redis listens on 10000)"`
+	Listen        string        `envconfig:"ENTRA_REDIS_PROXY_LISTEN" default:"127.0.0.1:6379" desc:"where apps connect: host:port on loopback, or unix:/path/to/socket (created with mode 0600)"`
+	HTTPListen    string        `envconfig:"ENTRA_REDIS_PROXY_HTTP_LISTEN" default:"127.0.0.1:9090" desc:"host:port for /metrics, /startup, /liveness, /readiness; empty turns the HTTP server off"`
+	AdminListen   string        `envconfig:"ENTRA_REDIS_PROXY_ADMIN_LISTEN" default:"127.0.0.1:9091" desc:"loopback host:port or unix:/path/to/socket for POST /quitquitquit and /debug/pprof; opened only when QUITQUITQUIT or PPROF is on"`
+	Credential    string        `envconfig:"ENTRA_REDIS_PROXY_CREDENTIAL" default:"default" desc:"how to get Entra tokens: default, managed-identity, workload-identity, azure-cli, client-secret, client-certificate (azidentity's AZURE_* variables apply)"`
+	MIClientID    string        `envconfig:"ENTRA_REDIS_PROXY_MANAGED_IDENTITY_CLIENT_ID" desc:"client ID of a user-assigned managed identity (credential managed-identity or default)"`
+	MIResourceID  string        `envconfig:"ENTRA_REDIS_PROXY_MANAGED_IDENTITY_RESOURCE_ID" desc:"resource ID of a user-assigned managed identity (credential managed-identity); excludes MANAGED_IDENTITY_CLIENT_ID"`
+	Scope         string        `envconfig:"ENTRA_REDIS_PROXY_SCOPE" default:"https://redis.azure.com/.default" desc:"OAuth scope of the tokens"`
+	Username      string        `envconfig:"ENTRA_REDIS_PROXY_USERNAME" desc:"AUTH username; empty means the oid claim of each token (the identity's object ID)"`
+	TLSCAFile     string        `envconfig:"ENTRA_REDIS_PROXY_TLS_CA_FILE" desc:"PEM file of CA certificates trusted in addition to the system roots"`
+	TLSServerName string        `envconfig:"ENTRA_REDIS_PROXY_TLS_SERVER_NAME" desc:"name to verify in the upstream certificate and send as SNI; defaults to the upstream host (set it when you connect through a private endpoint IP)"`
+	DialTimeout   time.Duration `envconfig:"ENTRA_REDIS_PROXY_DIAL_TIMEOUT" default:"10s" desc:"limit for connecting to, handshaking with and authenticating to the upstream"`
+	IdlePing      time.Duration `envconfig:"ENTRA_REDIS_PROXY_UPSTREAM_IDLE_PING" default:"2m" desc:"PING an idle upstream this often so Azure does not close it (Azure closes after ~10m idle); 0 turns it off"`
 
 	MaxConnections    int           `envconfig:"ENTRA_REDIS_PROXY_MAX_CONNECTIONS" default:"0" desc:"most client connections at once; 0 means as many as the open-file limit allows (two descriptors per client, see the start log); a larger value is lowered to that"`
 	MinSigtermDelay   time.Duration `envconfig:"ENTRA_REDIS_PROXY_MIN_SIGTERM_DELAY" default:"0s" desc:"after SIGTERM, keep accepting new connections this long"`
@@ -43,6 +41,8 @@ type Config struct {
 	LogFormat         string        `envconfig:"ENTRA_REDIS_PROXY_LOG_FORMAT" default:"text" desc:"text or json"`
 	LogLevel          string        `envconfig:"ENTRA_REDIS_PROXY_LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
 	Pprof             bool          `envconfig:"ENTRA_REDIS_PROXY_PPROF" default:"false" desc:"serve /debug/pprof on ADMIN_LISTEN"`
+	ReconnectTimeout  time.Duration `envconfig:"ENTRA_REDIS_PROXY_RECONNECT_TIMEOUT" default:"30s" desc:"when the cache closes an upstream connection with no reply outstanding (failover, patch, restart), dial a new one for at most this long and restore the connection's state, so the app sees nothing; 0 closes the client connection instead"`
+	MaintenanceEvents bool          `envconfig:"ENTRA_REDIS_PROXY_MAINTENANCE_EVENTS" default:"true" desc:"listen for Azure Cache for Redis maintenance announcements (pub/sub channel AzureRedisEvents, one connection) and move connections to new upstream connections before a node's maintenance closes them"`
 
 	MaxBulkBytes     ByteSize `envconfig:"ENTRA_REDIS_PROXY_MAX_BULK_BYTES" default:"512MiB" desc:"largest bulk string a client may send (like redis proto-max-bulk-len)"`
 	AllowNonLoopback bool     `envconfig:"ENTRA_REDIS_PROXY_ALLOW_NON_LOOPBACK" default:"false" desc:"allow LISTEN on a non-loopback address (every process that can reach it can use your identity)"`
