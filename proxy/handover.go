@@ -294,8 +294,11 @@ func (s *session) dialSubscriber(ctx context.Context, tok Token, subs [3][]strin
 		n.Close()
 		return nil, 0, nil, fmt.Errorf("new upstream: %w", err)
 	}
-	// What else the client set on O: once it unsubscribes, its commands run on N.
-	if err := carryOver(ctx, c, &s.carry); err != nil {
+	// What else the client set on O: once it unsubscribes, its commands run on N. Not CLIENT TRACKING: in
+	// RESP2 it redirects to a connection by id, which may be gone (see README: what is not exact).
+	st := s.carry.snapshot()
+	st.tracking = ""
+	if err := carryOver(ctx, c, st); err != nil {
 		return fail(err)
 	}
 	mf := famChannel // the marker's family
@@ -346,10 +349,9 @@ func subscribeAll(ctx context.Context, c *ctrlConn, subs [3][]string) error {
 // subscribeKinds are the first elements of subscription confirmations.
 var subscribeKinds = []string{"subscribe", "psubscribe", "ssubscribe"}
 
-// carryOver gives the connection c what carry records: the database, the client name, READONLY and CLIENT
+// carryOver gives the connection c the settings st: the database, the client name, READONLY and CLIENT
 // TRACKING (last: once it is on, invalidation pushes may follow its reply).
-func carryOver(ctx context.Context, c *ctrlConn, carry *carried) error {
-	st := carry.snapshot()
+func carryOver(ctx context.Context, c *ctrlConn, st connSettings) error {
 	var cmds []byte
 	n := 0
 	if st.db != 0 {

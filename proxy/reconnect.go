@@ -213,7 +213,7 @@ func (s *session) restore(ctx context.Context, c *ctrlConn) (*readBuf, error) {
 			return nil, fmt.Errorf("HELLO 3: %w", err)
 		}
 	}
-	if err := carryOver(ctx, c, &s.carry); err != nil {
+	if err := carryOver(ctx, c, s.carry.snapshot()); err != nil {
 		return nil, err
 	}
 	if err := subscribeAll(ctx, c, s.subs.snapshot()); err != nil {
