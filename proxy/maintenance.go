@@ -227,32 +227,85 @@ func (s *Server) announce(msg string) {
 		"ip", ev.ip, "ssl_port", ev.sslPort, "sessions_to_move", n)
 }
 
-// move moves the session to a new upstream connection at this safe point, ahead of an announced close (see
-// above). It returns an error only for a failure of the old connection; a session that can't move stays,
-// and one that can't move yet (MULTI open, blocked) tries again a second later.
+// move moves the session to a new upstream connection at its next safe point, ahead of an announced close
+// (see above). It returns an error only for a failure of the old connection; a session that can't move
+// stays, and one that can't move yet (MULTI open, replies before a blocked command) tries again a second
+// later.
 func (s *session) move() error {
 	c := &s.cl
 	c.want.move = false
 	if c.upSince > s.srv.maintAt.Load() {
 		return nil // on a connection opened since the announcement (a reconnect after the close came first)
 	}
-	if c.tx.open() || c.hold.holding() || c.stream.active {
-		s.retryLater(pokeMove) // after EXEC, or the blocked command's reply
-		return nil
-	}
 	tok, _ := s.srv.opts.Tokens.Current()
-	if s.resp2Sub.Load() {
+	switch {
+	case c.hold.holding():
+		return s.moveBlocked(tok)
+	case c.tx.open() || c.stream.active:
+		s.retryLater(pokeMove) // after EXEC
+		return nil
+	case s.resp2Sub.Load():
 		s.srv.obs.Mechanism("maintenance_handover")
 		return s.handover(tok)
-	}
-	if !s.led.waitIdle(handoverTimeout) {
+	case !s.led.waitIdle(handoverTimeout):
 		return nil // replies still flowing: left to the reconnect after the close
-	}
-	if why := s.unmovable(); why != "" {
-		s.srv.obs.Mechanism("maintenance_unmoved")
-		s.log.Debug("not moved ahead of the maintenance; the reconnect after the close will handle it", "reason", why)
+	case !s.canMove():
 		return nil
 	}
+	return s.switchUpstream()
+}
+
+// moveBlocked moves a session blocked in a command: CLIENT UNBLOCK ... TIMEOUT from a control connection, as
+// at a token's deadline (rescue.go); if the command timed out rather than got data, the session moves and
+// the same command is sent again on the new upstream with the time that was left (on the old one if the
+// move failed). If data won the race, the client gets it, and the move is tried again at the next turn.
+func (s *session) moveBlocked(tok Token) error {
+	c := &s.cl
+	b := c.hold.cmd
+	if s.led.len() != 1 {
+		s.retryLater(pokeMove) // replies before it still due
+		return nil
+	}
+	if !s.canMove() {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(s.srv.ctx, handoverTimeout)
+	defer cancel()
+	res, ok := s.awaitUnblock(ctx, tok, b)
+	switch {
+	case !ok:
+		return nil // logged: it stays blocked, and the close ends it
+	case !res.reissue:
+		c.want.move = true // the reply passes to the client; then the safe point comes
+		return nil
+	}
+	s.led.waitIdle(handoverTimeout) // the hidden timeout reply settles
+	if err := s.switchUpstream(); err != nil {
+		return err
+	}
+	nb := b.again(res.remaining)
+	c.out = resp.AppendCommand(c.out, nb.args...)
+	s.expect(entry{act: actForward, cmd: lookup([]byte(nb.args[0])).idx, start: s.srv.now(), blk: nb})
+	c.hold.cmd = nb
+	s.srv.obs.Mechanism("unblock_reissue")
+	return s.flush()
+}
+
+// canMove reports whether the session's state allows a move (logged and counted when not).
+func (s *session) canMove() bool {
+	why := s.unmovable()
+	if why != "" {
+		s.srv.obs.Mechanism("maintenance_unmoved")
+		s.log.Debug("not moved ahead of the maintenance; the reconnect after the close will handle it", "reason", why)
+	}
+	return why == ""
+}
+
+// switchUpstream moves the session, at a safe point with nothing that pushes, to a new upstream with its
+// state restored; the old one is closed after the reply loop left it. When no new upstream can be set up
+// (logged), the session stays on the old one.
+func (s *session) switchUpstream() error {
+	c := &s.cl
 	p, buf, err := s.redial(time.Now().Add(s.srv.opts.DialTimeout))
 	if err != nil {
 		s.srv.obs.Mechanism("maintenance_unmoved")

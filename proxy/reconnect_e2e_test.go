@@ -130,8 +130,9 @@ func (cs *reconnectClients) receive(t *testing.T, ctx context.Context, from, to 
 // check verifies, once every session with nothing outstanding was restored, that each client's state is
 // what it would be had the upstream not closed: messages published after the restore arrive once, in order;
 // writes land in the selected database; names are kept; the open transaction runs once; and the client
-// blocked in BLPOP (its command's outcome unknown) is closed.
-func (cs *reconnectClients) check(t *testing.T, ctx context.Context, f *fixture, obs *restoredObserver, restored int, events string) {
+// blocked in BLPOP is closed (its command's outcome unknown), or, moved ahead of an announced close, gets the
+// element pushed after it.
+func (cs *reconnectClients) check(t *testing.T, ctx context.Context, f *fixture, obs *restoredObserver, restored int, events string, blockedSurvives bool) {
 	t.Helper()
 	obs.await(t, restored)
 	const n = 50
@@ -166,7 +167,14 @@ func (cs *reconnectClients) check(t *testing.T, ctx context.Context, f *fixture,
 	}
 	cs.tx.send("EXEC", "GET rc:tx")
 	cs.tx.expect("*2\r\n+OK\r\n:1\r\n" + bulk("inside"))
-	expectClosed(t, cs.blk, 5*time.Second)
+	if blockedSurvives { // its BLPOP 0 was unblocked and sent again on the new upstream: it still waits
+		if _, err := f.env.Admin(ctx, "RPUSH", "rc:never", "x"); err != nil {
+			t.Fatal(err)
+		}
+		cs.blk.expect("*2\r\n" + bulk("rc:never") + bulk("x"))
+	} else {
+		expectClosed(t, cs.blk, 5*time.Second)
+	}
 	if got := obs.String(); got != events {
 		t.Errorf("proxy events %q, want %q", got, events)
 	}
@@ -177,13 +185,15 @@ const reconnectEvents = "reconnect_outstanding=1 reconnect_restored=5 tx_replay=
 
 // Each way a cache closes the proxy's upstream connections, with clients of every kind in every state
 // (reconnectClients) on the proxy: every session with nothing outstanding goes on, on a new upstream, with its
-// state; the blocked one is closed.
+// state; the blocked one is closed, unless the close was announced.
 func TestUpstreamCloses(t *testing.T) {
 	for _, tc := range []struct {
 		desc     string
 		close    func(t *testing.T, ctx context.Context, f *fixture)
 		restored int    // sessions restored after the close
 		events   string // the proxy's events in all
+		// blockedSurvives: the client blocked in BLPOP 0 is moved (announced), not closed
+		blockedSurvives bool
 	}{{
 		// CLIENT KILL of every connection of the proxy's identity, as a failover closes them all at once.
 		desc: "CLIENT KILL", restored: 5, events: reconnectEvents,
@@ -205,15 +215,15 @@ func TestUpstreamCloses(t *testing.T) {
 		},
 	}, {
 		// An announced maintenance of the primary (the node closes, after NodeMaintenanceStart, every
-		// connection it had then): the idle sessions and the RESP2 subscriber move before the close; the RESP3
-		// subscriber (which can't move exactly) and the session inside MULTI (which moves after EXEC) are
-		// restored after it. Every announcement is counted once, though the control connection itself is
-		// closed and dialed again.
-		desc: "announced maintenance", restored: 2,
+		// connection it had then): the idle sessions, the RESP2 subscriber and the blocked one (unblocked,
+		// then its command sent again) move before the close; the RESP3 subscriber (which can't move
+		// exactly) and the session inside MULTI (which moves after EXEC) are restored after it. Every
+		// announcement is counted once, though the control connection itself is closed and dialed again.
+		desc: "announced maintenance", restored: 2, blockedSurvives: true,
 		events: "announce_NodeMaintenanceEnded=1 announce_NodeMaintenanceFailoverComplete=1 " +
 			"announce_NodeMaintenanceScheduled=1 announce_NodeMaintenanceStart=1 announce_NodeMaintenanceStarting=1 " +
-			"handover=1 maintenance_handover=1 maintenance_move=2 maintenance_unmoved=1 reconnect_outstanding=1 " +
-			"reconnect_restored=2 tx_replay=1",
+			"handover=1 maintenance_handover=1 maintenance_move=3 maintenance_unmoved=1 reconnect_restored=2 " +
+			"tx_replay=1 unblock_reissue=1",
 		close: func(t *testing.T, ctx context.Context, f *fixture) {
 			if err := f.env.RunMaintenance(ctx, azurefake.Maintenance{Starting: 100 * time.Millisecond,
 				Close: 200 * time.Millisecond, Failover: time.Second}); err != nil {
@@ -228,7 +238,7 @@ func TestUpstreamCloses(t *testing.T) {
 			f.publish(t, ctx, 0, 50)
 			cs.receive(t, ctx, 0, 50)
 			tc.close(t, ctx, f)
-			cs.check(t, ctx, f, obs, tc.restored, tc.events)
+			cs.check(t, ctx, f, obs, tc.restored, tc.events, tc.blockedSurvives)
 		})
 	}
 }

@@ -22,7 +22,7 @@ import (
 func reconnectEnv(t *testing.T) (*pipeEnv, *diffObserver) {
 	obs := &diffObserver{counts: map[string]int{}}
 	e := newPipeEnv(t, func(o *proxy.Options) { o.Observer, o.ReconnectTimeout = obs, 30*time.Second })
-	scriptReconnect(e)
+	scriptReconnect(e.fake)
 	return e, obs
 }
 
@@ -36,23 +36,25 @@ func reconnectApp(t *testing.T, before [][]string) (*pipeEnv, *diffObserver, *pi
 }
 
 // scriptReconnect scripts the fake to answer the commands whose state a reconnect restores.
-func scriptReconnect(e *pipeEnv) {
+func scriptReconnect(f *fakeUpstream) {
 	ok := func(c *fakeConn, _ []string) { c.reply("+OK\r\n") }
 	for _, name := range []string{"SELECT", "READONLY", "WATCH"} {
-		e.fake.handle(name, ok)
+		f.handle(name, ok)
 	}
-	e.fake.handle("CLIENT", func(c *fakeConn, args []string) {
+	f.handle("CLIENT", func(c *fakeConn, args []string) {
 		switch strings.ToUpper(args[1]) {
 		case "ID":
 			c.reply(":" + strconv.FormatInt(c.id, 10) + "\r\n")
 		case "SETNAME", "TRACKING":
 			c.reply("+OK\r\n")
+		case "UNBLOCK":
+			c.unblock(args)
 		default:
 			c.reply("-ERR not scripted\r\n")
 		}
 	})
 	for _, name := range []string{"SUBSCRIBE", "PSUBSCRIBE"} {
-		e.fake.handle(name, func(c *fakeConn, args []string) {
+		f.handle(name, func(c *fakeConn, args []string) {
 			for i, ch := range args[1:] {
 				c.reply(pubsubFrame(c.proto, strings.ToLower(name), ch, ":"+strconv.Itoa(i+1)+"\r\n"))
 			}
@@ -269,8 +271,8 @@ func maintenanceEnv(t *testing.T) (*pipeEnv, *diffObserver, *fakeConn) {
 	obs := &diffObserver{counts: map[string]int{}}
 	e := newPipeEnv(t, func(o *proxy.Options) {
 		o.Observer, o.ReconnectTimeout, o.MaintenanceEvents = obs, 30*time.Second, true
+		scriptReconnect(o.Dialer.(*fakeUpstream)) // before the server subscribes
 	})
-	scriptReconnect(e)
 	synctest.Wait()
 	for _, c := range e.fake.Conns() {
 		if slices.Contains(c.Commands(), "SUBSCRIBE AzureRedisEvents") {
@@ -291,9 +293,11 @@ func TestMaintenanceMovesSessions(t *testing.T) {
 		kv.send(cmd("SELECT", "2"), cmd("ECHO", "before"))
 		tx := e.connect("tx")
 		tx.send(cmd("MULTI"), cmd("PING"))
+		blk := e.connect("blk")
+		blk.send(cmd("BLPOP", "k", "0"))
 		synctest.Wait()
 		conns := e.fake.Conns()
-		kvUp, txUp := conns[len(conns)-2], conns[len(conns)-1]
+		kvUp, txUp, blkUp := conns[len(conns)-3], conns[len(conns)-2], conns[len(conns)-1]
 
 		events.write([]byte(azureEventMessage("NodeMaintenanceStarting", false)))
 		events.write([]byte(azureEventMessage("NodeMaintenanceStart", true)))
@@ -309,6 +313,9 @@ func TestMaintenanceMovesSessions(t *testing.T) {
 		if closedByProxy(txUp) {
 			t.Error("the session inside MULTI moved before EXEC")
 		}
+		if !closedByProxy(blkUp) {
+			t.Error("the blocked session's old upstream was not closed after the move")
+		}
 		kv.send(cmd("ECHO", "after"))
 		tx.send(cmd("EXEC"))
 		time.Sleep(2 * time.Second) // the move inside MULTI is tried again each second
@@ -316,12 +323,26 @@ func TestMaintenanceMovesSessions(t *testing.T) {
 		if !closedByProxy(txUp) {
 			t.Error("the session that was inside MULTI did not move after EXEC")
 		}
+		e.fake.push("k", "v")
+		synctest.Wait()
 		kv.expect("kv", "+OK\r\n"+bulkOf("before")+bulkOf("after"))
 		tx.expect("tx", "+OK\r\n+QUEUED\r\n*1\r\n+PONG\r\n")
-		all := e.fake.Conns()
-		expectCommands(t, all[len(all)-2], "kv's new upstream", append(handshake(1), "SELECT 2", "ECHO after")...)
-		expectCommands(t, all[len(all)-1], "tx's new upstream", handshake(1)...)
-		expectMechanisms(t, obs, "maintenance_move=2")
+		blk.expect("blk: the element pushed after the move, once", "*2\r\n"+bulkOf("k")+bulkOf("v"))
+		// Dialed after the announcement: kv's, blk's and tx's new upstreams, and CLIENT UNBLOCK's control
+		// connection, in an order that depends on scheduling.
+		var got []string
+		for _, c := range e.fake.Conns()[len(conns):] {
+			got = append(got, strings.Join(c.Commands(), ", "))
+		}
+		slices.Sort(got)
+		hs := strings.Join(handshake(1), ", ")
+		want := []string{hs, hs + ", BLPOP k 0", hs + ", CLIENT UNBLOCK " + strconv.FormatInt(blkUp.id, 10) + " TIMEOUT",
+			hs + ", SELECT 2, ECHO after"}
+		if !slices.Equal(got, want) {
+			t.Errorf("connections dialed after the announcement received:\n got  %q\n want %q", got, want)
+		}
+		expectMechanisms(t, obs, "maintenance_move=3 unblock_reissue=1")
+		blk.expectOpen("blk")
 		kv.expectOpen("kv")
 		tx.expectOpen("tx")
 	})
