@@ -276,6 +276,12 @@ func (s *session) handleCommand(cmd resp.Command, now int64) {
 	case c.tx.state == txAborted && info.sp != spReset && info.sp != spQuit:
 		s.abortedTx(info, e)
 		return
+	case c.tx.state == txWatchLost && info.sp == spMulti && len(cmd.Args) == 1 && c.authed:
+		c.tx.abort(true) // answered here; its EXEC answers null, as if a watched key had changed
+		s.srv.obs.Mechanism("tx_abort")
+		e.text = "+OK\r\n"
+		s.local(e)
+		return
 	case !c.authed && info.sp != spAuth && info.sp != spHello && info.sp != spQuit:
 		e.text = "-NOAUTH Authentication required.\r\n"
 		s.local(e)
@@ -530,6 +536,9 @@ func (s *session) onWatch(cmd resp.Command, e entry) {
 }
 
 func (s *session) onUnwatch(cmd resp.Command, e entry) {
+	if s.cl.tx.state == txWatchLost {
+		s.cl.tx.state = txNone // the keys lost with an upstream are not watched any more
+	}
 	e.watch = watchEnds
 	s.forward(cmd, e)
 }

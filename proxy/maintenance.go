@@ -25,7 +25,7 @@ import (
 //     reply loop on the old one between frames (a read deadline, as for the pool) and hands it the new one;
 //     only then is the old one closed. Commands that arrive meanwhile wait in the read buffer;
 //   - a session inside MULTI moves after EXEC, one blocked moves after its reply, if the close has not come
-//     first; sessions that can't move (RESP3 subscribers, tracking, MONITOR, CLIENT REPLY OFF, WATCH) are
+//     first; sessions that can't move (RESP3 subscribers, tracking, MONITOR, CLIENT REPLY OFF) are
 //     left to the reconnect after the close.
 //
 // Moving at Starting would not help: a connection opened then still reaches the node under maintenance.

@@ -24,14 +24,15 @@ import (
 //     without REDIRECT; a flush-all invalidation push then tells the client's cache to drop everything, as
 //     invalidations were lost in the gap), the subscriptions of every family, an open MULTI with its queued
 //     commands (replayed, replies hidden; with WATCH active, or over 1 MiB queued, aborted as a rescue
-//     does: EXEC answers null, or EXECABORT), and a CLIENT REPLY SKIP not yet spent.
+//     does: EXEC answers null, or EXECABORT), WATCH outside MULTI (the keys are not known: the next
+//     transaction is aborted, txWatchLost), and a CLIENT REPLY SKIP not yet spent.
 //   - Lost: messages published before the new connection's last subscription confirmation.
 //   - Not restored (the client connection is closed, as without a reconnect): a reply outstanding (a
 //     blocked command, anything in flight: its outcome is unknown, and it is never sent again), MONITOR,
 //     CLIENT REPLY OFF or a command whose reply SKIP suppressed with no reply asked for after it (nothing
-//     shows it ran), CLIENT REPLY queued in MULTI, WATCH outside MULTI (the keys are not known), RESP3
-//     subscriptions with MULTI open, CLIENT TRACKING with REDIRECT or in RESP2 (the target would miss the
-//     gap's invalidations), a pub/sub handover in progress.
+//     shows it ran), CLIENT REPLY queued in MULTI, RESP3 subscriptions with MULTI open, CLIENT TRACKING
+//     with REDIRECT or in RESP2 (the target would miss the gap's invalidations), a pub/sub handover in
+//     progress.
 //
 // The reply loop sees the close between frames. It marks the ledger lost, which works only at a safe
 // point and makes every later push fail, so nothing is sent on the dead connection unaccounted; then it
@@ -169,8 +170,6 @@ func (s *session) unrestorable(pending bool) string {
 		return "CLIENT REPLY OFF or SKIP: nothing shows whether the last commands reached the server"
 	case c.replyUnknown:
 		return "CLIENT REPLY was queued in MULTI"
-	case s.watch.on.Load() && !c.tx.open():
-		return "WATCH: the watched keys are not known"
 	case c.tx.open() && s.rl.proto == 3 && s.subs.total() > 0:
 		return "MULTI open with RESP3 subscriptions"
 	case tracking != "" && (s.rl.proto != 3 || strings.Contains(strings.ToLower(tracking), "\r\nredirect\r\n")):
@@ -272,13 +271,14 @@ func (s *session) takeOver(p *pooled, buf *readBuf) error {
 	c.up, c.secret, c.writeBy, c.upSince = p.conn, p.secret, time.Time{}, s.srv.now()
 	s.upID.Store(p.id)
 	s.lastSent.Store(s.srv.now())
-	if watching := s.watch.on.Load(); c.tx.open() {
-		if c.tx.canReplay(watching) {
-			s.srv.obs.Mechanism("tx_replay")
-		} else {
-			c.tx.abort(watching)
-			s.srv.obs.Mechanism("tx_abort")
-		}
+	switch watching := s.watch.on.Load(); {
+	case c.tx.open() && c.tx.canReplay(watching):
+		s.srv.obs.Mechanism("tx_replay")
+	case c.tx.open():
+		c.tx.abort(watching)
+		s.srv.obs.Mechanism("tx_abort")
+	case watching:
+		c.tx.loseWatch() // the next transaction is aborted
 	}
 	select {
 	case s.relink <- relinked{conn: p.conn, buf: buf}:

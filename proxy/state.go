@@ -17,6 +17,9 @@ const (
 	txNone    txState = iota // no MULTI open
 	txOpen                   // MULTI sent; commands are queued until EXEC or DISCARD
 	txAborted                // a rescue discarded the open MULTI: the proxy answers until EXEC/DISCARD
+	// txWatchLost: keys were WATCHed on an upstream that closed (reconnect.go), so the next transaction
+	// can't have the guarantee: the proxy answers its MULTI and it is aborted (EXEC answers null).
+	txWatchLost
 )
 
 // maxTxBytes bounds the queued commands kept for a replay; a larger transaction is aborted instead.
@@ -90,6 +93,9 @@ func (t *transaction) end() {
 // connection: not with keys watched (the guarantee can't be moved), not when the queued bytes were not all
 // kept.
 func (t *transaction) canReplay(watching bool) bool { return !watching && !t.overflow }
+
+// loseWatch records that the watched keys were lost with the upstream, outside MULTI.
+func (t *transaction) loseWatch() { t.state = txWatchLost }
 
 // abort records that a rescue discarded the open transaction upstream; with keys watched, its EXEC answers
 // as if one had changed.
