@@ -24,9 +24,10 @@ import (
 //     the client loop dials and restores a new upstream as a reconnect does (reconnect.go), then stops the
 //     reply loop on the old one between frames (a read deadline, as for the pool) and hands it the new one;
 //     only then is the old one closed. Commands that arrive meanwhile wait in the read buffer;
-//   - a session inside MULTI moves after EXEC, one blocked moves after its reply, if the close has not come
-//     first; sessions that can't move (RESP3 subscribers, tracking, MONITOR, CLIENT REPLY OFF) are
-//     left to the reconnect after the close.
+//   - a blocked session by CLIENT UNBLOCK, the move, and its command again on the new connection
+//     (moveBlocked); a session inside MULTI after EXEC, if the close has not come first; sessions that can't
+//     move (RESP3 subscribers, tracking, MONITOR, CLIENT REPLY OFF) are left to the reconnect after the
+//     close.
 //
 // Moving at Starting would not help: a connection opened then still reaches the node under maintenance.
 
