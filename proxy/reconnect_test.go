@@ -363,22 +363,20 @@ func TestMaintenanceRelaxesStallLimit(t *testing.T) {
 		e, _, events := maintenanceEnv(t)
 		reply := bulkOf("a value that arrives in two pieces")
 		splitReply(e.fake, reply, len(reply), 2*pipeStall) // the second piece 2 StallTimeouts after the first
-		events.write([]byte(azureEventMessage("NodeMaintenanceStarting", false)))
-		synctest.Wait()
-		c := e.connect("during")
-		c.send(cmd("GET", "split:5"))
-		time.Sleep(3 * pipeStall)
-		synctest.Wait()
+		// announced publishes kind, then runs a client whose GET's reply stops halfway for 2 StallTimeouts.
+		announced := func(kind string) *pipeClient {
+			events.write([]byte(azureEventMessage(kind, false)))
+			synctest.Wait()
+			c := e.connect(kind)
+			c.send(cmd("GET", "split:5"))
+			time.Sleep(3 * pipeStall)
+			synctest.Wait()
+			return c
+		}
+		c := announced("NodeMaintenanceStarting")
 		c.expect("a reply that stopped halfway for 2 StallTimeouts during the maintenance", reply)
 		c.expectOpen("during the maintenance")
-
-		events.write([]byte(azureEventMessage("NodeMaintenanceEnded", false)))
-		synctest.Wait()
-		after := e.connect("after")
-		after.send(cmd("GET", "split:5"))
-		time.Sleep(3 * pipeStall)
-		synctest.Wait()
-		if err, _ := after.ended(); err == nil {
+		if err, _ := announced("NodeMaintenanceEnded").ended(); err == nil {
 			t.Error("after NodeMaintenanceEnded, a reply that stopped halfway for 2 StallTimeouts did not close the connection")
 		}
 	})
