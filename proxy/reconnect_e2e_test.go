@@ -3,6 +3,7 @@ package proxy_test
 import (
 	"context"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -56,10 +57,10 @@ type reconnectClients struct {
 }
 
 // reconnectFixture is a proxy with reconnects on (30 s) and maintenance announcements heard, and an
-// observer of their outcomes.
-func reconnectFixture(t *testing.T) (*fixture, *restoredObserver) {
+// observer of their outcomes; tokens live for lifetime (0: the fixture's default, no rotation in a test).
+func reconnectFixture(t *testing.T, lifetime time.Duration) (*fixture, *restoredObserver) {
 	obs := newRestoredObserver()
-	f := newFixture(t, fixtureOpts{proxyOpt: func(o *proxy.Options) {
+	f := newFixture(t, fixtureOpts{lifetime: lifetime, proxyOpt: func(o *proxy.Options) {
 		o.Observer, o.ReconnectTimeout, o.MaintenanceEvents = obs, 30*time.Second, true
 	}})
 	select {
@@ -226,13 +227,13 @@ func TestUpstreamCloses(t *testing.T) {
 			"tx_replay=1 unblock_reissue=1",
 		close: func(t *testing.T, ctx context.Context, f *fixture) {
 			if err := f.env.RunMaintenance(ctx, azurefake.Maintenance{Starting: 100 * time.Millisecond,
-				Close: 200 * time.Millisecond, Failover: time.Second}); err != nil {
+				Close: time.Second, Failover: time.Second}); err != nil {
 				t.Fatal(err)
 			}
 		},
 	}} {
 		t.Run(tc.desc, func(t *testing.T) {
-			f, obs := reconnectFixture(t)
+			f, obs := reconnectFixture(t, 0)
 			ctx := t.Context()
 			cs := f.reconnectClients(t, ctx)
 			f.publish(t, ctx, 0, 50)
@@ -241,4 +242,58 @@ func TestUpstreamCloses(t *testing.T) {
 			cs.check(t, ctx, f, obs, tc.restored, tc.events, tc.blockedSurvives)
 		})
 	}
+}
+
+// Three announced maintenances in a row, with tokens rotating meanwhile (3 s tokens): every client keeps
+// working without an error, subscribers get every message published between maintenances once and in
+// order, and the client blocked in BLPOP 0 gets each element once.
+//
+// The close comes 1 s after NodeMaintenanceStart (Azure: up to 5 s): a RESP2 subscriber's handover still in
+// progress when its old connection closes can't be completed exactly, and its client is closed.
+func TestMaintenancesAndRotations(t *testing.T) {
+	f, obs := reconnectFixture(t, 3*time.Second)
+	ctx := t.Context()
+	cs := f.reconnectClients(t, ctx)
+	minted := f.minted()
+	const n = 20
+	for round := range 3 {
+		if err := f.env.RunMaintenance(ctx, azurefake.Maintenance{Starting: 100 * time.Millisecond,
+			Close: time.Second, Failover: 300 * time.Millisecond}); err != nil {
+			t.Fatal(err)
+		}
+		obs.await(t, 1) // the RESP3 subscriber, restored after the close; the others moved before it
+		f.publish(t, ctx, round*n, (round+1)*n)
+		cs.receive(t, ctx, round*n, (round+1)*n)
+		for i, c := range cs.kv {
+			if _, err := c.TxPipelined(ctx, func(p redis.Pipeliner) error {
+				p.Incr(ctx, "rc:rounds"+strconv.Itoa(i))
+				return nil
+			}); err != nil {
+				t.Fatalf("round %d, RESP%d: %v", round, i+2, err)
+			}
+		}
+		v := "e" + strconv.Itoa(round)
+		if _, err := f.env.Admin(ctx, "RPUSH", "rc:never", v); err != nil {
+			t.Fatal(err)
+		}
+		cs.blk.expect("*2\r\n" + bulk("rc:never") + bulk(v))
+		if round < 2 {
+			cs.blk.send("PING", "BLPOP rc:never 0") // blocked again before the next maintenance
+			cs.blk.expect("+PONG\r\n")
+		}
+	}
+	for i, c := range cs.kv {
+		if got, err := c.Get(ctx, "rc:rounds"+strconv.Itoa(i)).Result(); err != nil || got != "3" {
+			t.Errorf("RESP%d: 3 transactions ran %q times (%v)", i+2, got, err)
+		}
+	}
+	if f.minted() <= minted {
+		t.Error("no token rotation during the maintenances")
+	}
+	for _, bad := range []string{"reconnect_outstanding", "reconnect_unrestorable", "reconnect_failed", "unblock_missed"} {
+		if strings.Contains(obs.String(), bad) {
+			t.Errorf("proxy events %q include %s", obs.String(), bad)
+		}
+	}
+	t.Logf("proxy events: %s", obs.String())
 }
