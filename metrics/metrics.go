@@ -30,7 +30,9 @@ var (
 	upstreamKinds  = []string{"dial", "tls", "auth", "closed", "stalled", "protocol"}
 	refreshResults = []string{"ok", "unchanged", "error"}
 	reauthResults  = []string{"ok", "error"}
-	mechanisms     = []string{"handover", "handover_refused", "unblock_reissue", "unblock_retry", "unblock_missed", "lease_renewed", "tx_replay", "tx_abort", "idle_ping", "pool_reuse"}
+	mechanisms     = []string{"handover", "handover_refused", "unblock_reissue", "unblock_retry", "unblock_missed", "lease_renewed", "tx_replay", "tx_abort", "idle_ping", "pool_reuse",
+		"reconnect_restored", "reconnect_outstanding", "reconnect_unrestorable", "reconnect_failed",
+		"maintenance_move", "maintenance_handover", "maintenance_unmoved"}
 )
 
 // Metrics holds the proxy's metric families. It implements proxy.Observer, and it is a
@@ -53,6 +55,7 @@ type Metrics struct {
 	tokenExpiry     prometheus.Gauge
 	reauths         labelled
 	mechanisms      labelled
+	announcements   labelled
 	maxConnections  prometheus.Gauge
 }
 
@@ -127,9 +130,13 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.reauths = counterVec("reauths_total", "AUTHs sent on open upstream connections after a token rotation, by result.",
 		"result", reauthResults)
 	m.mechanisms = counterVec("mechanisms_total",
-		"Times the proxy used a mechanism that keeps clients connected across token rotations and idle timeouts: "+
-			"handover, handover_refused, unblock_reissue, unblock_retry, unblock_missed, lease_renewed, tx_replay, tx_abort, idle_ping, pool_reuse.",
+		"Times the proxy used a mechanism that keeps clients connected across token rotations, idle timeouts and "+
+			"upstream closes: handover, handover_refused, unblock_reissue, unblock_retry, unblock_missed, lease_renewed, tx_replay, tx_abort, "+
+			"idle_ping, pool_reuse, reconnect_restored, reconnect_outstanding (closed with a reply outstanding), "+
+			"reconnect_unrestorable, reconnect_failed, maintenance_move, maintenance_handover, maintenance_unmoved.",
 		"mechanism", mechanisms)
+	m.announcements = counterVec("maintenance_announcements_total",
+		"Maintenance announcements seen on AzureRedisEvents, by notification type.", "type", proxy.AnnouncementTypes)
 	m.maxConnections = gauge("max_connections", "Most client connections allowed at once; 0 means unlimited.")
 
 	reg.MustRegister(m)
@@ -222,6 +229,9 @@ func (m *Metrics) ReAuth(result string) { m.reauths.get(result).Inc() }
 
 // Mechanism implements proxy.Observer.
 func (m *Metrics) Mechanism(name string) { m.mechanisms.get(name).Inc() }
+
+// Announcement implements proxy.Observer.
+func (m *Metrics) Announcement(kind string) { m.announcements.get(kind).Inc() }
 
 // TokenRefresh records one token fetch by its result ("ok", "unchanged" or "error") and,
 // when expires is not zero, sets the token expiry gauge to it.

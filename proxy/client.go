@@ -25,6 +25,16 @@ func (s *session) clientLoop() error {
 	c.parser.MaxBulk = s.srv.opts.MaxBulk
 	eof := false
 	for {
+		if s.led.isLost() { // before handling what was read: nothing is pending for the new upstream
+			if err := s.relinkIfLost(false); err != nil {
+				return err
+			}
+		}
+		if c.want.move {
+			if err := s.move(); err != nil {
+				return err
+			}
+		}
 		if err := s.handleCommands(&b); err != nil {
 			return err
 		}
@@ -154,6 +164,7 @@ func (s *session) takePokes() {
 	w.auth = w.auth || p&pokeReauth != 0
 	w.ping = w.ping || p&pokePing != 0
 	w.deadline = w.deadline || p&pokeDeadline != 0
+	w.move = w.move || p&pokeMove != 0
 	if p&pokeDrain != 0 && s.cl.drain == drainNone {
 		s.cl.drain = drainReading
 	}
@@ -243,13 +254,13 @@ var handlers [spCount]handler
 
 func init() {
 	handlers = [spCount]handler{
-		spNone: (*session).forward, spState: (*session).forward,
+		spNone: (*session).forward,
 		spAuth: (*session).onAuth, spHello: (*session).onHello, spReset: (*session).onReset,
 		spQuit: (*session).onQuit, spMulti: (*session).onMulti, spExec: (*session).onExec,
 		spDiscard: (*session).onExec, spClient: (*session).onClient, spSub: (*session).onSubscribe,
 		spUnsub: (*session).onSubscribe, spMonitor: (*session).onMonitor, spBlock: (*session).onBlocking,
 		spWatch: (*session).onWatch, spUnwatch: (*session).onUnwatch, spSelect: (*session).onSelect,
-		spRefused: (*session).onRefused,
+		spRefused: (*session).onRefused, spState: (*session).onState,
 	}
 }
 
@@ -258,12 +269,19 @@ func (s *session) handleCommand(cmd resp.Command, now int64) {
 	c := &s.cl
 	info := lookup(cmd.Args[0])
 	c.dirty = c.dirty || dirties(info, cmd.Args)
+	c.batchDirty = c.batchDirty || info.sp != spNone || c.tx.state != txNone || c.mode != replyOn
 	e := entry{act: actForward, cmd: info.idx, start: now}
 	// Inside MULTI a (un)subscribe gets one reply, +QUEUED; after a refused MULTI, one per channel.
 	s.syncTx(info.sp == spSub || info.sp == spUnsub)
 	switch {
 	case c.tx.state == txAborted && info.sp != spReset && info.sp != spQuit:
 		s.abortedTx(info, e)
+		return
+	case c.tx.state == txWatchLost && info.sp == spMulti && len(cmd.Args) == 1 && c.authed:
+		c.tx.abort(true) // answered here; its EXEC answers null, as if a watched key had changed
+		s.srv.obs.Mechanism("tx_abort")
+		e.text = "+OK\r\n"
+		s.local(e)
 		return
 	case !c.authed && info.sp != spAuth && info.sp != spHello && info.sp != spQuit:
 		e.text = "-NOAUTH Authentication required.\r\n"
@@ -385,6 +403,19 @@ func (s *session) sendSetting(cmd resp.Command, e entry, set setting) {
 	}
 }
 
+// onState forwards a command that changes the connection's state; READONLY's and READWRITE's replies say
+// whether reads from a replica are allowed, which a handover or a reconnect carries.
+func (s *session) onState(cmd resp.Command, e entry) {
+	set := noSetting
+	switch {
+	case equalFold(cmd.Args[0], "readonly"):
+		set.ro = roOn
+	case equalFold(cmd.Args[0], "readwrite"):
+		set.ro = roOff
+	}
+	s.sendSetting(cmd, e, set)
+}
+
 // knowSubscribed reports whether the connection is in RESP2 subscribed mode, where redis refuses CLIENT
 // and HELLO. After a command that may have changed that, it first waits for every reply to come (a round
 // trip, for the rare client that mixes CLIENT REPLY with pub/sub), so the answer is the server's.
@@ -433,7 +464,7 @@ func (s *session) onReset(cmd resp.Command, e entry) {
 		return // refused: nothing else changed (a SKIP was spent on it, as it would have been)
 	}
 	c.tx.end()
-	c.mode = replyOn
+	c.mode, c.replyUnknown = replyOn, false
 	if tok, _ := s.srv.opts.Tokens.Current(); tok.Secret != "" {
 		s.appendAuth(tok, e.start)
 	}
@@ -506,18 +537,35 @@ func (s *session) onWatch(cmd resp.Command, e entry) {
 }
 
 func (s *session) onUnwatch(cmd resp.Command, e entry) {
+	if s.cl.tx.state == txWatchLost {
+		s.cl.tx.state = txNone // the keys lost with an upstream are not watched any more
+	}
 	e.watch = watchEnds
 	s.forward(cmd, e)
 }
 
-// onClient tracks CLIENT REPLY, which decides which commands get replies, and CLIENT SETNAME, which a
-// handover carries.
+// onClient tracks CLIENT REPLY, which decides which commands get replies, and CLIENT SETNAME and CLIENT
+// TRACKING, which a handover or a reconnect carries.
 func (s *session) onClient(cmd resp.Command, e entry) {
 	c := &s.cl
 	args := cmd.Args
-	if len(args) == 3 && equalFold(args[1], "setname") {
+	switch {
+	case len(args) == 3 && equalFold(args[1], "setname"):
 		s.sendSetting(cmd, e, setting{db: -1, name: string(args[2]), named: true})
 		return
+	case len(args) >= 3 && equalFold(args[1], "tracking"):
+		set := setting{db: -1, tracked: true}
+		if !equalFold(args[2], "off") {
+			strs := make([]string, len(args))
+			for i, a := range args {
+				strs[i] = string(a)
+			}
+			set.track = string(resp.AppendCommand(nil, strs...))
+		}
+		s.sendSetting(cmd, e, set)
+		return
+	case len(args) == 3 && equalFold(args[1], "reply") && c.tx.open():
+		c.replyUnknown = true // EXEC's reply would say whether it ran; the proxy does not follow it
 	}
 	if len(args) != 3 || !equalFold(args[1], "reply") || c.tx.open() || s.knowSubscribed() {
 		s.forward(cmd, e) // (in RESP2 subscribed mode it is refused: an error, and no change)
@@ -588,10 +636,17 @@ func (s *session) onBlocking(cmd resp.Command, e entry) {
 	s.forward(cmd, e)
 }
 
-// expect queues the entry for the next command's reply, unless CLIENT REPLY OFF/SKIP means none comes.
+// expect queues the entry for the next command's reply, unless CLIENT REPLY OFF/SKIP means none comes: then
+// nothing shows that the command ran until a later command's reply is asked for (see sentProof).
 func (s *session) expect(e entry) {
-	if s.cl.mode.takes() {
-		s.cl.entries = append(s.cl.entries, e)
+	c := &s.cl
+	if !c.mode.takes() {
+		c.proof = proofBlind
+		return
+	}
+	c.entries = append(c.entries, e)
+	if c.proof == proofBlind {
+		c.proof = proofPending
 	}
 }
 
@@ -626,11 +681,21 @@ func (s *session) flush() error {
 	// Entries first, even with nothing in out: a streamed command's entry precedes its bytes.
 	if len(c.entries) > 0 {
 		if !s.led.push(c.entries) {
-			return errUpstreamGone
+			// The upstream closed with nothing owed: reconnect first, then send the batch there.
+			if err := s.relinkIfLost(true); err != nil {
+				return err
+			}
+			if !s.led.push(c.entries) {
+				return errUpstreamGone
+			}
 		}
 		clear(c.entries)
 		c.entries = c.entries[:0]
+		if c.proof == proofPending {
+			c.proof = proofShown
+		}
 	}
+	c.batchDirty = false
 	if len(c.out) == 0 {
 		return nil
 	}
@@ -655,7 +720,11 @@ func armWrite(c interface{ SetWriteDeadline(time.Time) error }, until *time.Time
 func (s *session) writeUp(p []byte) error {
 	armWrite(s.cl.up, &s.cl.writeBy, s.srv.opts.WriteTimeout)
 	if _, err := s.cl.up.Write(p); err != nil {
-		return fmt.Errorf("write upstream: %w", err)
+		err = fmt.Errorf("write upstream: %w", err)
+		if s.led.isLost() { // commands whose replies CLIENT REPLY suppressed, written after the close
+			return s.notRestored(err, "commands without replies were sent after the close")
+		}
+		return err
 	}
 	s.lastSent.Store(s.srv.now())
 	return nil
@@ -668,6 +737,7 @@ func (s *session) startStream(b *readBuf) error {
 	name, _ := resp.CommandName(p)
 	info := lookup(name)
 	c.dirty = c.dirty || dirties(info, nil)
+	c.batchDirty = true
 	e := entry{act: actForward, cmd: info.idx, start: s.srv.now()}
 	c.stream.discard = false
 	switch info.sp {

@@ -48,8 +48,16 @@ type Observer interface {
 	// UNBLOCK answered 0 is sent again from a new control connection), "unblock_missed" (a rescue gave up on
 	// it: the blocked connection stays on the old token), "lease_renewed" (a blocking command sent again when
 	// its lease ran out, for an identity that may not run CLIENT UNBLOCK), "tx_replay", "tx_abort",
-	// "idle_ping", "pool_reuse".
+	// "idle_ping", "pool_reuse";
+	// for an upstream that closed under a session (reconnect.go): "reconnect_restored" (the session goes on, on a
+	// new upstream), "reconnect_outstanding" (closed with a reply outstanding), "reconnect_unrestorable"
+	// (closed: its state can't be restored exactly), "reconnect_failed" (closed: no new upstream in time); at an announced maintenance (maintenance.go): "maintenance_move" (moved to a
+	// new upstream ahead of the close), "maintenance_handover" (a RESP2 subscriber, by the handover),
+	// "maintenance_unmoved" (left to the reconnect after the close).
 	Mechanism(name string)
+	// Announcement reports one maintenance announcement on AzureRedisEvents, by type: one of
+	// AnnouncementTypes, or "other".
+	Announcement(kind string)
 }
 
 // NopObserver ignores every event.
@@ -66,3 +74,4 @@ func (NopObserver) BytesIn(int)                       {}
 func (NopObserver) BytesOut(int)                      {}
 func (NopObserver) ReAuth(string)                     {}
 func (NopObserver) Mechanism(string)                  {}
+func (NopObserver) Announcement(string)               {}

@@ -10,3 +10,6 @@ func OnReauthDue(s *Server, f func(conn uint64)) {
 	}
 	s.tookPokes.Store(&h)
 }
+
+// EventsListening is closed once the server's AzureRedisEvents subscription is first confirmed.
+func EventsListening(s *Server) <-chan struct{} { return s.eventsUp }

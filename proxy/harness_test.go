@@ -134,6 +134,9 @@ func newProxyFor(t testing.TB, env *azurefake.Env, o fixtureOpts) *fixture {
 		Tokens: src, Logger: log, IdlePing: o.idlePing, DialTimeout: 5 * time.Second,
 		Dialer:       &proxy.TLSDialer{Addr: upstream, Config: &tls.Config{ServerName: env.ServerName, RootCAs: pool}},
 		ReauthSpread: 200 * time.Millisecond,
+		// Off unless a test turns it on: a connection the cache closed (a token that expired before its
+		// re-AUTH) must show as a closed client, not be hidden by a reconnect.
+		ReconnectTimeout: -1,
 	}
 	if o.proxyOpt != nil {
 		o.proxyOpt(&opts)

@@ -49,6 +49,14 @@ type entry struct {
 	sets []setting
 }
 
+// linkState is where a session's upstream connection stands.
+type linkState uint8
+
+const (
+	linkUp           linkState = iota // the reply loop reads it, the client loop writes it
+	linkReconnecting                  // it closed at a safe point: the client loop dials a new one (reconnect.go)
+)
+
 // ledger is what a session's upstream still owes: one entry per command written, oldest first. The client
 // loop adds entries before it writes their commands; the reply loop settles the oldest when the last byte
 // of its reply has been framed, and records when what it framed has been written to the client.
@@ -66,6 +74,7 @@ type ledger struct {
 	sent    uint64    // deliveries so far: progress, for waits re-armed on progress
 	maybe   int       // entries not settled that are optional (their reply may never come)
 	closed  bool      // push and waits return at once
+	link    linkState // reconnecting: push fails until relinked (reconnect.go)
 }
 
 // optionalQuiet bounds a wait for a safe point while only optional entries are outstanding: an answer that
@@ -83,10 +92,14 @@ func newLedger() *ledger {
 	return l
 }
 
-// push appends es, blocking while the ledger is full. It returns false once the ledger is closed.
+// push appends es, blocking while the ledger is full. It returns false, appending nothing, while the
+// upstream is lost, and once the ledger is closed.
 func (l *ledger) push(es []entry) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.link == linkReconnecting {
+		return false
+	}
 	for _, e := range es {
 		for l.n == maxPending && !l.closed {
 			l.changed.Wait()
@@ -210,6 +223,32 @@ func (l *ledger) waitIdle(quiet time.Duration) bool {
 		}
 	}
 	return l.n == 0 && l.unsent == 0
+}
+
+// markLost records that the upstream closed, if the ledger is at a safe point: then nothing was owed, and
+// until relinked nothing can be added that a new upstream would not answer. It reports whether it did.
+func (l *ledger) markLost() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed || l.n > 0 || l.unsent > 0 {
+		return false
+	}
+	l.link = linkReconnecting
+	return true
+}
+
+// isLost reports whether markLost was called since the last relinked.
+func (l *ledger) isLost() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.link == linkReconnecting
+}
+
+// relinked records that a new upstream took the lost one's place.
+func (l *ledger) relinked() {
+	l.mu.Lock()
+	l.link = linkUp
+	l.mu.Unlock()
 }
 
 // close wakes every waiter; later pushes fail.

@@ -50,6 +50,7 @@ func newPipeEnv(t *testing.T, tweak func(*proxy.Options)) *pipeEnv {
 		Tokens: e.toks, Dialer: e.fake,
 		Logger:       slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		ReauthSpread: pipeSpread, StallTimeout: pipeStall, WriteTimeout: time.Minute, DialTimeout: 5 * time.Second,
+		ReconnectTimeout: -1, // off unless a test turns it on: a missed re-AUTH must show as a closed client
 	}
 	if tweak != nil {
 		tweak(&opts)

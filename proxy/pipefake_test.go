@@ -38,6 +38,7 @@ type fakeUpstream struct {
 	events   []string               // what the fake did on its own (expiry closes), for failure messages
 	pushes   bool                   // on RESP3 connections, send a push before every reply
 	noReply  bool                   // CLIENT REPLY is denied (a data access policy): -NOPERM
+	down     bool                   // dials fail (a failover in progress, a restart)
 	shutdown bool
 }
 
@@ -119,6 +120,9 @@ func (f *fakeUpstream) DialContext(ctx context.Context) (net.Conn, error) {
 	if f.shutdown {
 		return nil, errors.New("fake upstream: shut down")
 	}
+	if f.down {
+		return nil, errors.New("fake upstream: connection refused")
+	}
 	f.nextID++
 	proxySide, ours := net.Pipe()
 	c := &fakeConn{f: f, id: f.nextID, nc: ours, wake: make(chan struct{}, 1), done: make(chan struct{}),
@@ -127,6 +131,13 @@ func (f *fakeUpstream) DialContext(ctx context.Context) (net.Conn, error) {
 	go c.readLoop()
 	go c.runLoop()
 	return proxySide, nil
+}
+
+// setDown makes dials fail (down) or work again.
+func (f *fakeUpstream) setDown(down bool) {
+	f.mu.Lock()
+	f.down = down
+	f.mu.Unlock()
 }
 
 // close closes every connection and refuses new dials.

@@ -21,13 +21,13 @@ var pubsubMessages = []string{"message", "pmessage", "smessage"}
 
 // replyLoop reads the upstream up and passes replies to the client until either side fails. Each frame is
 // classified from its head (whose is it, does it go to the client), then streamed through to its last byte;
-// only then is its entry settled, and only once written is it delivered.
-func (s *session) replyLoop(up net.Conn) error {
-	b := &readBuf{}
+// only then is its entry settled, and only once written is it delivered. b is up's buffer, holding what
+// was read from up already, if anything (after a reconnect).
+func (s *session) replyLoop(up net.Conn, b *readBuf) error {
 	defer func() { b.release() }()
 	sc := resp.Scanner{MaxBulk: 1 << 40}
 	var h resp.Head
-	inFrame, switched := false, false
+	inFrame, switched := false, b.r < b.w
 	var stallBy time.Time // the read deadline guarding a reply that stopped halfway; zero when none
 	for {
 		if b.full() && !inFrame && !b.grow(maxHeadBuf) {
@@ -102,18 +102,18 @@ func (s *session) replyLoop(up net.Conn) error {
 		// A reply that makes no progress for StallTimeout is an upstream fault, not a slow command: close
 		// rather than hang. The guard is re-armed while bytes flow, so a long reply is never cut.
 		if mid := inFrame || b.r < b.w; mid {
-			if now := time.Now(); stallBy.Sub(now) < s.srv.opts.StallTimeout/2 {
-				stallBy = now.Add(s.srv.opts.StallTimeout)
+			if now, stall := time.Now(), s.srv.stallTimeout(); stallBy.Sub(now) < stall/2 {
+				stallBy = now.Add(stall)
 				up.SetReadDeadline(stallBy)
-				if s.recycling.Load() {
+				if s.recycling.Load() || s.moving.Load() {
 					up.SetReadDeadline(pokeTime)
 				}
 			}
 		} else if !stallBy.IsZero() {
 			stallBy = time.Time{}
 			up.SetReadDeadline(stallBy)
-			if s.recycling.Load() {
-				up.SetReadDeadline(pokeTime) // the stop for the pool came meanwhile: don't undo it
+			if s.recycling.Load() || s.moving.Load() {
+				up.SetReadDeadline(pokeTime) // the stop for the pool or a move came meanwhile: don't undo it
 			}
 		}
 		if s.rl.closing != nil {
@@ -133,12 +133,20 @@ func (s *session) upstreamReadError(err error, mid bool) error {
 			return errors.New("upstream sent unsolicited bytes: not reusable")
 		}
 		return errRecycled
+	case isDeadline(err) && s.moving.Load():
+		if mid {
+			return errors.New("upstream sent a push while the session moved to a new upstream")
+		}
+		return &upstreamLost{err: err, moved: true}
+	case !mid && s.srv.opts.ReconnectTimeout > 0 && closedByPeer(err):
+		s.srv.obs.UpstreamError("closed")
+		return &upstreamLost{err: err}
 	case errors.Is(err, io.EOF):
 		s.srv.obs.UpstreamError("closed")
 		return s.lost(errUpstreamGone)
 	case isDeadline(err):
 		s.srv.obs.UpstreamError("stalled")
-		return s.lost(fmt.Errorf("upstream reply stalled for %s", s.srv.opts.StallTimeout))
+		return s.lost(fmt.Errorf("upstream reply stalled for %s", s.srv.stallTimeout()))
 	}
 	s.srv.obs.UpstreamError("closed")
 	return s.lost(fmt.Errorf("read upstream: %w", err))

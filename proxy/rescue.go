@@ -437,6 +437,9 @@ func (s *session) rescueMulti(tok Token) {
 // abortedTx answers a command of a transaction that was aborted by rescueMulti, without running it.
 func (s *session) abortedTx(info cmdInfo, e entry) {
 	e.text = "+QUEUED\r\n"
+	if info.sp == spExec || info.sp == spDiscard {
+		e.watch = watchExec // its stand-in's reply ends the watches in the model, as EXEC and DISCARD would
+	}
 	switch info.sp {
 	case spExec:
 		if s.cl.tx.nullExec {

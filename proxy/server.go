@@ -43,6 +43,14 @@ type Options struct {
 	WriteTimeout time.Duration
 	// StallTimeout: a reply that stops halfway this long closes the connection; default 30s.
 	StallTimeout time.Duration
+	// ReconnectTimeout: an upstream connection that closes with no reply outstanding is dialed again, with
+	// backoff, for at most this long, and the connection's state restored (reconnect.go); default 30s;
+	// negative: never (the client connection is closed, as for a loss with a reply outstanding).
+	ReconnectTimeout time.Duration
+	// MaintenanceEvents: listen for Azure Cache for Redis's maintenance announcements (AzureRedisEvents) on a
+	// control connection of its own, and move sessions to new upstream connections ahead of a node's
+	// maintenance (maintenance.go).
+	MaintenanceEvents bool
 }
 
 // ErrServerClosed is returned by Serve once Shutdown or Close has been called, as net/http's is.
@@ -72,6 +80,13 @@ type Server struct {
 	// tookPokes, if set (by tests), is told each time a session's client loop takes work handed to it:
 	// the event tests await instead of a stand-in for it.
 	tookPokes atomic.Pointer[func(conn uint64, bits uint32)]
+	// maintAt is when the last maintenance that moves sessions was announced (server clock; 0 = never).
+	maintAt atomic.Int64
+	// maintUntil: stall limits are relaxed until then (server clock), while a maintenance is in progress.
+	maintUntil atomic.Int64
+	// eventsUp is closed once the AzureRedisEvents subscription is first confirmed: the event tests await.
+	eventsUp     chan struct{}
+	eventsUpOnce sync.Once
 
 	mu        sync.Mutex
 	state     serverState
@@ -118,12 +133,15 @@ func New(opts Options) (*Server, error) {
 	if opts.StallTimeout <= 0 {
 		opts.StallTimeout = 30 * time.Second
 	}
+	if opts.ReconnectTimeout == 0 {
+		opts.ReconnectTimeout = 30 * time.Second
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{
 		opts: opts, log: opts.Logger, obs: opts.Observer, epoch: time.Now(),
 		listeners: make(map[*net.Listener]struct{}), conns: make(map[*session]struct{}),
 		sessions: make(map[*session]struct{}), closing: make(chan struct{}), drained: make(chan struct{}),
-		ctx: ctx, cancel: cancel,
+		ctx: ctx, cancel: cancel, eventsUp: make(chan struct{}),
 	}
 	if opts.PoolSize > 0 {
 		s.pool = newPool(s, opts.PoolSize)
@@ -132,6 +150,9 @@ func New(opts Options) (*Server, error) {
 	s.goTracked(s.rotateLoop)
 	if opts.IdlePing > 0 {
 		s.goTracked(s.idleLoop)
+	}
+	if opts.MaintenanceEvents {
+		s.goTracked(s.eventsLoop)
 	}
 	return s, nil
 }

@@ -21,6 +21,8 @@ const (
 	pokeDeadline                    // the old token nears expiry: rescue a blocked or MULTI connection
 	pokeResume                      // a blocking command was answered: send what waited behind it
 	pokeDrain                       // the server shuts down: close at the next safe point
+	pokeRelink                      // the upstream closed with nothing owed: reconnect (reconnect.go)
+	pokeMove                        // a maintenance was announced: move to a new upstream (maintenance.go)
 )
 
 const (
@@ -67,6 +69,8 @@ type session struct {
 
 	forceAuth atomic.Bool             // send the token even if it was sent before (the retry after WRONGPASS)
 	cut       atomic.Pointer[cutover] // a pub/sub handover in progress
+	relink    chan relinked           // a reconnect's new upstream, from the client loop to the reply loop
+	moving    atomic.Bool             // a maintenance move: the reply loop leaves the old upstream between frames
 	recycling atomic.Bool             // the upstream goes back to the pool: the reply loop must not close it
 
 	cl clientSide // owned by the client loop
@@ -83,7 +87,8 @@ type session struct {
 
 // clientSide is the client loop's state: what the commands it sent did to the connection.
 type clientSide struct {
-	up      net.Conn   // the upstream it writes to; replaced by a handover
+	up      net.Conn   // the upstream it writes to; replaced by a handover, a reconnect or a move
+	upSince int64      // when up became the session's (server clock): a move asked for before is done
 	secret  string     // the token last sent on up
 	writeBy time.Time  // up's write deadline in force
 	dirty   bool       // the client changed the connection state (see dirties): not for the pool
@@ -95,11 +100,27 @@ type clientSide struct {
 	mode    replyMode
 	hold    holdBack
 	stream  stream
-	want    struct{ auth, ping, deadline bool } // work due at the next safe point
-	out     []byte                              // commands to write upstream
-	entries []entry                             // their expected replies, pushed before the write
+	want    struct{ auth, ping, deadline, move bool } // work due at the next safe point
+	out     []byte                                    // commands to write upstream
+	entries []entry                                   // their expected replies, pushed before the write
 	parser  resp.CommandParser
+
+	proof        sentProof
+	replyUnknown bool // a CLIENT REPLY was queued in MULTI: the mode is not followed (until RESET)
+	// batchDirty: a command in the batch not yet flushed changed the state above, or ran inside MULTI or
+	// under CLIENT REPLY OFF/SKIP: a reconnect would restore a state that includes what was never sent.
+	batchDirty bool
 }
+
+// sentProof says whether every command sent is known to have reached the server: a reply to it, or to a
+// later command, came. A lost upstream can be replaced silently only then.
+type sentProof uint8
+
+const (
+	proofShown   sentProof = iota // every command sent has a reply asked for, at or after it
+	proofBlind                    // a command was sent whose reply CLIENT REPLY suppressed, and none asked for since
+	proofPending                  // ... then one was asked for, in the batch not yet flushed
+)
 
 // stream is a command too large to buffer, forwarded as it arrives.
 type stream struct {
@@ -181,7 +202,17 @@ func (s *session) serve() {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		rerr = s.replyLoop(s.cl.up)
+		up, buf := s.cl.up, &readBuf{}
+		for {
+			rerr = s.replyLoop(up, buf)
+			var lost *upstreamLost
+			if !errors.As(rerr, &lost) {
+				break
+			}
+			if up, buf, rerr = s.awaitRelink(lost); up == nil {
+				break
+			}
+		}
 		if !errors.Is(rerr, errRecycled) {
 			s.close(rerr)
 		}
@@ -221,6 +252,7 @@ func newSession(srv *Server, c net.Conn, id uint64) *session {
 func (s *session) init() {
 	s.led = newLedger()
 	s.wake, s.done = make(chan struct{}, 1), make(chan struct{})
+	s.relink = make(chan relinked)
 	s.rl.proto = 2
 }
 
@@ -301,7 +333,7 @@ func (s *session) connect(ctx context.Context) error {
 		s.srv.obs.UpstreamClosed()
 		return errors.New("proxy shutting down")
 	}
-	s.cl.up, s.cl.secret = c.conn, c.secret
+	s.cl.up, s.cl.secret, s.cl.upSince = c.conn, c.secret, s.srv.now()
 	s.upID.Store(c.id)
 	s.lastSent.Store(s.srv.now())
 	s.log.Debug("upstream ready", "upstream_client_id", c.id, "pooled", pooled)

@@ -17,6 +17,9 @@ const (
 	txNone    txState = iota // no MULTI open
 	txOpen                   // MULTI sent; commands are queued until EXEC or DISCARD
 	txAborted                // a rescue discarded the open MULTI: the proxy answers until EXEC/DISCARD
+	// txWatchLost: keys were WATCHed on an upstream that closed (reconnect.go), so the next transaction
+	// can't have the guarantee: the proxy answers its MULTI and it is aborted (EXEC answers null).
+	txWatchLost
 )
 
 // maxTxBytes bounds the queued commands kept for a replay; a larger transaction is aborted instead.
@@ -90,6 +93,9 @@ func (t *transaction) end() {
 // connection: not with keys watched (the guarantee can't be moved), not when the queued bytes were not all
 // kept.
 func (t *transaction) canReplay(watching bool) bool { return !watching && !t.overflow }
+
+// loseWatch records that the watched keys were lost with the upstream, outside MULTI.
+func (t *transaction) loseWatch() { t.state = txWatchLost }
 
 // abort records that a rescue discarded the open transaction upstream; with keys watched, its EXEC answers
 // as if one had changed.
@@ -252,17 +258,36 @@ type setting struct {
 	name  string // CLIENT SETNAME, HELLO SETNAME: the name, when named
 	named bool
 	proto int // HELLO queued in MULTI: the protocol; 0 when unchanged
+	ro    roEffect
+	// CLIENT TRACKING: the command as sent (RESP), "" for OFF; tracked marks the setting as present.
+	track   string
+	tracked bool
 }
+
+// roEffect is what READONLY or READWRITE does to a connection's reads from a cluster replica.
+type roEffect uint8
+
+const (
+	roSame roEffect = iota
+	roOn            // READONLY
+	roOff           // READWRITE
+)
 
 var noSetting = setting{db: -1}
 
-// carried is what a new upstream connection must be given to take a session over (a handover): the
-// selected database and the client name, as the server's replies set them. The reply loop writes; a
-// handover reads.
+// carried is what a new upstream connection must be given to take a session over (a handover, a
+// reconnect), as the server's replies set it. The reply loop writes; a handover or a reconnect reads.
 type carried struct {
-	mu   sync.Mutex
-	db   int
-	name string
+	mu sync.Mutex
+	st connSettings
+}
+
+// connSettings are the settings of a connection that carried follows.
+type connSettings struct {
+	db       int
+	name     string
+	readonly bool
+	tracking string // the CLIENT TRACKING command that turned tracking on, as sent; "" when off
 }
 
 // apply records a setting the server accepted.
@@ -270,23 +295,29 @@ func (c *carried) apply(set setting) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if set.db >= 0 {
-		c.db = set.db
+		c.st.db = set.db
 	}
 	if set.named {
-		c.name = set.name
+		c.st.name = set.name
+	}
+	if set.ro != roSame {
+		c.st.readonly = set.ro == roOn
+	}
+	if set.tracked {
+		c.st.tracking = set.track
 	}
 }
 
-// reset records RESET: database 0, no name.
+// reset records RESET: database 0, no name, READWRITE, tracking off.
 func (c *carried) reset() {
 	c.mu.Lock()
-	c.db, c.name = 0, ""
+	c.st = connSettings{}
 	c.mu.Unlock()
 }
 
-// get returns the database and the client name ("" for none).
-func (c *carried) get() (db int, name string) {
+// snapshot returns the settings.
+func (c *carried) snapshot() connSettings {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.db, c.name
+	return c.st
 }

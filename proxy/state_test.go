@@ -186,17 +186,27 @@ func TestSettings(t *testing.T) {
 	var c carried
 	c.apply(setting{db: 3, name: "n", named: true})
 	c.apply(setting{db: -1}) // changes nothing
-	if db, name := c.get(); db != 3 || name != "n" {
-		t.Fatalf("got %d %q", db, name)
+	if st := c.snapshot(); st.db != 3 || st.name != "n" {
+		t.Fatalf("got %d %q", st.db, st.name)
 	}
 	c.apply(setting{db: -1, named: true}) // CLIENT SETNAME "" clears the name
-	if _, name := c.get(); name != "" {
-		t.Fatalf("name %q", name)
+	if st := c.snapshot(); st.name != "" {
+		t.Fatalf("name %q", st.name)
 	}
-	c.apply(setting{db: 4, name: "m", named: true})
+	c.apply(setting{db: -1, ro: roOn})
+	c.apply(setting{db: -1, tracked: true, track: "T"})
+	if st := c.snapshot(); !st.readonly || st.tracking != "T" {
+		t.Fatalf("READONLY, tracking: %v %q", st.readonly, st.tracking)
+	}
+	c.apply(setting{db: -1, ro: roOff})
+	c.apply(setting{db: -1, tracked: true}) // CLIENT TRACKING OFF
+	if st := c.snapshot(); st.readonly || st.tracking != "" {
+		t.Fatalf("READWRITE, tracking off: %v %q", st.readonly, st.tracking)
+	}
+	c.apply(setting{db: 4, name: "m", named: true, ro: roOn, tracked: true, track: "T"})
 	c.reset()
-	if db, name := c.get(); db != 0 || name != "" {
-		t.Fatalf("after RESET: %d %q", db, name)
+	if st := c.snapshot(); st != (connSettings{}) {
+		t.Fatalf("after RESET: %+v", st)
 	}
 
 	for _, tc := range []struct {
@@ -238,7 +248,7 @@ func TestExecReplySettings(t *testing.T) {
 		s.init()
 		s.led.push([]entry{{act: actExec, cmd: cmdOther, sets: sets}, {act: actForward, cmd: cmdOther}})
 		loop := make(chan error, 1)
-		go func() { loop <- s.replyLoop(up) }()
+		go func() { loop <- s.replyLoop(up, &readBuf{}) }()
 		go func() { fake.Write([]byte(reply[:cut])); fake.Write([]byte(reply[cut:])) }()
 		got := make([]byte, len(reply))
 		if _, err := io.ReadFull(app, got); err != nil || string(got) != reply {
@@ -247,8 +257,8 @@ func TestExecReplySettings(t *testing.T) {
 		close(s.done) // the session is ending: the loop's end is no loss
 		fake.Close()
 		<-loop
-		if db, name := s.carry.get(); db != 5 || name != "alpha" {
-			t.Fatalf("cut %d: db %d, name %q; want 5, alpha", cut, db, name)
+		if st := s.carry.snapshot(); st.db != 5 || st.name != "alpha" {
+			t.Fatalf("cut %d: db %d, name %q; want 5, alpha", cut, st.db, st.name)
 		}
 		client.Close()
 		up.Close()

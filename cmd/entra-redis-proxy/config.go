@@ -41,6 +41,8 @@ type Config struct {
 	LogFormat         string        `envconfig:"ENTRA_REDIS_PROXY_LOG_FORMAT" default:"text" desc:"text or json"`
 	LogLevel          string        `envconfig:"ENTRA_REDIS_PROXY_LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
 	Pprof             bool          `envconfig:"ENTRA_REDIS_PROXY_PPROF" default:"false" desc:"serve /debug/pprof on ADMIN_LISTEN"`
+	ReconnectTimeout  time.Duration `envconfig:"ENTRA_REDIS_PROXY_RECONNECT_TIMEOUT" default:"30s" desc:"when the cache closes an upstream connection with no reply outstanding (failover, patch, restart), dial a new one for at most this long and restore the connection's state, so the app sees nothing; 0 closes the client connection instead"`
+	MaintenanceEvents bool          `envconfig:"ENTRA_REDIS_PROXY_MAINTENANCE_EVENTS" default:"true" desc:"listen for Azure Cache for Redis maintenance announcements (pub/sub channel AzureRedisEvents, one connection) and move connections to new upstream connections before a node's maintenance closes them"`
 
 	MaxBulkBytes     ByteSize `envconfig:"ENTRA_REDIS_PROXY_MAX_BULK_BYTES" default:"512MiB" desc:"largest bulk string a client may send (like redis proto-max-bulk-len)"`
 	AllowNonLoopback bool     `envconfig:"ENTRA_REDIS_PROXY_ALLOW_NON_LOOPBACK" default:"false" desc:"allow LISTEN on a non-loopback address (every process that can reach it can use your identity)"`
@@ -138,6 +140,7 @@ func (c *Config) validate() error {
 		d    time.Duration
 		min  time.Duration
 	}{{"DIAL_TIMEOUT", c.DialTimeout, time.Millisecond}, {"UPSTREAM_IDLE_PING", c.IdlePing, 0},
+		{"RECONNECT_TIMEOUT", c.ReconnectTimeout, 0},
 		{"MIN_SIGTERM_DELAY", c.MinSigtermDelay, 0}, {"MAX_SIGTERM_DELAY", c.MaxSigtermDelay, 0}} {
 		if d.d < d.min {
 			return fmt.Errorf("%s: %v is too small (at least %v)", v(d.name), d.d, d.min)

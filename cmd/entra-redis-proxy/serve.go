@@ -146,7 +146,8 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 		Tokens: src, Dialer: &proxy.TLSDialer{Addr: cfg.Upstream, Config: tc},
 		Logger: log, Observer: m, MaxConnections: limit.limit, DialTimeout: cfg.DialTimeout,
 		IdlePing: cfg.IdlePing, MaxBulk: int64(cfg.MaxBulkBytes), LocalPassword: cfg.LocalPassword,
-		PoolSize: cfg.PoolSize,
+		PoolSize: cfg.PoolSize, ReconnectTimeout: reconnectTimeout(cfg.ReconnectTimeout),
+		MaintenanceEvents: cfg.MaintenanceEvents,
 	})
 	if err != nil {
 		log.Error("cannot start", "err", err)
@@ -301,4 +302,13 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 	}
 	log.Info("shut down cleanly")
 	return exitOK
+}
+
+// reconnectTimeout maps RECONNECT_TIMEOUT to proxy.Options.ReconnectTimeout, where 0 is the default and a
+// negative value turns reconnects off.
+func reconnectTimeout(d time.Duration) time.Duration {
+	if d == 0 {
+		return -1
+	}
+	return d
 }

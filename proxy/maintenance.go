@@ -1,0 +1,350 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"time"
+
+	"github.com/entra-redis-proxy/entra-redis-proxy/resp"
+)
+
+// Azure Cache for Redis announces planned maintenance on the pub/sub channel AzureRedisEvents
+// (Azure/AzureCacheForRedis, AzureRedisEvents.md): NodeMaintenanceScheduled (10-15 min ahead), Starting
+// (~20 s), Start (< 5 s, when the node's connections are about to close), FailoverComplete, Ended.
+//
+// The server keeps one control connection subscribed to it (eventsLoop). Every announcement is one log line
+// and a metric. From Starting to Ended the stall limit is relaxed (stallTimeout). At NodeMaintenanceStart for a primary, every session moves to a new upstream connection at
+// its next safe point, before the node closes the old one:
+//
+//   - a RESP2 subscriber by the pub/sub handover (handover.go), so no message is lost or doubled;
+//   - any other session at a safe point with nothing that pushes (no subscriptions, tracking or MONITOR):
+//     the client loop dials and restores a new upstream as a reconnect does (reconnect.go), then stops the
+//     reply loop on the old one between frames (a read deadline, as for the pool) and hands it the new one;
+//     only then is the old one closed. Commands that arrive meanwhile wait in the read buffer;
+//   - a blocked session by CLIENT UNBLOCK, the move, and its command again on the new connection
+//     (moveBlocked); a session inside MULTI after EXEC, if the close has not come first; sessions that can't
+//     move (RESP3 subscribers, tracking, MONITOR, CLIENT REPLY OFF) are left to the reconnect after the
+//     close.
+//
+// Moving at Starting would not help: a connection opened then still reaches the node under maintenance.
+
+// azureEventsChannel is the channel Azure Cache for Redis announces maintenance on.
+const azureEventsChannel = "AzureRedisEvents"
+
+// AnnouncementTypes are the AzureRedisEvents notification types reported to the Observer by name; any other
+// is reported as "other".
+var AnnouncementTypes = []string{"NodeMaintenanceScheduled", "NodeMaintenanceStarting", "NodeMaintenanceStart",
+	"NodeMaintenanceFailoverComplete", "NodeMaintenanceEnded"}
+
+// azureEvent is one AzureRedisEvents message:
+// NotificationType|<type>|StartTimeInUTC|<time>|IsReplica|<bool>|IPAddress|<ip>|SSLPort|<port>|NonSSLPort|<port>.
+type azureEvent struct {
+	kind    string
+	start   string // StartTimeInUTC as sent (empty for Start and FailoverComplete)
+	replica bool
+	ip      string
+	sslPort string
+}
+
+// parseAzureEvent parses an AzureRedisEvents message: pairs of field name and value, separated by '|'.
+// Unknown fields are ignored; NotificationType is required.
+func parseAzureEvent(msg string) (azureEvent, error) {
+	parts := strings.Split(msg, "|")
+	if len(parts)%2 != 0 {
+		return azureEvent{}, fmt.Errorf("AzureRedisEvents message %q: not name|value pairs", truncate(msg, 80))
+	}
+	var ev azureEvent
+	for i := 0; i < len(parts); i += 2 {
+		v := parts[i+1]
+		switch parts[i] {
+		case "NotificationType":
+			ev.kind = v
+		case "StartTimeInUTC":
+			ev.start = v
+		case "IsReplica":
+			ev.replica = strings.EqualFold(v, "true")
+		case "IPAddress":
+			ev.ip = v
+		case "SSLPort":
+			ev.sslPort = v
+		}
+	}
+	if ev.kind == "" {
+		return azureEvent{}, fmt.Errorf("AzureRedisEvents message %q: no NotificationType", truncate(msg, 80))
+	}
+	return ev, nil
+}
+
+// announcementLabel is the Observer's label for a notification type: a bounded set.
+func announcementLabel(kind string) string {
+	for _, k := range AnnouncementTypes {
+		if k == kind {
+			return k
+		}
+	}
+	return "other"
+}
+
+// errTokenChanged ends a control connection subscribed to AzureRedisEvents when the token rotates: redis
+// refuses AUTH in RESP2 subscribed mode, so a new connection takes its place.
+var errTokenChanged = errors.New("token changed")
+
+const (
+	// maintenanceStall multiplies StallTimeout from NodeMaintenanceStarting to NodeMaintenanceEnded: a node
+	// being failed over may pause mid-reply longer than usual, and its connections are closed anyway.
+	maintenanceStall = 4
+	// maintenanceWindow bounds the relaxed stall limit when NodeMaintenanceEnded does not come.
+	maintenanceWindow = 15 * time.Minute
+)
+
+// stallTimeout is how long a reply may stop halfway before its connection is closed: StallTimeout, relaxed
+// while a maintenance is in progress.
+func (s *Server) stallTimeout() time.Duration {
+	if s.now() < s.maintUntil.Load() {
+		return maintenanceStall * s.opts.StallTimeout
+	}
+	return s.opts.StallTimeout
+}
+
+// eventsPing is how often the control connection PINGs when no message came (Azure closes idle connections).
+const eventsPing = 2 * time.Minute
+
+// eventsLoop keeps one control connection subscribed to AzureRedisEvents until ctx ends, dialing a new one
+// (with backoff) when it closes, and on every new token.
+func (s *Server) eventsLoop(ctx context.Context) {
+	wait := reconnectFirstWait
+	for ctx.Err() == nil {
+		err := s.listenEvents(ctx)
+		var refused *replyError
+		switch {
+		case ctx.Err() != nil:
+			return
+		case errors.Is(err, errTokenChanged):
+			wait = reconnectFirstWait
+			continue
+		case errors.As(err, &refused):
+			s.log.Warn("maintenance announcements off: the cache refused SUBSCRIBE "+azureEventsChannel, "err", err,
+				"remedy", "allow the channel "+azureEventsChannel+" (SUBSCRIBE) in the identity's data access policy")
+			return
+		}
+		s.log.Debug("maintenance announcements: control connection ended; dialing again", "err", err)
+		t := time.NewTimer(wait/2 + rand.N(wait/2+1))
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return
+		}
+		wait = min(2*wait, reconnectMaxWait)
+	}
+}
+
+// listenEvents runs one control connection subscribed to AzureRedisEvents, and returns why it ended.
+func (s *Server) listenEvents(ctx context.Context) error {
+	_, changed := s.opts.Tokens.Current()
+	dctx, cancel := context.WithTimeout(ctx, s.opts.DialTimeout)
+	defer cancel()
+	p, err := s.dialUpstream(dctx)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		p.conn.Close()
+		s.obs.UpstreamClosed()
+	}()
+	c := newCtrlConn(p.conn)
+	r, err := c.do(dctx, "SUBSCRIBE", azureEventsChannel)
+	if err == nil && r.err() == nil && (len(r.elems) == 0 || r.elems[0] != "subscribe") {
+		err = fmt.Errorf("unexpected reply %s", r)
+	}
+	if err == nil {
+		err = r.err()
+	}
+	if err != nil {
+		return fmt.Errorf("SUBSCRIBE %s: %w", azureEventsChannel, err)
+	}
+	s.log.Debug("maintenance announcements: subscribed", "upstream_client_id", p.id)
+	s.eventsUpOnce.Do(func() { close(s.eventsUp) })
+	for {
+		// A read that its deadline interrupts consumes nothing, so reading again goes on where it stopped.
+		rctx, stop := context.WithTimeout(ctx, eventsPing)
+		go func() { // ends with the read
+			select {
+			case <-changed:
+				stop()
+			case <-rctx.Done():
+			}
+		}()
+		r, err := c.read(rctx)
+		stop()
+		select {
+		case <-changed:
+			return errTokenChanged
+		default:
+		}
+		switch {
+		case err == nil:
+			if len(r.elems) == 3 && r.elems[0] == "message" && r.elems[1] == azureEventsChannel {
+				s.announce(r.elems[2])
+			}
+		case errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil:
+			if err := c.send(ctx, resp.AppendCommand(nil, "PING")); err != nil {
+				return err
+			}
+		default:
+			return err
+		}
+	}
+}
+
+// announce handles one AzureRedisEvents message.
+func (s *Server) announce(msg string) {
+	ev, err := parseAzureEvent(msg)
+	if err != nil {
+		s.obs.Announcement("other")
+		s.log.Warn("maintenance announcement not understood", "err", err)
+		return
+	}
+	s.obs.Announcement(announcementLabel(ev.kind))
+	switch ev.kind {
+	case "NodeMaintenanceStarting", "NodeMaintenanceStart":
+		s.maintUntil.Store(s.now() + int64(maintenanceWindow))
+	case "NodeMaintenanceEnded":
+		s.maintUntil.Store(0)
+	}
+	move := ev.kind == "NodeMaintenanceStart" && !ev.replica
+	n := 0
+	if move {
+		s.maintAt.Store(s.now())
+		s.each(func(sess *session) {
+			n++
+			sess.poke(pokeMove)
+		})
+	}
+	s.log.Info("maintenance announced", "type", ev.kind, "start_time_utc", ev.start, "is_replica", ev.replica,
+		"ip", ev.ip, "ssl_port", ev.sslPort, "sessions_to_move", n)
+}
+
+// move moves the session to a new upstream connection at its next safe point, ahead of an announced close
+// (see above). It returns an error only for a failure of the old connection; a session that can't move
+// stays, and one that can't move yet (MULTI open, replies before a blocked command) tries again a second
+// later.
+func (s *session) move() error {
+	c := &s.cl
+	c.want.move = false
+	if c.upSince > s.srv.maintAt.Load() {
+		return nil // on a connection opened since the announcement (a reconnect after the close came first)
+	}
+	tok, _ := s.srv.opts.Tokens.Current()
+	switch {
+	case c.hold.holding():
+		return s.moveBlocked(tok)
+	case c.tx.open() || c.stream.active:
+		s.retryLater(pokeMove) // after EXEC
+		return nil
+	case s.resp2Sub.Load():
+		s.srv.obs.Mechanism("maintenance_handover")
+		return s.handover(tok)
+	case !s.led.waitIdle(handoverTimeout):
+		return nil // replies still flowing: left to the reconnect after the close
+	case !s.canMove():
+		return nil
+	}
+	return s.switchUpstream()
+}
+
+// moveBlocked moves a session blocked in a command: CLIENT UNBLOCK ... TIMEOUT from a control connection, as
+// at a token's deadline (rescue.go); if the command timed out rather than got data, the session moves and
+// the same command is sent again on the new upstream with the time that was left (on the old one if the
+// move failed). If data won the race, the client gets it, and the move is tried again at the next turn.
+func (s *session) moveBlocked(tok Token) error {
+	c := &s.cl
+	b := c.hold.cmd
+	if s.led.len() != 1 {
+		s.retryLater(pokeMove) // replies before it still due
+		return nil
+	}
+	if !s.canMove() {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(s.srv.ctx, handoverTimeout)
+	defer cancel()
+	res, ok := s.awaitUnblock(ctx, tok, b)
+	switch {
+	case !ok:
+		return nil // logged: it stays blocked, and the close ends it
+	case !res.reissue:
+		c.want.move = true // the reply passes to the client; then the safe point comes
+		return nil
+	}
+	s.led.waitIdle(handoverTimeout) // the hidden timeout reply settles
+	if err := s.switchUpstream(); err != nil {
+		return err
+	}
+	nb := b.again(res.remaining)
+	c.out = resp.AppendCommand(c.out, nb.args...)
+	s.expect(entry{act: actForward, cmd: lookup([]byte(nb.args[0])).idx, start: s.srv.now(), blk: nb})
+	c.hold.cmd = nb
+	s.srv.obs.Mechanism("unblock_reissue")
+	return s.flush()
+}
+
+// canMove reports whether the session's state allows a move (logged and counted when not).
+func (s *session) canMove() bool {
+	why := s.unmovable()
+	if why != "" {
+		s.srv.obs.Mechanism("maintenance_unmoved")
+		s.log.Debug("not moved ahead of the maintenance; the reconnect after the close will handle it", "reason", why)
+	}
+	return why == ""
+}
+
+// switchUpstream moves the session, at a safe point with nothing that pushes, to a new upstream with its
+// state restored; the old one is closed after the reply loop left it. When no new upstream can be set up
+// (logged), the session stays on the old one.
+func (s *session) switchUpstream() error {
+	c := &s.cl
+	p, buf, err := s.redial(time.Now().Add(s.srv.opts.DialTimeout))
+	if err != nil {
+		s.srv.obs.Mechanism("maintenance_unmoved")
+		s.log.Warn("could not move ahead of the maintenance; the reconnect after the close will handle it", "err", err)
+		return nil
+	}
+	if !s.led.markLost() { // only the client loop adds entries, and it waited for them: cannot happen
+		p.conn.Close()
+		s.srv.obs.UpstreamClosed()
+		return errors.New("maintenance move: not at a safe point")
+	}
+	// The reply loop stops reading the old connection between frames, then takes the new one.
+	old, oldID := c.up, s.upID.Load()
+	s.moving.Store(true)
+	old.SetReadDeadline(pokeTime)
+	err = s.takeOver(p, buf)
+	s.moving.Store(false)
+	s.dropConn(old)
+	old.Close()
+	s.srv.obs.UpstreamClosed()
+	if err != nil {
+		return err
+	}
+	s.srv.obs.Mechanism("maintenance_move")
+	s.log.Debug("moved to a new upstream ahead of the maintenance", "upstream_client_id", p.id, "old_upstream_client_id", oldID)
+	return nil
+}
+
+// unmovable says why a session at a safe point can't move ahead of a maintenance, or "" when it can: the
+// old connection must be silent while the reply loop leaves it, and the state restorable.
+func (s *session) unmovable() string {
+	switch {
+	case s.rl.monitor:
+		return "MONITOR"
+	case s.subs.total() > 0:
+		return "RESP3 subscriptions"
+	case s.carry.snapshot().tracking != "":
+		return "CLIENT TRACKING"
+	}
+	return s.unrestorable(false)
+}

@@ -1,0 +1,299 @@
+package proxy_test
+
+import (
+	"context"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/entra-redis-proxy/entra-redis-proxy/internal/azurefake"
+	"github.com/entra-redis-proxy/entra-redis-proxy/proxy"
+)
+
+// restoredObserver tells the test each time a session was restored on a new upstream, and counts the
+// other outcomes of a lost upstream.
+type restoredObserver struct {
+	diffObserver
+	restored chan struct{}
+}
+
+func newRestoredObserver() *restoredObserver {
+	return &restoredObserver{diffObserver: diffObserver{counts: map[string]int{}}, restored: make(chan struct{}, 64)}
+}
+
+func (o *restoredObserver) Announcement(kind string) { o.diffObserver.add("announce_" + kind) }
+
+func (o *restoredObserver) Mechanism(name string) {
+	o.diffObserver.Mechanism(name)
+	if name == "reconnect_restored" {
+		o.restored <- struct{}{}
+	}
+}
+
+// await waits for n restored sessions.
+func (o *restoredObserver) await(t *testing.T, n int) {
+	t.Helper()
+	timeout := time.After(20 * time.Second)
+	for i := range n {
+		select {
+		case <-o.restored:
+		case <-timeout:
+			t.Fatalf("%d of %d sessions restored within 20 s (proxy events: %s)", i, n, o.String())
+		}
+	}
+}
+
+// reconnectClients are clients of every kind, each on its own proxied connection, with state set before an
+// upstream close: go-redis RESP2 and RESP3 with a database and a name, RESP2 and RESP3 subscribers, a raw
+// client inside MULTI, and one blocked in BLPOP.
+type reconnectClients struct {
+	kv   [2]*redis.Client // RESP2, RESP3
+	subs [2]*redis.PubSub
+	tx   *raw
+	blk  *raw
+}
+
+// reconnectFixture is a proxy with reconnects on (30 s) and maintenance announcements heard, and an
+// observer of their outcomes; tokens live for lifetime (0: the fixture's default, no rotation in a test).
+func reconnectFixture(t *testing.T, lifetime time.Duration) (*fixture, *restoredObserver) {
+	obs := newRestoredObserver()
+	f := newFixture(t, fixtureOpts{lifetime: lifetime, proxyOpt: func(o *proxy.Options) {
+		o.Observer, o.ReconnectTimeout, o.MaintenanceEvents = obs, 30*time.Second, true
+	}})
+	select {
+	case <-proxy.EventsListening(f.srv):
+	case <-time.After(10 * time.Second):
+		t.Fatal("the proxy did not subscribe to AzureRedisEvents within 10 s")
+	}
+	return f, obs
+}
+
+func (f *fixture) reconnectClients(t *testing.T, ctx context.Context) *reconnectClients {
+	t.Helper()
+	var cs reconnectClients
+	for i, proto := range []int{2, 3} {
+		c := redis.NewClient(&redis.Options{Addr: f.addr, Protocol: proto, PoolSize: 1, MaxRetries: -1, DB: 3,
+			ClientName: "app" + strconv.Itoa(proto), ReadTimeout: 10 * time.Second, DisableIdentity: true})
+		t.Cleanup(func() { c.Close() })
+		if _, err := c.Pipelined(ctx, func(p redis.Pipeliner) error {
+			p.Set(ctx, "rc:k"+strconv.Itoa(proto), "before", 0)
+			p.Get(ctx, "rc:k"+strconv.Itoa(proto))
+			return nil
+		}); err != nil {
+			t.Fatalf("RESP%d pipeline before: %v", proto, err)
+		}
+		cs.kv[i] = c
+		ps := c.Subscribe(ctx, "rc:seq")
+		t.Cleanup(func() { ps.Close() })
+		if _, err := ps.Receive(ctx); err != nil {
+			t.Fatalf("RESP%d subscribe: %v", proto, err)
+		}
+		cs.subs[i] = ps
+	}
+	cs.tx = f.raw(t)
+	cs.tx.send("SELECT 5", "MULTI", "SET rc:tx inside", "INCR rc:n")
+	cs.tx.expect("+OK\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n")
+	cs.blk = f.raw(t)
+	cs.blk.send("PING", "BLPOP rc:never 0") // one batch: once PONG is here, BLPOP was sent upstream
+	cs.blk.expect("+PONG\r\n")
+	return &cs
+}
+
+// publish publishes the sequence numbers from..to-1 on rc:seq from a direct connection.
+func (f *fixture) publish(t *testing.T, ctx context.Context, from, to int) {
+	t.Helper()
+	for i := from; i < to; i++ {
+		if _, err := f.env.Admin(ctx, "PUBLISH", "rc:seq", strconv.Itoa(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// receive reads the sequence numbers from..to-1 from each subscriber: each once, in order.
+func (cs *reconnectClients) receive(t *testing.T, ctx context.Context, from, to int) {
+	t.Helper()
+	for i, ps := range cs.subs {
+		for want := from; want < to; want++ {
+			m, err := ps.ReceiveMessage(ctx)
+			if err != nil {
+				t.Fatalf("RESP%d subscriber, message %d: %v", i+2, want, err)
+			}
+			if m.Payload != strconv.Itoa(want) {
+				t.Fatalf("RESP%d subscriber: got %q, want %d (lost or duplicated)", i+2, m.Payload, want)
+			}
+		}
+	}
+}
+
+// check verifies, once every session with nothing outstanding was restored, that each client's state is
+// what it would be had the upstream not closed: messages published after the restore arrive once, in order;
+// writes land in the selected database; names are kept; the open transaction runs once; and the client
+// blocked in BLPOP is closed (its command's outcome unknown), or, moved ahead of an announced close, gets the
+// element pushed after it.
+func (cs *reconnectClients) check(t *testing.T, ctx context.Context, f *fixture, obs *restoredObserver, restored int, events string, blockedSurvives bool) {
+	t.Helper()
+	obs.await(t, restored)
+	const n = 50
+	f.publish(t, ctx, n, 2*n)
+	cs.receive(t, ctx, n, 2*n)
+	user, pass := f.env.AdminCredentials()
+	db3 := redis.NewClient(&redis.Options{Addr: f.env.RedisAddr, Username: user, Password: pass, DB: 3,
+		TLSConfig: f.env.ClientTLSConfig(), DisableIdentity: true})
+	defer db3.Close()
+	for i, c := range cs.kv {
+		proto := strconv.Itoa(i + 2)
+		cmds, err := c.Pipelined(ctx, func(p redis.Pipeliner) error {
+			p.Set(ctx, "rc:after"+proto, "v", 0)
+			p.ClientGetName(ctx)
+			return nil
+		})
+		if err != nil {
+			t.Fatalf("RESP%s pipeline after: %v", proto, err)
+		}
+		if got := cmds[1].(*redis.StringCmd).Val(); got != "app"+proto {
+			t.Errorf("RESP%s: CLIENT GETNAME = %q; the name was not restored", proto, got)
+		}
+		if got, err := db3.Get(ctx, "rc:after"+proto).Result(); got != "v" {
+			t.Errorf("RESP%s: the key written after the close is not in database 3 (%q, %v)", proto, got, err)
+		}
+		if _, err := c.TxPipelined(ctx, func(p redis.Pipeliner) error {
+			p.Incr(ctx, "rc:tx"+proto)
+			return nil
+		}); err != nil {
+			t.Errorf("RESP%s MULTI/EXEC after: %v", proto, err)
+		}
+	}
+	cs.tx.send("EXEC", "GET rc:tx")
+	cs.tx.expect("*2\r\n+OK\r\n:1\r\n" + bulk("inside"))
+	if blockedSurvives { // its BLPOP 0 was unblocked and sent again on the new upstream: it still waits
+		if _, err := f.env.Admin(ctx, "RPUSH", "rc:never", "x"); err != nil {
+			t.Fatal(err)
+		}
+		cs.blk.expect("*2\r\n" + bulk("rc:never") + bulk("x"))
+	} else {
+		expectClosed(t, cs.blk, 5*time.Second)
+	}
+	if got := obs.String(); got != events {
+		t.Errorf("proxy events %q, want %q", got, events)
+	}
+}
+
+// reconnectEvents: after an unannounced close, every session but the blocked one is restored.
+const reconnectEvents = "reconnect_outstanding=1 reconnect_restored=5 tx_replay=1"
+
+// Each way a cache closes the proxy's upstream connections, with clients of every kind in every state
+// (reconnectClients) on the proxy: every session with nothing outstanding goes on, on a new upstream, with its
+// state; the blocked one is closed, unless the close was announced.
+func TestUpstreamCloses(t *testing.T) {
+	for _, tc := range []struct {
+		desc     string
+		close    func(t *testing.T, ctx context.Context, f *fixture)
+		restored int    // sessions restored after the close
+		events   string // the proxy's events in all
+		// blockedSurvives: the client blocked in BLPOP 0 is moved (announced), not closed
+		blockedSurvives bool
+	}{{
+		// CLIENT KILL of every connection of the proxy's identity, as a failover closes them all at once.
+		desc: "CLIENT KILL", restored: 5, events: reconnectEvents,
+		close: func(t *testing.T, ctx context.Context, f *fixture) {
+			if _, err := f.env.Admin(ctx, "CLIENT", "KILL", "USER", f.currentOID()); err != nil {
+				t.Fatal(err)
+			}
+		},
+	}, {
+		// redis-server restarted on the same port (its data set lost: no persistence).
+		desc: "restart", restored: 5, events: reconnectEvents,
+		close: func(t *testing.T, ctx context.Context, f *fixture) {
+			if err := f.env.StopRedis(); err != nil {
+				t.Fatal(err)
+			}
+			if err := f.env.StartRedis(ctx); err != nil {
+				t.Fatal(err)
+			}
+		},
+	}, {
+		// An announced maintenance of the primary (the node closes, after NodeMaintenanceStart, every
+		// connection it had then): the idle sessions, the RESP2 subscriber and the blocked one (unblocked,
+		// then its command sent again) move before the close; the RESP3 subscriber (which can't move
+		// exactly) and the session inside MULTI (which moves after EXEC) are restored after it. Every
+		// announcement is counted once, though the control connection itself is closed and dialed again.
+		desc: "announced maintenance", restored: 2, blockedSurvives: true,
+		events: "announce_NodeMaintenanceEnded=1 announce_NodeMaintenanceFailoverComplete=1 " +
+			"announce_NodeMaintenanceScheduled=1 announce_NodeMaintenanceStart=1 announce_NodeMaintenanceStarting=1 " +
+			"handover=1 maintenance_handover=1 maintenance_move=3 maintenance_unmoved=1 reconnect_restored=2 " +
+			"tx_replay=1 unblock_reissue=1",
+		close: func(t *testing.T, ctx context.Context, f *fixture) {
+			if err := f.env.RunMaintenance(ctx, azurefake.Maintenance{Starting: 100 * time.Millisecond,
+				Close: time.Second, Failover: time.Second}); err != nil {
+				t.Fatal(err)
+			}
+		},
+	}} {
+		t.Run(tc.desc, func(t *testing.T) {
+			f, obs := reconnectFixture(t, 0)
+			ctx := t.Context()
+			cs := f.reconnectClients(t, ctx)
+			f.publish(t, ctx, 0, 50)
+			cs.receive(t, ctx, 0, 50)
+			tc.close(t, ctx, f)
+			cs.check(t, ctx, f, obs, tc.restored, tc.events, tc.blockedSurvives)
+		})
+	}
+}
+
+// Three announced maintenances in a row, with tokens rotating meanwhile (3 s tokens): every client keeps
+// working without an error, subscribers get every message published between maintenances once and in
+// order, and the client blocked in BLPOP 0 gets each element once.
+//
+// The close comes 1 s after NodeMaintenanceStart (Azure: up to 5 s): a RESP2 subscriber's handover still in
+// progress when its old connection closes can't be completed exactly, and its client is closed.
+func TestMaintenancesAndRotations(t *testing.T) {
+	f, obs := reconnectFixture(t, 3*time.Second)
+	ctx := t.Context()
+	cs := f.reconnectClients(t, ctx)
+	minted := f.minted()
+	const n = 20
+	for round := range 3 {
+		if err := f.env.RunMaintenance(ctx, azurefake.Maintenance{Starting: 100 * time.Millisecond,
+			Close: time.Second, Failover: 300 * time.Millisecond}); err != nil {
+			t.Fatal(err)
+		}
+		obs.await(t, 1) // the RESP3 subscriber, restored after the close; the others moved before it
+		f.publish(t, ctx, round*n, (round+1)*n)
+		cs.receive(t, ctx, round*n, (round+1)*n)
+		for i, c := range cs.kv {
+			if _, err := c.TxPipelined(ctx, func(p redis.Pipeliner) error {
+				p.Incr(ctx, "rc:rounds"+strconv.Itoa(i))
+				return nil
+			}); err != nil {
+				t.Fatalf("round %d, RESP%d: %v", round, i+2, err)
+			}
+		}
+		v := "e" + strconv.Itoa(round)
+		if _, err := f.env.Admin(ctx, "RPUSH", "rc:never", v); err != nil {
+			t.Fatal(err)
+		}
+		cs.blk.expect("*2\r\n" + bulk("rc:never") + bulk(v))
+		if round < 2 {
+			cs.blk.send("PING", "BLPOP rc:never 0") // blocked again before the next maintenance
+			cs.blk.expect("+PONG\r\n")
+		}
+	}
+	for i, c := range cs.kv {
+		if got, err := c.Get(ctx, "rc:rounds"+strconv.Itoa(i)).Result(); err != nil || got != "3" {
+			t.Errorf("RESP%d: 3 transactions ran %q times (%v)", i+2, got, err)
+		}
+	}
+	if f.minted() <= minted {
+		t.Error("no token rotation during the maintenances")
+	}
+	for _, bad := range []string{"reconnect_outstanding", "reconnect_unrestorable", "reconnect_failed", "unblock_missed"} {
+		if strings.Contains(obs.String(), bad) {
+			t.Errorf("proxy events %q include %s", obs.String(), bad)
+		}
+	}
+	t.Logf("proxy events: %s", obs.String())
+}

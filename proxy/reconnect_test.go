@@ -1,0 +1,383 @@
+package proxy_test
+
+import (
+	"errors"
+	"io"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/entra-redis-proxy/entra-redis-proxy/proxy"
+)
+
+// Deterministic tests of the reconnect after an unplanned upstream close (reconnect.go), over the scripted
+// fake upstream: the fake closes the session's upstream connection (as CLIENT KILL or a failover would),
+// and the client must see exactly what it would have seen had that not happened, or, where that can't be
+// promised, have its connection closed as before, counted.
+
+// reconnectEnv is a pipeEnv whose fake also answers the commands whose state a reconnect restores.
+func reconnectEnv(t *testing.T) (*pipeEnv, *diffObserver) {
+	obs := &diffObserver{counts: map[string]int{}}
+	e := newPipeEnv(t, func(o *proxy.Options) { o.Observer, o.ReconnectTimeout = obs, 30*time.Second })
+	scriptReconnect(e.fake)
+	return e, obs
+}
+
+// reconnectApp is a reconnectEnv with one client, which sent before and got the replies.
+func reconnectApp(t *testing.T, before [][]string) (*pipeEnv, *diffObserver, *pipeClient) {
+	e, obs := reconnectEnv(t)
+	c := e.connect("app")
+	c.send(before...)
+	synctest.Wait()
+	return e, obs, c
+}
+
+// scriptReconnect scripts the fake to answer the commands whose state a reconnect restores.
+func scriptReconnect(f *fakeUpstream) {
+	ok := func(c *fakeConn, _ []string) { c.reply("+OK\r\n") }
+	for _, name := range []string{"SELECT", "READONLY", "WATCH"} {
+		f.handle(name, ok)
+	}
+	f.handle("CLIENT", func(c *fakeConn, args []string) {
+		switch strings.ToUpper(args[1]) {
+		case "ID":
+			c.reply(":" + strconv.FormatInt(c.id, 10) + "\r\n")
+		case "SETNAME", "TRACKING":
+			c.reply("+OK\r\n")
+		case "UNBLOCK":
+			c.unblock(args)
+		default:
+			c.reply("-ERR not scripted\r\n")
+		}
+	})
+	for _, name := range []string{"SUBSCRIBE", "PSUBSCRIBE"} {
+		f.handle(name, func(c *fakeConn, args []string) {
+			for i, ch := range args[1:] {
+				c.reply(pubsubFrame(c.proto, strings.ToLower(name), ch, ":"+strconv.Itoa(i+1)+"\r\n"))
+			}
+		})
+	}
+}
+
+// pubsubFrame is a pub/sub confirmation or message: kind, channel, and the last element as RESP.
+func pubsubFrame(proto int, kind, channel, last string) string {
+	head := "*3\r\n"
+	if proto == 3 {
+		head = ">3\r\n"
+	}
+	return head + bulkOf(kind) + bulkOf(channel) + last
+}
+
+// kill closes the session's current upstream connection from the server's side.
+func (e *pipeEnv) kill() {
+	conns := e.fake.Conns()
+	conns[len(conns)-1].closeWith("killed by the test")
+	synctest.Wait()
+}
+
+// expectMechanisms fails the test unless the proxy's mechanism counts are exactly want.
+func expectMechanisms(t *testing.T, obs *diffObserver, want string) {
+	t.Helper()
+	if got := obs.String(); got != want {
+		t.Errorf("mechanisms: got %q, want %q", got, want)
+	}
+}
+
+func TestReconnectRestoresState(t *testing.T) {
+	for _, tc := range []struct {
+		desc   string
+		before [][]string // sent and answered before the kill
+		want   string     // what the client gets for them
+		// restored: what the new upstream receives after its handshake, before after is sent
+		restored []string
+		after    [][]string
+		wantEnd  string // what the client gets in all
+		mechs    string
+		// push, if set, is written by the new upstream after the commands in after (a published message)
+		push string
+	}{{
+		desc:     "database, name and READONLY",
+		before:   [][]string{cmd("SELECT", "2"), cmd("CLIENT", "SETNAME", "app"), cmd("READONLY")},
+		want:     "+OK\r\n+OK\r\n+OK\r\n",
+		restored: []string{"SELECT 2", "CLIENT SETNAME app", "READONLY"},
+		after:    [][]string{cmd("PING")},
+		wantEnd:  "+OK\r\n+OK\r\n+OK\r\n+PONG\r\n",
+		mechs:    "reconnect_restored=1",
+	}, {
+		desc:     "RESP2 subscriber",
+		before:   [][]string{cmd("SUBSCRIBE", "a"), cmd("PSUBSCRIBE", "p*")},
+		want:     pubsubFrame(2, "subscribe", "a", ":1\r\n") + pubsubFrame(2, "psubscribe", "p*", ":1\r\n"),
+		restored: []string{"SUBSCRIBE a", "PSUBSCRIBE p*"},
+		push:     pubsubFrame(2, "message", "a", bulkOf("after")),
+		wantEnd: pubsubFrame(2, "subscribe", "a", ":1\r\n") + pubsubFrame(2, "psubscribe", "p*", ":1\r\n") +
+			pubsubFrame(2, "message", "a", bulkOf("after")),
+		mechs: "reconnect_restored=1",
+	}, {
+		desc:     "RESP3 with tracking: the client's cache is told to drop everything",
+		before:   [][]string{cmd("HELLO", "3"), cmd("CLIENT", "TRACKING", "on")},
+		want:     "%1\r\n+proto\r\n:3\r\n+OK\r\n",
+		restored: []string{"HELLO 3", "CLIENT TRACKING on"},
+		after:    [][]string{cmd("PING")},
+		wantEnd:  "%1\r\n+proto\r\n:3\r\n+OK\r\n" + ">2\r\n$10\r\ninvalidate\r\n_\r\n" + "+PONG\r\n",
+		mechs:    "reconnect_restored=1",
+	}, {
+		desc:     "open MULTI, replayed",
+		before:   [][]string{cmd("MULTI"), cmd("PING"), cmd("ECHO", "x")},
+		want:     "+OK\r\n+QUEUED\r\n+QUEUED\r\n",
+		restored: []string{"MULTI", "PING", "ECHO x"},
+		after:    [][]string{cmd("EXEC")},
+		wantEnd:  "+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n+PONG\r\n" + bulkOf("x"),
+		mechs:    "reconnect_restored=1 tx_replay=1",
+	}, {
+		desc:    "open MULTI with WATCH: EXEC answers null, nothing runs",
+		before:  [][]string{cmd("WATCH", "k"), cmd("MULTI"), cmd("PING")},
+		want:    "+OK\r\n+OK\r\n+QUEUED\r\n",
+		after:   [][]string{cmd("ECHO", "x"), cmd("EXEC"), cmd("PING")},
+		wantEnd: "+OK\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n*-1\r\n+PONG\r\n",
+		// The proxy answers the aborted transaction itself (its place held by PINGs).
+		restored: nil,
+		mechs:    "reconnect_restored=1 tx_abort=1",
+	}, {
+		desc:     "a reply after the command SKIP silenced shows it ran",
+		before:   [][]string{cmd("CLIENT", "REPLY", "SKIP"), cmd("ECHO", "a"), cmd("ECHO", "b")},
+		want:     bulkOf("b"),
+		restored: nil,
+		after:    [][]string{cmd("PING")},
+		wantEnd:  bulkOf("b") + "+PONG\r\n",
+		mechs:    "reconnect_restored=1",
+	}, {
+		desc:    "WATCH outside MULTI: the next transaction is aborted, the one after it runs",
+		before:  [][]string{cmd("WATCH", "k")},
+		want:    "+OK\r\n",
+		after:   [][]string{cmd("MULTI"), cmd("PING"), cmd("EXEC"), cmd("MULTI"), cmd("PING"), cmd("EXEC")},
+		wantEnd: "+OK\r\n" + "+OK\r\n+QUEUED\r\n*-1\r\n" + "+OK\r\n+QUEUED\r\n*1\r\n+PONG\r\n",
+		// The proxy answers the first transaction itself, its place held by PINGs.
+		restored: nil,
+		mechs:    "reconnect_restored=1 tx_abort=1",
+	}, {
+		desc:     "CLIENT REPLY SKIP not yet spent",
+		before:   [][]string{cmd("ECHO", "a"), cmd("CLIENT", "REPLY", "SKIP")},
+		want:     bulkOf("a"),
+		restored: []string{"CLIENT REPLY SKIP"},
+		after:    [][]string{cmd("ECHO", "b"), cmd("ECHO", "c")},
+		wantEnd:  bulkOf("a") + bulkOf("c"),
+		mechs:    "reconnect_restored=1",
+	}} {
+		t.Run(tc.desc, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				e, obs, c := reconnectApp(t, tc.before)
+				c.expect("before the kill", tc.want)
+				e.kill()
+				c.expectOpen("after the kill")
+				conns := e.fake.Conns()
+				if len(conns) != 2 {
+					t.Fatalf("%d upstream connections, want the first and one new one", len(conns))
+				}
+				up := conns[1]
+				expectCommands(t, up, "the state restored on the new upstream", append(handshake(1), tc.restored...)...)
+				c.send(tc.after...)
+				synctest.Wait()
+				if tc.push != "" {
+					up.write([]byte(tc.push))
+					synctest.Wait()
+				}
+				c.expect("in all", tc.wantEnd)
+				c.expectOpen("at the end")
+				expectMechanisms(t, obs, tc.mechs)
+			})
+		})
+	}
+}
+
+// A client connection whose state can't be restored exactly is closed, as it was before reconnects, and
+// counted; a command in flight is never sent again.
+func TestReconnectCloses(t *testing.T) {
+	for _, tc := range []struct {
+		desc   string
+		before [][]string
+		want   string
+		down   bool // no new upstream can be dialed
+		mechs  string
+	}{
+		{"reply outstanding (blocked)", [][]string{cmd("PING"), cmd("BLPOP", "k", "0")}, "+PONG\r\n", false, "reconnect_outstanding=1"},
+		{"MONITOR", [][]string{cmd("MONITOR")}, "+OK\r\n", false, "reconnect_unrestorable=1"},
+		{"CLIENT REPLY OFF", [][]string{cmd("CLIENT", "REPLY", "OFF"), cmd("PING")}, "", false, "reconnect_unrestorable=1"},
+		{"a command whose reply SKIP silenced, none asked for since", [][]string{cmd("CLIENT", "REPLY", "SKIP"), cmd("ECHO", "a")},
+			"", false, "reconnect_unrestorable=1"},
+		{"no upstream within ReconnectTimeout", [][]string{cmd("PING")}, "+PONG\r\n", true, "reconnect_failed=1"},
+	} {
+		t.Run(tc.desc, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				e, obs, c := reconnectApp(t, tc.before)
+				e.fake.setDown(tc.down)
+				e.kill()
+				time.Sleep(31 * time.Second) // past ReconnectTimeout (30 s)
+				synctest.Wait()
+				c.expect("what the client got", tc.want)
+				if err, _ := c.ended(); !errors.Is(err, io.EOF) {
+					t.Errorf("the client connection was not closed: %v", err)
+				}
+				if n := len(e.fake.Conns()); !tc.down && n != 1 {
+					t.Errorf("%d upstream connections: nothing may be dialed, let alone sent again", n)
+				}
+				expectMechanisms(t, obs, tc.mechs)
+			})
+		})
+	}
+}
+
+// Commands that arrive while the upstream is being dialed again wait, and run once, on the new upstream.
+func TestReconnectHoldsCommands(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		e, obs := reconnectEnv(t)
+		c := e.connect("app")
+		c.send(cmd("SELECT", "1"))
+		synctest.Wait()
+		e.fake.setDown(true)
+		e.kill()
+		// The proxy reads nothing while it reconnects; a pipe, unlike a socket, has no buffer to hold the
+		// commands meanwhile, so they are written from another goroutine.
+		go c.send(cmd("ECHO", "waited"), cmd("PING"))
+		time.Sleep(5 * time.Second)
+		synctest.Wait()
+		c.expect("while no upstream can be dialed", "+OK\r\n")
+		c.expectOpen("while no upstream can be dialed")
+		e.fake.setDown(false)
+		time.Sleep(3 * time.Second) // more than the longest backoff
+		synctest.Wait()
+		c.expect("once an upstream could be dialed", "+OK\r\n"+bulkOf("waited")+"+PONG\r\n")
+		conns := e.fake.Conns()
+		expectCommands(t, conns[0], "the first upstream", append(handshake(1), "SELECT 1")...)
+		expectCommands(t, conns[len(conns)-1], "the new upstream", append(handshake(1), "SELECT 1", "ECHO waited", "PING")...)
+		expectMechanisms(t, obs, "reconnect_restored=1")
+	})
+}
+
+// azureEvent is an AzureRedisEvents message as Azure publishes it, as a RESP2 pub/sub message.
+func azureEventMessage(kind string, replica bool) string {
+	msg := "NotificationType|" + kind + "|StartTimeInUTC||IsReplica|" + map[bool]string{false: "False", true: "True"}[replica] +
+		"|IPAddress|10.0.0.4|SSLPort|15001|NonSSLPort|13001"
+	return pubsubFrame(2, "message", "AzureRedisEvents", bulkOf(msg))
+}
+
+// closedByProxy reports whether the proxy closed its end of upstream conn c.
+func closedByProxy(c *fakeConn) bool {
+	select {
+	case <-c.gone:
+		return true
+	default:
+		return false
+	}
+}
+
+// maintenanceEnv is a reconnectEnv that hears maintenance announcements; it returns the control connection
+// subscribed to AzureRedisEvents, on which the test publishes them.
+func maintenanceEnv(t *testing.T) (*pipeEnv, *diffObserver, *fakeConn) {
+	obs := &diffObserver{counts: map[string]int{}}
+	e := newPipeEnv(t, func(o *proxy.Options) {
+		o.Observer, o.ReconnectTimeout, o.MaintenanceEvents = obs, 30*time.Second, true
+		scriptReconnect(o.Dialer.(*fakeUpstream)) // before the server subscribes
+	})
+	synctest.Wait()
+	for _, c := range e.fake.Conns() {
+		if slices.Contains(c.Commands(), "SUBSCRIBE AzureRedisEvents") {
+			return e, obs, c
+		}
+	}
+	t.Fatal("no control connection subscribed to AzureRedisEvents")
+	return nil, nil, nil
+}
+
+// At NodeMaintenanceStart (of a primary), sessions move to new upstream connections at their next safe
+// point, before the node closes the old ones: the old connection is closed by the proxy only after the new
+// one took over; a session inside MULTI moves after EXEC. Other announcements, and a replica's, move nothing.
+func TestMaintenanceMovesSessions(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		e, obs, events := maintenanceEnv(t)
+		kv := e.connect("kv")
+		kv.send(cmd("SELECT", "2"), cmd("ECHO", "before"))
+		tx := e.connect("tx")
+		tx.send(cmd("MULTI"), cmd("PING"))
+		blk := e.connect("blk")
+		blk.send(cmd("BLPOP", "k", "0"))
+		synctest.Wait()
+		conns := e.fake.Conns()
+		kvUp, txUp, blkUp := conns[len(conns)-3], conns[len(conns)-2], conns[len(conns)-1]
+
+		events.write([]byte(azureEventMessage("NodeMaintenanceStarting", false)))
+		events.write([]byte(azureEventMessage("NodeMaintenanceStart", true)))
+		synctest.Wait()
+		if n := len(e.fake.Conns()); n != len(conns) {
+			t.Fatalf("%d new upstream connections after Starting and a replica's Start; want none", n-len(conns))
+		}
+		events.write([]byte(azureEventMessage("NodeMaintenanceStart", false)))
+		synctest.Wait()
+		if !closedByProxy(kvUp) {
+			t.Error("the idle session's old upstream was not closed after the move")
+		}
+		if closedByProxy(txUp) {
+			t.Error("the session inside MULTI moved before EXEC")
+		}
+		if !closedByProxy(blkUp) {
+			t.Error("the blocked session's old upstream was not closed after the move")
+		}
+		kv.send(cmd("ECHO", "after"))
+		tx.send(cmd("EXEC"))
+		time.Sleep(2 * time.Second) // the move inside MULTI is tried again each second
+		synctest.Wait()
+		if !closedByProxy(txUp) {
+			t.Error("the session that was inside MULTI did not move after EXEC")
+		}
+		e.fake.push("k", "v")
+		synctest.Wait()
+		kv.expect("kv", "+OK\r\n"+bulkOf("before")+bulkOf("after"))
+		tx.expect("tx", "+OK\r\n+QUEUED\r\n*1\r\n+PONG\r\n")
+		blk.expect("blk: the element pushed after the move, once", "*2\r\n"+bulkOf("k")+bulkOf("v"))
+		// Dialed after the announcement: kv's, blk's and tx's new upstreams, and CLIENT UNBLOCK's control
+		// connection, in an order that depends on scheduling.
+		var got []string
+		for _, c := range e.fake.Conns()[len(conns):] {
+			got = append(got, strings.Join(c.Commands(), ", "))
+		}
+		slices.Sort(got)
+		hs := strings.Join(handshake(1), ", ")
+		want := []string{hs, hs + ", BLPOP k 0", hs + ", CLIENT UNBLOCK " + strconv.FormatInt(blkUp.id, 10) + " TIMEOUT",
+			hs + ", SELECT 2, ECHO after"}
+		if !slices.Equal(got, want) {
+			t.Errorf("connections dialed after the announcement received:\n got  %q\n want %q", got, want)
+		}
+		expectMechanisms(t, obs, "maintenance_move=3 unblock_reissue=1")
+		blk.expectOpen("blk")
+		kv.expectOpen("kv")
+		tx.expectOpen("tx")
+	})
+}
+
+// From NodeMaintenanceStarting to NodeMaintenanceEnded a reply may stop halfway for longer than
+// StallTimeout (4 times) without its connection being closed; after Ended the usual limit applies again.
+func TestMaintenanceRelaxesStallLimit(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		e, _, events := maintenanceEnv(t)
+		reply := bulkOf("a value that arrives in two pieces")
+		splitReply(e.fake, reply, len(reply), 2*pipeStall) // the second piece 2 StallTimeouts after the first
+		// announced publishes kind, then runs a client whose GET's reply stops halfway for 2 StallTimeouts.
+		announced := func(kind string) *pipeClient {
+			events.write([]byte(azureEventMessage(kind, false)))
+			synctest.Wait()
+			c := e.connect(kind)
+			c.send(cmd("GET", "split:5"))
+			time.Sleep(3 * pipeStall)
+			synctest.Wait()
+			return c
+		}
+		c := announced("NodeMaintenanceStarting")
+		c.expect("a reply that stopped halfway for 2 StallTimeouts during the maintenance", reply)
+		c.expectOpen("during the maintenance")
+		if err, _ := announced("NodeMaintenanceEnded").ended(); err == nil {
+			t.Error("after NodeMaintenanceEnded, a reply that stopped halfway for 2 StallTimeouts did not close the connection")
+		}
+	})
+}
