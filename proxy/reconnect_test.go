@@ -250,7 +250,7 @@ func TestReconnectHoldsCommands(t *testing.T) {
 		synctest.Wait()
 		c.expect("once an upstream could be dialed", "+OK\r\n"+bulkOf("waited")+"+PONG\r\n")
 		conns := e.fake.Conns()
-		expectCommands(t, conns[0], "the first upstream", append(handshake(1), "SELECT 1")...)
+		expectCommands(t, conns[0], "the first upstream", append(firstHandshake(), "SELECT 1")...)
 		expectCommands(t, conns[len(conns)-1], "the new upstream", append(handshake(1), "SELECT 1", "ECHO waited", "PING")...)
 		expectMechanisms(t, obs, "reconnect_restored=1")
 	})
