@@ -17,15 +17,14 @@ import (
 // clientLoop reads the client's commands and writes them upstream until either side fails or the client
 // leaves (QUIT, EOF), after every reply it asked for has reached it.
 func (s *session) clientLoop() error {
-	var b readBuf
-	defer b.release()
+	b := &s.cl.in // holds what the client sent after its AUTH, if preAuth ran; finish releases it
 	c := &s.cl
 	c.stream.scan = resp.Scanner{Commands: true, MaxBulk: s.srv.opts.MaxBulk}
-	c.authed = s.srv.opts.LocalPassword == ""
+	c.authed = c.authed || s.srv.opts.LocalPassword == ""
 	c.parser.MaxBulk = s.srv.opts.MaxBulk
 	eof := false
 	for {
-		if err := s.handleCommands(&b); err != nil {
+		if err := s.handleCommands(b); err != nil {
 			return err
 		}
 		if c.want.auth || c.want.ping || c.want.deadline {
@@ -265,7 +264,7 @@ func (s *session) handleCommand(cmd resp.Command, now int64) {
 		s.abortedTx(info, e)
 		return
 	case !c.authed && info.sp != spAuth && info.sp != spHello && info.sp != spQuit:
-		e.text = "-NOAUTH Authentication required.\r\n"
+		e.text = noAuth
 		s.local(e)
 		return
 	}
@@ -295,16 +294,23 @@ func (s *session) forward(cmd resp.Command, e entry) {
 
 // onAuth answers the client's AUTH itself: the client's credentials never reach Azure.
 func (s *session) onAuth(cmd resp.Command, e entry) {
-	args := cmd.Args
-	switch {
-	case len(args) != 2 && len(args) != 3:
-		e.text = "-ERR wrong number of arguments for 'auth' command\r\n"
-	case s.localAuth(args[len(args)-1]):
-		e.text = "+OK\r\n"
-	default:
-		e.text = wrongPass
-	}
+	e.text = s.authReply(cmd.Args)
 	s.local(e)
+}
+
+const authOK = "+OK\r\n"
+
+// authReply is the answer to a client's AUTH, as redis words it.
+func (s *session) authReply(args [][]byte) string {
+	switch {
+	case len(args) < 2:
+		return "-ERR wrong number of arguments for 'auth' command\r\n"
+	case len(args) > 3:
+		return "-ERR syntax error\r\n"
+	case s.localAuth(args[len(args)-1]):
+		return authOK
+	}
+	return wrongPass
 }
 
 // onHello forwards HELLO without its AUTH option; the reply sets the protocol.
@@ -315,7 +321,7 @@ func (s *session) onHello(cmd resp.Command, e entry) {
 		s.local(e)
 		return
 	} else if i < 0 && !s.cl.authed {
-		e.text = "-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n"
+		e.text = noAuthHello
 		s.local(e)
 		return
 	}
@@ -597,7 +603,8 @@ func (s *session) local(e entry) {
 const wrongPass = "-WRONGPASS invalid username-password pair or user is disabled.\r\n"
 
 // localAuth checks a password a client gave against LOCAL_PASSWORD, in constant time; without one, any
-// password is accepted (the proxy authenticates the upstream itself).
+// password is accepted (the proxy authenticates the upstream itself). A wrong one is counted, and logged
+// once a minute per client address.
 func (s *session) localAuth(password []byte) bool {
 	want := s.srv.opts.LocalPassword
 	if want == "" {
@@ -607,6 +614,7 @@ func (s *session) localAuth(password []byte) bool {
 	s.cl.authed = s.cl.authed || ok
 	if !ok {
 		s.srv.obs.ClientRejected("local_auth")
+		s.srv.authFails.add(clientHost(s.client), "client", s.client.RemoteAddr().String())
 	}
 	return ok
 }

@@ -134,23 +134,30 @@ func (s *session) upstreamReadError(err error, mid bool) error {
 		}
 		return errRecycled
 	case errors.Is(err, io.EOF):
-		s.srv.obs.UpstreamError("closed")
-		return s.lost(errUpstreamGone)
+		return s.lost("closed", errUpstreamGone)
 	case isDeadline(err):
-		s.srv.obs.UpstreamError("stalled")
-		return s.lost(fmt.Errorf("upstream reply stalled for %s", s.srv.opts.StallTimeout))
+		return s.lost("stalled", fmt.Errorf("upstream reply stalled for %s", s.srv.opts.StallTimeout))
 	}
-	s.srv.obs.UpstreamError("closed")
-	return s.lost(fmt.Errorf("read upstream: %w", err))
+	return s.lost("closed", fmt.Errorf("read upstream: %w", err))
 }
 
 // lost reports a connection the proxy is about to lose through no act of the client: always a warning, with
-// what might explain it.
-func (s *session) lost(err error) error {
+// what might explain it, and a metric of its kind. The cache closes every connection when the token expires:
+// those make one line together.
+func (s *session) lost(kind string, err error) error {
+	o := s.srv.outage()
+	if o != nil && kind == "closed" {
+		kind = "token_expired"
+	}
+	s.srv.obs.UpstreamError(kind)
 	select {
 	case <-s.done:
 		return err // the session was already closing (client gone, shutdown): not a loss
 	default:
+	}
+	if kind == "token_expired" {
+		s.srv.expiryDrops.add("", o.attrs()...)
+		return fmt.Errorf("%w: %w", err, o)
 	}
 	tok, _ := s.srv.opts.Tokens.Current()
 	s.log.Warn("upstream connection lost; closing the client connection", "err", err,

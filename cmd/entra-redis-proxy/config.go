@@ -40,6 +40,7 @@ type Config struct {
 	QuitQuitQuit      bool          `envconfig:"ENTRA_REDIS_PROXY_QUITQUITQUIT" default:"false" desc:"serve POST /quitquitquit on ADMIN_LISTEN, which starts the same shutdown as SIGTERM"`
 	LogFormat         string        `envconfig:"ENTRA_REDIS_PROXY_LOG_FORMAT" default:"text" desc:"text or json"`
 	LogLevel          string        `envconfig:"ENTRA_REDIS_PROXY_LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
+	LogConnections    bool          `envconfig:"ENTRA_REDIS_PROXY_LOG_CONNECTIONS" default:"true" desc:"log each client connection's open and close at info; false logs them at debug (lines about tokens, errors and refusals stay)"`
 	Pprof             bool          `envconfig:"ENTRA_REDIS_PROXY_PPROF" default:"false" desc:"serve /debug/pprof on ADMIN_LISTEN"`
 
 	MaxBulkBytes     ByteSize `envconfig:"ENTRA_REDIS_PROXY_MAX_BULK_BYTES" default:"512MiB" desc:"largest bulk string a client may send (like redis proto-max-bulk-len)"`
