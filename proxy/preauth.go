@@ -11,9 +11,9 @@ import (
 
 // Password guessing against LOCAL_PASSWORD: the answer to each wrong password on a connection comes later
 // than the one before (the first at once, then authFailDelay, doubling up to maxAuthFailDelay), and the
-// connection is closed after maxAuthFailures of them.
+// connection is closed after MaxAuthFailures of them.
 const (
-	maxAuthFailures  = 5
+	MaxAuthFailures  = 5 // wrong passwords a client connection may give; the last is answered, then it closes
 	authFailDelay    = 100 * time.Millisecond
 	maxAuthFailDelay = time.Second
 	// preAuthBuf bounds the buffer before AUTH: Redis reads at most 10 arguments of 16 KiB there.
@@ -87,11 +87,9 @@ func (s *session) preAuth() error {
 				out = append(out, text...)
 				continue
 			}
-			if fails++; fails >= maxAuthFailures {
+			if fails++; fails >= MaxAuthFailures {
 				s.writeLocal(append(out, text...))
-				s.srv.obs.ClientRejected("local_auth_closed")
-				s.log.Warn("closing the client connection after too many wrong LOCAL_PASSWORD attempts",
-					"client", s.client.RemoteAddr().String(), "attempts", fails)
+				s.srv.obs.ClientRejected("local_auth_closed") // (logged with the address's count: localAuth)
 				s.closeWriteAndWait()
 				return errTooManyAuthFailures
 			}
@@ -114,7 +112,9 @@ func (s *session) preAuth() error {
 		if b.full() && !b.grow(preAuthBuf) {
 			return errors.New("client command before AUTH does not fit the buffer") // the parser bounds it
 		}
-		if _, err := b.readFrom(s.client); err != nil {
+		n, err := b.readFrom(s.client)
+		s.bytesIn.Add(int64(n))
+		if err != nil {
 			switch {
 			case isDeadline(err) && s.pokes.Load()&pokeDrain != 0:
 				s.closeWriteAndWait() // shutting down: everything read was answered

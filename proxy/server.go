@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -448,9 +449,21 @@ type tokenOutage struct {
 func (e *tokenOutage) Error() string {
 	msg := "no valid Entra token since " + e.since.UTC().Format(time.RFC3339)
 	if e.last != nil {
-		msg += "; last Entra error: " + truncate(e.last.Error(), 300)
+		msg += "; last Entra error: " + truncate(oneLine(e.last.Error()), 300)
 	}
 	return msg
+}
+
+// oneLine squeezes azidentity's multi-line error text (with rules of dashes) into one short line.
+func oneLine(s string) string {
+	words := strings.Fields(s)
+	kept := words[:0]
+	for _, w := range words {
+		if strings.Trim(w, "-") != "" {
+			kept = append(kept, w)
+		}
+	}
+	return strings.Join(kept, " ")
 }
 
 // remedy is what to check, for the log and the client.

@@ -25,7 +25,7 @@
 // time left on the current token so that retries keep landing before it expires, and never below 50ms.
 // Every attempt after "the same token" uses a fresh credential. Retries go on for as long as it takes;
 // Run never gives up on fetch errors. Each GetToken call has Options.RequestTimeout, cut to half the time
-// left on the current token (at least 8 s), so that no single request outlives the token.
+// left on the current token, so that no single request outlives the token.
 //
 // While no valid token is held (the current one expired, or none came yet) and the last attempt failed,
 // the Source is in an outage: a new attempt starts every second, without waiting for the ones still out,
@@ -328,14 +328,13 @@ func (s *Source) due() time.Time {
 }
 
 // requestTimeout bounds one GetToken call: Options.RequestTimeout, but no more than half the time left on
-// a valid token (so a hung request does not outlive it) and, without one, outageRequestTimeout. s.mu must
-// be held.
+// a valid token, so that a hung request ends before the token does and the outage's attempts take over;
+// without a valid token, no more than outageRequestTimeout. s.mu must be held.
 func (s *Source) requestTimeout(now time.Time) time.Duration {
-	left := time.Duration(0)
-	if s.cur.Secret != "" {
-		left = s.cur.ExpiresOn.Sub(now)
+	if left := s.cur.ExpiresOn.Sub(now); s.cur.Secret != "" && left > 0 {
+		return min(s.opts.RequestTimeout, max(left/2, minRetryWait))
 	}
-	return min(s.opts.RequestTimeout, max(outageRequestTimeout, left/2))
+	return min(s.opts.RequestTimeout, outageRequestTimeout)
 }
 
 // cacheWouldHold reports whether MSAL would still hand back the current token at now. s.mu must be held.
