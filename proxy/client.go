@@ -198,6 +198,15 @@ func (s *session) handleCommands(b *readBuf) error {
 			return s.handleCommands(b)
 		}
 		if !b.grow(maxInlineBuf) {
+			if b.buf[b.r] == '*' {
+				// Parse found its header lines valid (it reports those over 64 KiB): the command's name is
+				// longer than the buffer, so it is none the proxy knows. It goes to the server as it arrives,
+				// and the server answers that it does not know it, as to a direct client.
+				if err := s.startStream(b); err != nil {
+					return err
+				}
+				return s.handleCommands(b)
+			}
 			// Parse reports lines over 64 KiB, so this cannot happen with a correct parser.
 			return errors.New("client command line does not fit the buffer")
 		}
@@ -697,7 +706,25 @@ func (s *session) continueStream(b *readBuf) error {
 	c := &s.cl
 	first := !c.stream.scan.InFrame()
 	n, done, err := c.stream.scan.Scan(b.buf[b.r:b.w])
-	if err != nil {
+	var pe *resp.ProtocolError
+	switch {
+	case errors.As(err, &pe) && c.stream.discard:
+		b.r += n
+		c.stream.active = false
+		return s.protocolError(pe, s.srv.now())
+	case errors.As(err, &pe):
+		// The command's start is upstream already, where it can be neither taken back nor completed: the
+		// rest goes too, up to the end of the bad line, so that the server answers the error itself, as to
+		// a direct client, and closes (with nothing of ours unread: not a reset, which could destroy its
+		// answer). The client gets the replies before it and that error, then a FIN.
+		s.clientFault.Store(true)
+		s.writeUp(b.buf[b.r : b.r+n]) // (n ends the bad line; if the server closed first, it answered already)
+		b.r = b.w
+		// (A server whose limits differ from MaxBulk's may not close: then the client waits this long.)
+		s.led.waitIdle(drainQuiet)
+		s.closeWriteAndWait()
+		return fmt.Errorf("client protocol error: %w", pe)
+	case err != nil:
 		return fmt.Errorf("client protocol error: %w", err)
 	}
 	if !c.stream.discard {

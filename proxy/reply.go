@@ -30,7 +30,7 @@ func (s *session) replyLoop(up net.Conn) error {
 	inFrame, switched := false, false
 	var stallBy time.Time // the read deadline guarding a reply that stopped halfway; zero when none
 	for {
-		if b.full() && !inFrame && !b.grow(maxHeadBuf) {
+		if b.full() && !inFrame && !b.grow(s.srv.maxHead) {
 			s.srv.obs.UpstreamError("protocol")
 			return errors.New("upstream reply head too large")
 		}
@@ -145,6 +145,9 @@ func (s *session) upstreamReadError(err error, mid bool) error {
 // what might explain it, and a metric of its kind. The cache closes every connection when the token expires:
 // those make one line together.
 func (s *session) lost(kind string, err error) error {
+	if s.clientFault.Load() {
+		return err // the server closed after answering the client's protocol error, as it should
+	}
 	o := s.srv.outage()
 	if o != nil && kind == "closed" {
 		kind = "token_expired"

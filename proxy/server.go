@@ -71,6 +71,10 @@ type Server struct {
 	obs   Observer
 	epoch time.Time
 
+	// maxHead bounds a reply's head, which the reply loop buffers whole: a pub/sub message or confirmation
+	// holds its channel name, as long as any bulk a client may send (MaxBulk).
+	maxHead int
+
 	nextID  atomic.Uint64
 	clients atomic.Int64 // open client connections, counted from accept to close
 	// tookPokes, if set (by tests), is told each time a session's client loop takes work handed to it:
@@ -133,7 +137,7 @@ func New(opts Options) (*Server, error) {
 		opts: opts, log: opts.Logger, obs: opts.Observer, epoch: time.Now(),
 		listeners: make(map[*net.Listener]struct{}), conns: make(map[*session]struct{}),
 		sessions: make(map[*session]struct{}), closing: make(chan struct{}), drained: make(chan struct{}),
-		ctx: ctx, cancel: cancel,
+		ctx: ctx, cancel: cancel, maxHead: int(opts.MaxBulk) + headSlack,
 		refused: newTally(opts.Logger, slog.LevelWarn, "clients refused", refusalEvery, true),
 		noToken: newTally(opts.Logger, slog.LevelWarn,
 			"clients refused without dialing the cache: no valid Entra token", refusalEvery, true),

@@ -26,7 +26,7 @@ const (
 
 const (
 	maxInlineBuf = 128 << 10       // an inline command (at most 64 KiB in redis) must be buffered whole
-	maxHeadBuf   = 1 << 20         // a reply's head (e.g. a pub/sub channel name) must be buffered whole
+	headSlack    = 64 << 10        // a reply's head beyond its longest bulk (a pub/sub channel name): types, lengths, count
 	drainQuiet   = 5 * time.Second // a client that closed its side waits this long for a reply to progress
 )
 
@@ -69,6 +69,9 @@ type session struct {
 	forceAuth atomic.Bool             // send the token even if it was sent before (the retry after WRONGPASS)
 	cut       atomic.Pointer[cutover] // a pub/sub handover in progress
 	recycling atomic.Bool             // the upstream goes back to the pool: the reply loop must not close it
+	// clientFault: the client broke the protocol inside a streamed command; the server answers it and
+	// closes, and the client loop (not the reply loop) then closes the client, with a FIN.
+	clientFault atomic.Bool
 
 	cl clientSide // owned by the client loop
 	rl replySide  // owned by the reply loop
@@ -192,7 +195,11 @@ func (s *session) serve() {
 	go func() {
 		defer wg.Done()
 		rerr = s.replyLoop(s.cl.up)
-		if !errors.Is(rerr, errRecycled) {
+		switch {
+		case errors.Is(rerr, errRecycled):
+		case s.clientFault.Load():
+			s.led.close() // the client loop closes the client, after the server's answer to its fault
+		default:
 			s.close(rerr)
 		}
 	}()
