@@ -173,16 +173,15 @@ func (s *session) handleCommands(b *readBuf) error {
 		if c.hold.holding() {
 			return nil
 		}
-		cmd, n, err := c.parser.Parse(b.buf[b.r:b.w])
-		if errors.Is(err, resp.ErrIncomplete) {
-			break
-		}
+		cmd, n, pe, err := parseCommand(&c.parser, b)
 		if err != nil {
-			var pe *resp.ProtocolError
-			if !errors.As(err, &pe) {
-				return err
-			}
+			return err
+		}
+		if pe != nil {
 			return s.protocolError(pe, now)
+		}
+		if n == 0 {
+			break
 		}
 		b.r += n
 		if len(cmd.Args) > 0 {
@@ -212,6 +211,19 @@ func (s *session) handleCommands(b *readBuf) error {
 		}
 	}
 	return nil
+}
+
+// parseCommand parses the command at the start of b's unhandled bytes. n is 0 while it is incomplete; a
+// client protocol error is returned as pe (err is for anything else).
+func parseCommand(p *resp.CommandParser, b *readBuf) (cmd resp.Command, n int, pe *resp.ProtocolError, err error) {
+	cmd, n, err = p.Parse(b.buf[b.r:b.w])
+	switch {
+	case errors.Is(err, resp.ErrIncomplete):
+		return cmd, 0, nil, nil
+	case errors.As(err, &pe):
+		return cmd, 0, pe, nil
+	}
+	return cmd, n, nil, err
 }
 
 // protocolError answers a malformed command like redis: the replies to the commands before it, then the

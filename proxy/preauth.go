@@ -39,18 +39,17 @@ func (s *session) preAuth() error {
 	var out []byte
 	for {
 		for b.r < b.w {
-			cmd, n, err := p.Parse(b.buf[b.r:b.w])
-			if errors.Is(err, resp.ErrIncomplete) {
-				break
-			}
+			cmd, n, pe, err := parseCommand(&p, b)
 			if err != nil {
-				var pe *resp.ProtocolError
-				if !errors.As(err, &pe) {
-					return err
-				}
+				return err
+			}
+			if pe != nil {
 				s.writeLocal(resp.AppendError(out, "ERR "+pe.Error()))
 				s.closeWriteAndWait()
 				return fmt.Errorf("client protocol error: %w", pe)
+			}
+			if n == 0 {
+				break
 			}
 			if len(cmd.Args) == 0 {
 				b.r += n

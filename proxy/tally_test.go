@@ -1,7 +1,7 @@
 package proxy
 
 import (
-	"bytes"
+	"context"
 	"log/slog"
 	"strings"
 	"sync"
@@ -10,33 +10,40 @@ import (
 	"time"
 )
 
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
+// recorder is a slog handler that keeps each record as "msg key=value ...".
+type recorder struct {
+	mu   sync.Mutex
+	recs []string
 }
 
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
+func (r *recorder) Enabled(context.Context, slog.Level) bool { return true }
+func (r *recorder) WithAttrs([]slog.Attr) slog.Handler       { return r }
+func (r *recorder) WithGroup(string) slog.Handler            { return r }
+
+func (r *recorder) Handle(_ context.Context, rec slog.Record) error {
+	line := rec.Message
+	rec.Attrs(func(a slog.Attr) bool {
+		line += " " + a.String()
+		return true
+	})
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.recs = append(r.recs, line)
+	return nil
 }
 
-func (l *lockedBuffer) lines() []string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	s := strings.TrimSpace(l.b.String())
-	if s == "" {
-		return nil
-	}
-	return strings.Split(s, "\n")
+func (r *recorder) lines() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]string(nil), r.recs...)
 }
 
 // A flood makes one line per interval per key: with lead, the first event at once and each interval's
 // count at its end; a key that goes quiet for an interval is forgotten, so its next event leads again.
 func TestTallyLead(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		var out lockedBuffer
-		ta := newTally(slog.New(slog.NewTextHandler(&out, nil)), slog.LevelWarn, "wrong password", time.Minute, true)
+		var out recorder
+		ta := newTally(slog.New(&out), slog.LevelWarn, "wrong password", time.Minute, true)
 		defer ta.stop()
 		for range 100 {
 			ta.add("10.0.0.1", "client", "10.0.0.1:1")
@@ -61,8 +68,8 @@ func TestTallyLead(t *testing.T) {
 // Without lead, one line at the end of the window counts every event in it; stop flushes what is counted.
 func TestTallyWindowAndStop(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		var out lockedBuffer
-		ta := newTally(slog.New(slog.NewTextHandler(&out, nil)), slog.LevelWarn, "dropped", time.Second, false)
+		var out recorder
+		ta := newTally(slog.New(&out), slog.LevelWarn, "dropped", time.Second, false)
 		for range 5 {
 			ta.add("")
 		}
