@@ -30,7 +30,7 @@ func (s *session) replyLoop(up net.Conn) error {
 	inFrame, switched := false, false
 	var stallBy time.Time // the read deadline guarding a reply that stopped halfway; zero when none
 	for {
-		if b.full() && !inFrame && !b.grow(s.srv.maxHead) {
+		if b.full() && !inFrame && !b.grow(s.srv.maxHead()) {
 			s.srv.obs.UpstreamError("protocol")
 			return errors.New("upstream reply head too large")
 		}

@@ -71,10 +71,6 @@ type Server struct {
 	obs   Observer
 	epoch time.Time
 
-	// maxHead bounds a reply's head, which the reply loop buffers whole: a pub/sub message or confirmation
-	// holds its channel name, as long as any bulk a client may send (MaxBulk).
-	maxHead int
-
 	nextID  atomic.Uint64
 	clients atomic.Int64 // open client connections, counted from accept to close
 	// tookPokes, if set (by tests), is told each time a session's client loop takes work handed to it:
@@ -137,7 +133,7 @@ func New(opts Options) (*Server, error) {
 		opts: opts, log: opts.Logger, obs: opts.Observer, epoch: time.Now(),
 		listeners: make(map[*net.Listener]struct{}), conns: make(map[*session]struct{}),
 		sessions: make(map[*session]struct{}), closing: make(chan struct{}), drained: make(chan struct{}),
-		ctx: ctx, cancel: cancel, maxHead: int(opts.MaxBulk) + headSlack,
+		ctx: ctx, cancel: cancel,
 		refused: newTally(opts.Logger, slog.LevelWarn, "clients refused", refusalEvery, true),
 		noToken: newTally(opts.Logger, slog.LevelWarn,
 			"clients refused without dialing the cache: no valid Entra token", refusalEvery, true),
@@ -163,6 +159,10 @@ const (
 	// closes them all at once.
 	expiryDropWindow = time.Second
 )
+
+// maxHead bounds a reply's head, which the reply loop buffers whole: a pub/sub message or confirmation
+// holds its channel name, which may be as long as any bulk a client may send (MaxBulk).
+func (s *Server) maxHead() int { return int(s.opts.MaxBulk) + headSlack }
 
 // now is the server's monotonic clock in nanoseconds: cheaper to store and compare than time.Time.
 func (s *Server) now() int64 { return int64(time.Since(s.epoch)) }
