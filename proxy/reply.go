@@ -148,16 +148,17 @@ func (s *session) lost(kind string, err error) error {
 	if s.clientFault.Load() {
 		return err // the server closed after answering the client's protocol error, as it should
 	}
+	select {
+	case <-s.done:
+		s.srv.obs.UpstreamError(kind)
+		return err // the session was already closing (client gone, shutdown): not a loss
+	default:
+	}
 	o := s.srv.outage()
 	if o != nil && kind == "closed" {
 		kind = "token_expired"
 	}
 	s.srv.obs.UpstreamError(kind)
-	select {
-	case <-s.done:
-		return err // the session was already closing (client gone, shutdown): not a loss
-	default:
-	}
 	if kind == "token_expired" {
 		s.srv.expiryDrops.add("", o.attrs()...)
 		return fmt.Errorf("%w: %w", err, o)
