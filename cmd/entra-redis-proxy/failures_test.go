@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
+
 	"github.com/entra-redis-proxy/entra-redis-proxy/internal/azurefake"
 	"github.com/entra-redis-proxy/entra-redis-proxy/proxy"
 )
@@ -203,6 +205,14 @@ func TestLocalPasswordGuessing(t *testing.T) {
 	}
 	if n := connectedClients(t, fake); n != before+1 {
 		t.Errorf("connected_clients %d after one client authenticated, want %d", n, before+1)
+	}
+	// go-redis authenticates with HELLO 3 AUTH (RESP3) or AUTH (RESP2).
+	for _, proto := range []int{2, 3} {
+		c := redis.NewClient(&redis.Options{Addr: p.listen, Password: "s3cret", Protocol: proto, PoolSize: 1, MaxRetries: -1})
+		if err := setGet(t.Context(), c, "auth", "ok"); err != nil {
+			t.Errorf("go-redis RESP%d with the password: %v", proto, err)
+		}
+		c.Close()
 	}
 
 	// At shutdown the minute's count is flushed: the rest of the wrong passwords in one more line.
