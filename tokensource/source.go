@@ -31,7 +31,7 @@
 // the Source is in an outage: a new attempt starts every second, without waiting for the ones still out,
 // up to 8 at once, each bounded by 8 s. A hanging identity endpoint therefore costs no recovery time: the
 // proxy holds a token within about a second of the endpoint answering again. LastError says why there is
-// none meanwhile.
+// none meanwhile; the log says it once a minute (with the number of failed attempts), not every second.
 //
 // Refresh fetches at once (after Azure refused a token), with a fresh credential; concurrent callers
 // and Run share one fetch, and a Refresh less than 5 seconds after the end of the last fetch returns
@@ -115,7 +115,10 @@ type Source struct {
 	inflight  *call                  // the fetch in progress, shared by all who ask meanwhile
 	lastFetch time.Time              // when the last fetch ended
 	lastErr   error                  // the last fetch's error, nil after a success
-	running   bool                   // Run is active
+	// For logFailure: when it last logged, and the failures since.
+	loggedAt time.Time
+	unlogged int
+	running  bool // Run is active
 }
 
 // call is one fetch, shared by Run and concurrent Refresh callers.
@@ -244,6 +247,25 @@ func (s *Source) Run(ctx context.Context) error {
 		}
 		s.mu.Unlock()
 	}
+}
+
+// outageLogEvery is how often a failure is logged during an outage, when attempts fail every second.
+const outageLogEvery = time.Minute
+
+// logFailure logs a failed attempt: each one while a valid token is held, and during an outage one a minute,
+// with the number of failures it stands for.
+func (s *Source) logFailure(err error, expires time.Time) {
+	s.mu.Lock()
+	now := time.Now()
+	s.unlogged++
+	if s.inOutage(now) && now.Sub(s.loggedAt) < outageLogEvery {
+		s.mu.Unlock()
+		return
+	}
+	n := s.unlogged
+	s.unlogged, s.loggedAt = 0, now
+	s.mu.Unlock()
+	s.log.Warn("getting an Entra token failed; retrying", "error", err, "current_expires_on", expires, "failures", n)
 }
 
 // outageAttempts are the attempts Run starts during an outage without waiting for them.
@@ -463,9 +485,10 @@ func (s *Source) attempt(ctx context.Context, c *call, fresh bool) {
 		s.lastFetch, s.lastErr = now, err
 		s.stale = result == ResultUnchanged || (result == ResultError && s.stale)
 	}
-	first := false
+	first, unlogged := false, 0
 	if result == ResultOK {
 		first = s.cur.Secret == ""
+		unlogged, s.unlogged = s.unlogged, 0
 		s.cur, s.acquired, s.refreshOn = next, now, tok.RefreshOn
 		close(s.changed)
 		s.changed = make(chan struct{})
@@ -485,13 +508,14 @@ func (s *Source) attempt(ctx context.Context, c *call, fresh bool) {
 			close(s.ready)
 		}
 		s.log.Info("new Entra token", "username", next.Username, "expires_on", next.ExpiresOn,
-			"lifetime", next.ExpiresOn.Sub(now).Round(time.Second), "fresh_credential", fresh)
+			"lifetime", next.ExpiresOn.Sub(now).Round(time.Second), "fresh_credential", fresh,
+			"failures_not_logged", unlogged)
 	case ResultUnchanged:
 		s.log.Debug("Entra credential returned the current token again; retrying later with a fresh credential",
 			"expires_on", expires, "fresh_credential", fresh)
 	default:
 		if !canceled {
-			s.log.Warn("getting an Entra token failed; retrying", "error", err, "current_expires_on", expires)
+			s.logFailure(err, expires)
 		}
 	}
 	if s.opts.OnRefresh != nil && !canceled {
