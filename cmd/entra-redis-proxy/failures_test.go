@@ -66,7 +66,7 @@ const (
 	noTokenRefusals   = "clients refused without dialing the cache: no valid Entra token"
 )
 
-// The identity endpoint answers 500, then hangs, past the token's life. Live connections are dropped by the
+// The identity endpoint answers 500, then hangs for 8 requests, past the token's life. Live connections are dropped by the
 // cache at expiry: one WARN line with their count and a metric. A new client is answered at once, without
 // a dial, with the cause. Once the endpoint answers again, a token arrives within about a second (no hung
 // request is waited out) and clients are served again.
@@ -88,6 +88,7 @@ func TestIdentityOutagePastExpiry(t *testing.T) {
 	// Past the token's life: the cache closes the live connections.
 	p.awaitLog(tokenExpiredDrops, 3*lifetime)
 	fake.SetFault(azurefake.FaultHang)
+	hangFrom := fake.Stats().Faults
 	dials, _ := p.metric("entra_redis_proxy_upstream_dial_duration_seconds_count")
 	reply, took, err := p.ask("*1\r\n$4\r\nPING\r\n")
 	t.Logf("a new client during the outage: answered in %v: %q", took, reply)
@@ -119,8 +120,12 @@ func TestIdentityOutagePastExpiry(t *testing.T) {
 		t.Errorf("want one WARN line for the refused client with the last Entra error, got:\n%s", strings.Join(l, "\n"))
 	}
 
-	// Let the hang outlast an outage attempt's timeout, so that hung requests are out when it ends.
-	p.awaitLog("no answer within 8s", 20*time.Second)
+	// Let the hang last until 8 requests hang (one a second: the first time out about then), so that hung
+	// requests are out when it ends.
+	eventually(t, 30*time.Second, "8 requests to the hanging identity endpoint", func() (bool, string) {
+		n := fake.Stats().Faults - hangFrom
+		return n >= 8, fmt.Sprintf("%d so far", n)
+	})
 	fake.SetFault(azurefake.FaultNone)
 	recovered := time.Now()
 	eventually(t, 10*time.Second, "a new token", func() (bool, string) {
