@@ -25,11 +25,11 @@
 // time left on the current token so that retries keep landing before it expires, and never below 50ms.
 // Every attempt after "the same token" uses a fresh credential. Retries go on for as long as it takes;
 // Run never gives up on fetch errors. Each GetToken call has Options.RequestTimeout, cut to half the time
-// left on the current token, so that no single request outlives the token.
+// left on the current token (but not below 7 s), so that no request outlives the token by more than 7 s.
 //
 // While no valid token is held (the current one expired, or none came yet) and the last attempt failed,
 // the Source is in an outage: a new attempt starts every second, without waiting for the ones still out,
-// up to 8 at once, each bounded by 8 s. A hanging identity endpoint therefore costs no recovery time: the
+// up to 8 at once, each bounded by 7 s. A hanging identity endpoint therefore costs no recovery time: the
 // proxy holds a token within about a second of the endpoint answering again. LastError says why there is
 // none meanwhile; the log says it once a minute (with the number of failed attempts), not every second.
 //
@@ -76,10 +76,10 @@ const (
 	// endpoint answering again.
 	outageEvery = time.Second
 	// maxOutageAttempts bounds the attempts in flight at once during an outage; outageRequestTimeout
-	// bounds each, so in a hang one times out as the next is due (maxOutageAttempts * outageEvery).
+	// bounds each, so that in a hang one has timed out before the next is due and a slot is always free.
 	// Eight match the token fetches the proxy's descriptor budget reserves (cmd/entra-redis-proxy/limits.go).
 	maxOutageAttempts    = 8
-	outageRequestTimeout = maxOutageAttempts * outageEvery
+	outageRequestTimeout = (maxOutageAttempts - 1) * outageEvery
 )
 
 // Options configure a Source.
@@ -350,13 +350,15 @@ func (s *Source) due() time.Time {
 }
 
 // requestTimeout bounds one GetToken call: Options.RequestTimeout, but no more than half the time left on
-// a valid token, so that a hung request ends before the token does and the outage's attempts take over;
-// without a valid token, no more than outageRequestTimeout. s.mu must be held.
+// a valid token, or outageRequestTimeout if that is longer (a short-lived token must still leave a request
+// time to be answered), so that a hung request ends soon after the token does and the outage's attempts
+// take over. s.mu must be held.
 func (s *Source) requestTimeout(now time.Time) time.Duration {
-	if left := s.cur.ExpiresOn.Sub(now); s.cur.Secret != "" && left > 0 {
-		return min(s.opts.RequestTimeout, max(left/2, minRetryWait))
+	left := time.Duration(0)
+	if s.cur.Secret != "" {
+		left = s.cur.ExpiresOn.Sub(now)
 	}
-	return min(s.opts.RequestTimeout, outageRequestTimeout)
+	return min(s.opts.RequestTimeout, max(left/2, outageRequestTimeout))
 }
 
 // cacheWouldHold reports whether MSAL would still hand back the current token at now. s.mu must be held.
@@ -418,9 +420,10 @@ func (s *Source) fetch(ctx context.Context, fresh bool) (Token, error) {
 // attempt performs call c: one GetToken with a timeout, then adopts the token if it is new.
 func (s *Source) attempt(ctx context.Context, c *call, fresh bool) {
 	s.mu.Lock()
+	started := time.Now()
 	cred := s.cred
-	fresh = fresh || s.stale || s.cacheWouldHold(time.Now())
-	timeout := s.requestTimeout(time.Now())
+	fresh = fresh || s.stale || s.cacheWouldHold(started)
+	timeout := s.requestTimeout(started)
 	s.mu.Unlock()
 
 	result := ResultError
@@ -478,8 +481,10 @@ func (s *Source) attempt(ctx context.Context, c *call, fresh bool) {
 		}
 	}
 
-	canceled := err != nil && ctx.Err() != nil // the owner gave up: no attempt to count
 	s.mu.Lock()
+	// The owner gave up, or (during an outage, attempts overlap) a newer attempt already brought a token:
+	// no failure to count.
+	canceled := err != nil && (ctx.Err() != nil || s.acquired.After(started))
 	s.cred = cred
 	if !canceled {
 		s.lastFetch, s.lastErr = now, err
