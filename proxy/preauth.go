@@ -10,8 +10,8 @@ import (
 )
 
 // Password guessing against LOCAL_PASSWORD: the answer to each wrong password on a connection comes later
-// than the one before (the first at once, then authFailDelay, doubling up to maxAuthFailDelay), and the
-// connection is closed after MaxAuthFailures of them.
+// than the one before (the first at once, then after authFailDelay, doubling up to maxAuthFailDelay), and
+// the MaxAuthFailures-th is answered at once and closes the connection.
 const (
 	MaxAuthFailures  = 5 // wrong passwords a client connection may give; the last is answered, then it closes
 	authFailDelay    = 100 * time.Millisecond
