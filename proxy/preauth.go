@@ -113,16 +113,17 @@ func (s *session) preAuth() error {
 		}
 		n, err := b.readFrom(s.client)
 		s.bytesIn.Add(int64(n))
-		if err != nil {
-			switch {
-			case isDeadline(err) && s.pokes.Load()&pokeDrain != 0:
+		switch {
+		case err == nil:
+		case isDeadline(err):
+			// A poke. Cleared before the bits are looked at, so that a drain poked meanwhile sets it again.
+			s.client.SetReadDeadline(time.Time{})
+			if s.pokes.Load()&pokeDrain != 0 {
 				s.closeWriteAndWait() // shutting down: everything read was answered
 				return errDrained
-			case isDeadline(err): // another poke: it waits for the client loop
-				s.client.SetReadDeadline(time.Time{})
-			default:
-				return fmt.Errorf("read client: %w", err)
-			}
+			} // (other pokes wait for the client loop)
+		default:
+			return fmt.Errorf("read client: %w", err)
 		}
 	}
 }
