@@ -26,8 +26,8 @@ const other = "other"
 
 // Label values for each labelled family; "other" is added to each.
 var (
-	rejectReasons  = []string{"max_connections", "shutting_down", "local_auth"}
-	upstreamKinds  = []string{"dial", "tls", "auth", "closed", "stalled", "protocol"}
+	rejectReasons  = []string{"max_connections", "shutting_down", "local_auth", "local_auth_closed", "no_token"}
+	upstreamKinds  = []string{"dial", "tls", "auth", "closed", "token_expired", "stalled", "protocol"}
 	refreshResults = []string{"ok", "unchanged", "error"}
 	reauthResults  = []string{"ok", "error"}
 	mechanisms     = []string{"handover", "handover_refused", "unblock_reissue", "unblock_retry", "unblock_missed", "lease_renewed", "tx_replay", "tx_abort", "idle_ping", "pool_reuse",
@@ -92,7 +92,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.clientsOpen = gauge("client_connections", "Client connections open now.")
 	m.clientsAccepted = counter("client_connections_accepted_total", "Client connections accepted.")
 	m.clientsRejected = counterVec("client_connections_rejected_total",
-		"Client connections refused, by reason: max_connections, shutting_down, local_auth.", "reason", rejectReasons)
+		"Client connections and commands refused, by reason: max_connections, shutting_down, no_token (no valid Entra token: answered without dialing), local_auth (a wrong LOCAL_PASSWORD), local_auth_closed (a connection closed after too many).", "reason", rejectReasons)
 	m.upstreamOpen = gauge("upstream_connections", "Upstream connections open now.")
 	dial := prometheus.NewHistogram(prometheus.HistogramOpts{
 		Namespace: namespace, Name: "upstream_dial_duration_seconds",
@@ -102,7 +102,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.collectors = append(m.collectors, dial)
 	m.upstreamDial = dial
 	m.upstreamErrors = counterVec("upstream_errors_total",
-		"Upstream connection failures, by kind: dial, tls, auth, closed, stalled, protocol.", "kind", upstreamKinds)
+		"Upstream connection failures, by kind: dial, tls, auth, closed, token_expired (closed by the cache after the Entra token expired), stalled, protocol.", "kind", upstreamKinds)
 
 	cmd := prometheus.NewHistogramVec(prometheus.HistogramOpts{
 		Namespace: namespace, Name: "command_duration_seconds",

@@ -17,11 +17,10 @@ import (
 // clientLoop reads the client's commands and writes them upstream until either side fails or the client
 // leaves (QUIT, EOF), after every reply it asked for has reached it.
 func (s *session) clientLoop() error {
-	var b readBuf
-	defer b.release()
+	b := &s.cl.in // holds what the client sent after its AUTH, if preAuth ran; finish releases it
 	c := &s.cl
 	c.stream.scan = resp.Scanner{Commands: true, MaxBulk: s.srv.opts.MaxBulk}
-	c.authed = s.srv.opts.LocalPassword == ""
+	c.authed = c.authed || s.srv.opts.LocalPassword == ""
 	c.parser.MaxBulk = s.srv.opts.MaxBulk
 	eof := false
 	for {
@@ -35,7 +34,7 @@ func (s *session) clientLoop() error {
 				return err
 			}
 		}
-		if err := s.handleCommands(&b); err != nil {
+		if err := s.handleCommands(b); err != nil {
 			return err
 		}
 		if c.want.auth || c.want.ping || c.want.deadline {
@@ -186,16 +185,15 @@ func (s *session) handleCommands(b *readBuf) error {
 		if c.hold.holding() {
 			return nil
 		}
-		cmd, n, err := c.parser.Parse(b.buf[b.r:b.w])
-		if errors.Is(err, resp.ErrIncomplete) {
-			break
-		}
+		cmd, n, pe, err := parseCommand(&c.parser, b)
 		if err != nil {
-			var pe *resp.ProtocolError
-			if !errors.As(err, &pe) {
-				return err
-			}
+			return err
+		}
+		if pe != nil {
 			return s.protocolError(pe, now)
+		}
+		if n == 0 {
+			break
 		}
 		b.r += n
 		if len(cmd.Args) > 0 {
@@ -211,11 +209,33 @@ func (s *session) handleCommands(b *readBuf) error {
 			return s.handleCommands(b)
 		}
 		if !b.grow(maxInlineBuf) {
+			if b.buf[b.r] == '*' {
+				// Parse found its header lines valid (it reports those over 64 KiB): the command's name is
+				// longer than the buffer, so it is none the proxy knows. It goes to the server as it arrives,
+				// and the server answers that it does not know it, as to a direct client.
+				if err := s.startStream(b); err != nil {
+					return err
+				}
+				return s.handleCommands(b)
+			}
 			// Parse reports lines over 64 KiB, so this cannot happen with a correct parser.
 			return errors.New("client command line does not fit the buffer")
 		}
 	}
 	return nil
+}
+
+// parseCommand parses the command at the start of b's unhandled bytes. n is 0 while it is incomplete; a
+// client protocol error is returned as pe (err is for anything else).
+func parseCommand(p *resp.CommandParser, b *readBuf) (cmd resp.Command, n int, pe *resp.ProtocolError, err error) {
+	cmd, n, err = p.Parse(b.buf[b.r:b.w])
+	switch {
+	case errors.Is(err, resp.ErrIncomplete):
+		return cmd, 0, nil, nil
+	case errors.As(err, &pe):
+		return cmd, 0, pe, nil
+	}
+	return cmd, n, nil, err
 }
 
 // protocolError answers a malformed command like redis: the replies to the commands before it, then the
@@ -284,7 +304,7 @@ func (s *session) handleCommand(cmd resp.Command, now int64) {
 		s.local(e)
 		return
 	case !c.authed && info.sp != spAuth && info.sp != spHello && info.sp != spQuit:
-		e.text = "-NOAUTH Authentication required.\r\n"
+		e.text = noAuth
 		s.local(e)
 		return
 	}
@@ -314,16 +334,23 @@ func (s *session) forward(cmd resp.Command, e entry) {
 
 // onAuth answers the client's AUTH itself: the client's credentials never reach Azure.
 func (s *session) onAuth(cmd resp.Command, e entry) {
-	args := cmd.Args
-	switch {
-	case len(args) != 2 && len(args) != 3:
-		e.text = "-ERR wrong number of arguments for 'auth' command\r\n"
-	case s.localAuth(args[len(args)-1]):
-		e.text = "+OK\r\n"
-	default:
-		e.text = wrongPass
-	}
+	e.text = s.authReply(cmd.Args)
 	s.local(e)
+}
+
+const authOK = "+OK\r\n"
+
+// authReply is the answer to a client's AUTH, as redis words it.
+func (s *session) authReply(args [][]byte) string {
+	switch {
+	case len(args) < 2:
+		return "-ERR wrong number of arguments for 'auth' command\r\n"
+	case len(args) > 3:
+		return "-ERR syntax error\r\n"
+	case s.localAuth(args[len(args)-1]):
+		return authOK
+	}
+	return wrongPass
 }
 
 // onHello forwards HELLO without its AUTH option; the reply sets the protocol.
@@ -334,7 +361,7 @@ func (s *session) onHello(cmd resp.Command, e entry) {
 		s.local(e)
 		return
 	} else if i < 0 && !s.cl.authed {
-		e.text = "-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n"
+		e.text = noAuthHello
 		s.local(e)
 		return
 	}
@@ -661,7 +688,8 @@ func (s *session) local(e entry) {
 const wrongPass = "-WRONGPASS invalid username-password pair or user is disabled.\r\n"
 
 // localAuth checks a password a client gave against LOCAL_PASSWORD, in constant time; without one, any
-// password is accepted (the proxy authenticates the upstream itself).
+// password is accepted (the proxy authenticates the upstream itself). A wrong one is counted, and logged
+// once a minute per client address.
 func (s *session) localAuth(password []byte) bool {
 	want := s.srv.opts.LocalPassword
 	if want == "" {
@@ -671,6 +699,7 @@ func (s *session) localAuth(password []byte) bool {
 	s.cl.authed = s.cl.authed || ok
 	if !ok {
 		s.srv.obs.ClientRejected("local_auth")
+		s.srv.authFails.add(clientHost(s.client), "client", s.client.RemoteAddr().String())
 	}
 	return ok
 }
@@ -768,7 +797,25 @@ func (s *session) continueStream(b *readBuf) error {
 	c := &s.cl
 	first := !c.stream.scan.InFrame()
 	n, done, err := c.stream.scan.Scan(b.buf[b.r:b.w])
-	if err != nil {
+	var pe *resp.ProtocolError
+	switch {
+	case errors.As(err, &pe) && c.stream.discard:
+		b.r += n
+		c.stream.active = false
+		return s.protocolError(pe, s.srv.now())
+	case errors.As(err, &pe):
+		// The command's start is upstream already, where it can be neither taken back nor completed: the
+		// rest goes too, up to the end of the bad line, so that the server answers the error itself, as to
+		// a direct client, and closes (with nothing of ours unread: not a reset, which could destroy its
+		// answer). The client gets the replies before it and that error, then a FIN.
+		s.clientFault.Store(true)
+		s.writeUp(b.buf[b.r : b.r+n]) // (n ends the bad line; if the server closed first, it answered already)
+		b.r = b.w
+		// (A server whose limits differ from MaxBulk's may not close: then the client waits this long.)
+		s.led.waitIdle(drainQuiet)
+		s.closeWriteAndWait()
+		return fmt.Errorf("client protocol error: %w", pe)
+	case err != nil:
 		return fmt.Errorf("client protocol error: %w", err)
 	}
 	if !c.stream.discard {

@@ -33,10 +33,14 @@ type Dialer interface {
 type Observer interface {
 	ClientOpened()
 	ClientClosed()
-	ClientRejected(reason string) // "max_connections", "shutting_down", "local_auth"
+	// ClientRejected reports a refused client: "max_connections", "shutting_down", "no_token" (no valid Entra
+	// token), "local_auth" (one wrong LOCAL_PASSWORD), "local_auth_closed" (closed after too many).
+	ClientRejected(reason string)
 	UpstreamOpened(dial time.Duration)
 	UpstreamClosed()
-	UpstreamError(kind string) // "dial", "tls", "auth", "closed" (the upstream ended a session), "stalled", "protocol"
+	// UpstreamError reports a failed or lost upstream: "dial", "tls", "auth", "closed" (the upstream ended a
+	// session), "token_expired" (... after the Entra token expired), "stalled", "protocol".
+	UpstreamError(kind string)
 	// CommandDone reports one command's time from being read to its reply being written.
 	// name is a lower-case command name from CommandNames, or "other".
 	CommandDone(name string, d time.Duration)

@@ -85,7 +85,7 @@ func (s *session) awaitRelink(lost *upstreamLost) (net.Conn, *readBuf, error) {
 			return nil, nil, lost.err // the session is closing
 		}
 		s.srv.obs.Mechanism("reconnect_outstanding")
-		return nil, nil, s.lost(fmt.Errorf("%w with a reply outstanding: its command's outcome is unknown, so it is not sent again", closed))
+		return nil, nil, s.lost("closed", fmt.Errorf("%w with a reply outstanding: its command's outcome is unknown, so it is not sent again", closed))
 	default:
 		s.poke(pokeRelink)
 	}
@@ -100,7 +100,7 @@ func (s *session) awaitRelink(lost *upstreamLost) (net.Conn, *readBuf, error) {
 // notRestored counts and logs a lost upstream whose session can't be restored, and returns the cause.
 func (s *session) notRestored(err error, why string) error {
 	s.srv.obs.Mechanism("reconnect_unrestorable")
-	return s.lost(fmt.Errorf("%w; not reconnected, as its state can't be restored exactly (%s)", err, why))
+	return s.lost("closed", fmt.Errorf("%w; not reconnected, as its state can't be restored exactly (%s)", err, why))
 }
 
 // relinkIfLost is the client loop's side of a reconnect: if the reply loop marked the upstream lost, it
@@ -132,6 +132,7 @@ func (s *session) relinkIfLost(pending bool) error {
 			if err := s.takeOver(p, buf); err != nil {
 				return err
 			}
+			s.srv.obs.UpstreamError("closed")
 			s.srv.obs.Mechanism("reconnect_restored")
 			s.log.Warn("upstream connection lost with no reply outstanding; reconnected and restored its state",
 				"upstream_client_id", p.id, "old_upstream_client_id", oldID, "attempts", attempt,
@@ -141,7 +142,7 @@ func (s *session) relinkIfLost(pending bool) error {
 		left := time.Until(deadline)
 		if left <= 0 {
 			s.srv.obs.Mechanism("reconnect_failed")
-			return s.lost(fmt.Errorf("%w; reconnecting failed for %s (%d attempts): %w", errUpstreamGone,
+			return s.lost("closed", fmt.Errorf("%w; reconnecting failed for %s (%d attempts): %w", errUpstreamGone,
 				s.srv.opts.ReconnectTimeout, attempt, err))
 		}
 		s.log.Debug("reconnect attempt failed", "attempt", attempt, "err", err)

@@ -30,7 +30,7 @@ func (s *session) replyLoop(up net.Conn, b *readBuf) error {
 	inFrame, switched := false, b.r < b.w
 	var stallBy time.Time // the read deadline guarding a reply that stopped halfway; zero when none
 	for {
-		if b.full() && !inFrame && !b.grow(maxHeadBuf) {
+		if b.full() && !inFrame && !b.grow(s.srv.maxHead()) {
 			s.srv.obs.UpstreamError("protocol")
 			return errors.New("upstream reply head too large")
 		}
@@ -138,27 +138,38 @@ func (s *session) upstreamReadError(err error, mid bool) error {
 			return errors.New("upstream sent a push while the session moved to a new upstream")
 		}
 		return &upstreamLost{err: err, moved: true}
-	case !mid && s.srv.opts.ReconnectTimeout > 0 && closedByPeer(err):
-		s.srv.obs.UpstreamError("closed")
-		return &upstreamLost{err: err}
+	case !mid && s.srv.opts.ReconnectTimeout > 0 && closedByPeer(err) && !s.clientFault.Load() &&
+		s.srv.outage() == nil: // (without a valid token the cache closed it at expiry: no new one would take)
+		return &upstreamLost{err: err} // counted by its outcome: restored, or lost
 	case errors.Is(err, io.EOF):
-		s.srv.obs.UpstreamError("closed")
-		return s.lost(errUpstreamGone)
+		return s.lost("closed", errUpstreamGone)
 	case isDeadline(err):
-		s.srv.obs.UpstreamError("stalled")
-		return s.lost(fmt.Errorf("upstream reply stalled for %s", s.srv.stallTimeout()))
+		return s.lost("stalled", fmt.Errorf("upstream reply stalled for %s", s.srv.stallTimeout()))
 	}
-	s.srv.obs.UpstreamError("closed")
-	return s.lost(fmt.Errorf("read upstream: %w", err))
+	return s.lost("closed", fmt.Errorf("read upstream: %w", err))
 }
 
 // lost reports a connection the proxy is about to lose through no act of the client: always a warning, with
-// what might explain it.
-func (s *session) lost(err error) error {
+// what might explain it, and a metric of its kind. The cache closes every connection when the token expires:
+// those make one line together.
+func (s *session) lost(kind string, err error) error {
+	if s.clientFault.Load() {
+		return err // the server closed after answering the client's protocol error, as it should
+	}
 	select {
 	case <-s.done:
+		s.srv.obs.UpstreamError(kind)
 		return err // the session was already closing (client gone, shutdown): not a loss
 	default:
+	}
+	o := s.srv.outage()
+	if o != nil && kind == "closed" {
+		kind = "token_expired"
+	}
+	s.srv.obs.UpstreamError(kind)
+	if kind == "token_expired" {
+		s.srv.expiryDrops.add("", o.attrs()...)
+		return fmt.Errorf("%w: %w", err, o)
 	}
 	tok, _ := s.srv.opts.Tokens.Current()
 	s.log.Warn("upstream connection lost; closing the client connection", "err", err,

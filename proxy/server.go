@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -51,6 +52,9 @@ type Options struct {
 	// control connection of its own, and move sessions to new upstream connections ahead of a node's
 	// maintenance (maintenance.go).
 	MaintenanceEvents bool
+	// ConnLogLevel is the level of the per-connection open and close lines; the zero value is INFO. Lines
+	// about failures, tokens and refusals keep their own levels.
+	ConnLogLevel slog.Level
 }
 
 // ErrServerClosed is returned by Serve once Shutdown or Close has been called, as net/http's is.
@@ -101,6 +105,12 @@ type Server struct {
 	pool  *pool // nil without Options.PoolSize
 	facts facts // learned about the server and the identity's policy (facts.go)
 
+	// Repeated events, one log line per interval with a count (tally.go).
+	refused     *tally // clients refused at accept (connection limit, shutting down), by reason
+	noToken     *tally // clients refused because no valid Entra token is held
+	expiryDrops *tally // upstreams closed once the token expired
+	authFails   *tally // wrong LOCAL_PASSWORD, by client address
+
 	sessWG sync.WaitGroup // one per client connection
 	bgWG   sync.WaitGroup // background loops and helper goroutines
 	ctx    context.Context
@@ -142,6 +152,12 @@ func New(opts Options) (*Server, error) {
 		listeners: make(map[*net.Listener]struct{}), conns: make(map[*session]struct{}),
 		sessions: make(map[*session]struct{}), closing: make(chan struct{}), drained: make(chan struct{}),
 		ctx: ctx, cancel: cancel, eventsUp: make(chan struct{}),
+		refused: newTally(opts.Logger, slog.LevelWarn, "clients refused", refusalEvery, true),
+		noToken: newTally(opts.Logger, slog.LevelWarn,
+			"clients refused without dialing the cache: no valid Entra token", refusalEvery, true),
+		expiryDrops: newTally(opts.Logger, slog.LevelWarn,
+			"upstream connections closed by the cache: the Entra token expired", expiryDropWindow, false),
+		authFails: newTally(opts.Logger, slog.LevelWarn, "wrong LOCAL_PASSWORD", time.Minute, true),
 	}
 	if opts.PoolSize > 0 {
 		s.pool = newPool(s, opts.PoolSize)
@@ -156,6 +172,18 @@ func New(opts Options) (*Server, error) {
 	}
 	return s, nil
 }
+
+const (
+	// refusalEvery is the interval of the lines about refused clients.
+	refusalEvery = 10 * time.Second
+	// expiryDropWindow gathers the connections the cache closes at a token's expiry into one line: it
+	// closes them all at once.
+	expiryDropWindow = time.Second
+)
+
+// maxHead bounds a reply's head, which the reply loop buffers whole: a pub/sub message or confirmation
+// holds its channel name, which may be as long as any bulk a client may send (MaxBulk).
+func (s *Server) maxHead() int { return int(s.opts.MaxBulk) + headSlack }
 
 // now is the server's monotonic clock in nanoseconds: cheaper to store and compare than time.Time.
 func (s *Server) now() int64 { return int64(time.Since(s.epoch)) }
@@ -291,7 +319,7 @@ func (s *Server) noteDrainedLocked() {
 func (s *Server) accept(c net.Conn) {
 	if max := s.opts.MaxConnections; max > 0 && s.clients.Load() >= int64(max) {
 		s.reject(c, "max_connections", "-ERR max number of clients reached\r\n",
-			"client refused: connection limit reached", "max_connections", max)
+			"connection limit reached", "max_connections", max)
 		return
 	}
 	id := s.nextID.Add(1)
@@ -300,7 +328,7 @@ func (s *Server) accept(c net.Conn) {
 	if s.state != stateServing {
 		// Accepted as Shutdown closed the listener: such a client is told why, like one over the limit.
 		s.mu.Unlock()
-		s.reject(c, "shutting_down", "-ERR entra-redis-proxy: shutting down\r\n", "client refused: shutting down")
+		s.reject(c, "shutting_down", "-ERR entra-redis-proxy: shutting down\r\n", "shutting down")
 		return
 	}
 	s.conns[sess] = struct{}{}
@@ -317,10 +345,11 @@ func (s *Server) accept(c net.Conn) {
 	}()
 }
 
-// reject answers a client the server will not serve with a redis error line, then closes it.
+// reject answers a client the server will not serve with a redis error line, then closes it. The log says
+// so once per refusalEvery per reason, with a count.
 func (s *Server) reject(c net.Conn, reason, line, msg string, attrs ...any) {
 	s.obs.ClientRejected(reason)
-	s.log.Warn(msg, append([]any{"client", c.RemoteAddr().String()}, attrs...)...)
+	s.refused.add(reason, append([]any{"reason", reason, "why", msg, "client", c.RemoteAddr().String()}, attrs...)...)
 	c.SetWriteDeadline(time.Now().Add(time.Second))
 	c.Write([]byte(line))
 	c.Close()
@@ -415,6 +444,9 @@ func (s *Server) Close() error {
 	}
 	s.sessWG.Wait()
 	s.bgWG.Wait()
+	for _, t := range []*tally{s.refused, s.noToken, s.expiryDrops, s.authFails} {
+		t.stop()
+	}
 	return err
 }
 
@@ -433,8 +465,73 @@ func (s *Server) waitToken(ctx context.Context) (Token, error) {
 	}
 }
 
+// tokenOutage is why no upstream can be authenticated now: no valid Entra token is held.
+type tokenOutage struct {
+	since time.Time // when the last token expired, or when the proxy started if none came
+	last  error     // the token source's last error; nil if it does not say
+}
+
+func (e *tokenOutage) Error() string {
+	msg := "no valid Entra token since " + e.since.UTC().Format(time.RFC3339)
+	if e.last != nil {
+		msg += "; last Entra error: " + truncate(oneLine(e.last.Error()), 300)
+	}
+	return msg
+}
+
+// oneLine squeezes azidentity's multi-line error text (with rules of dashes) into one short line.
+func oneLine(s string) string {
+	words := strings.Fields(s)
+	kept := words[:0]
+	for _, w := range words {
+		if strings.Trim(w, "-") != "" {
+			kept = append(kept, w)
+		}
+	}
+	return strings.Join(kept, " ")
+}
+
+// remedy is what to check, for the log and the client.
+func (e *tokenOutage) remedy() string {
+	return "check the identity endpoint (managed identity: IMDS or the pod's workload identity webhook; Entra ID " +
+		"status) and ENTRA_REDIS_PROXY_CREDENTIAL; the proxy retries every second and serves clients again as soon as a token arrives"
+}
+
+// attrs describe the outage on a log line.
+func (e *tokenOutage) attrs() []any {
+	a := []any{"no_valid_token_since", e.since.UTC().Format(time.RFC3339), "remedy", e.remedy()}
+	if e.last != nil {
+		a = append(a, "last_entra_error", e.last.Error())
+	}
+	return a
+}
+
+// outage returns the token outage in progress: the token expired (or none came and an attempt failed). Nil
+// while a valid token is held, or while the first is on its way. A token without an expiry never expires.
+func (s *Server) outage() *tokenOutage {
+	tok, _ := s.opts.Tokens.Current()
+	if tok.Secret != "" && (tok.ExpiresOn.IsZero() || time.Now().Before(tok.ExpiresOn)) {
+		return nil
+	}
+	var last error
+	if le, ok := s.opts.Tokens.(interface{ LastError() error }); ok {
+		last = le.LastError()
+	}
+	switch {
+	case tok.Secret != "":
+		return &tokenOutage{since: tok.ExpiresOn, last: last}
+	case last != nil:
+		return &tokenOutage{since: s.epoch, last: last}
+	}
+	return nil
+}
+
 // dialUpstream opens and authenticates an upstream connection, waiting for the first token if need be.
+// Without a valid token it does not dial: the cache would refuse the AUTH anyway.
 func (s *Server) dialUpstream(ctx context.Context) (*pooled, error) {
+	if o := s.outage(); o != nil {
+		return nil, o
+	}
 	tok, err := s.waitToken(ctx)
 	if err != nil {
 		return nil, err

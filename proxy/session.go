@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -27,7 +28,7 @@ const (
 
 const (
 	maxInlineBuf = 128 << 10       // an inline command (at most 64 KiB in redis) must be buffered whole
-	maxHeadBuf   = 1 << 20         // a reply's head (e.g. a pub/sub channel name) must be buffered whole
+	headSlack    = 64 << 10        // a reply's head beyond its longest bulk (a pub/sub channel name): types, lengths, count
 	drainQuiet   = 5 * time.Second // a client that closed its side waits this long for a reply to progress
 )
 
@@ -72,6 +73,9 @@ type session struct {
 	relink    chan relinked           // a reconnect's new upstream, from the client loop to the reply loop
 	moving    atomic.Bool             // a maintenance move: the reply loop leaves the old upstream between frames
 	recycling atomic.Bool             // the upstream goes back to the pool: the reply loop must not close it
+	// clientFault: the client broke the protocol inside a streamed command; the server answers it and
+	// closes, and the client loop (not the reply loop) then closes the client, with a FIN.
+	clientFault atomic.Bool
 
 	cl clientSide // owned by the client loop
 	rl replySide  // owned by the reply loop
@@ -93,6 +97,7 @@ type clientSide struct {
 	writeBy time.Time  // up's write deadline in force
 	dirty   bool       // the client changed the connection state (see dirties): not for the pool
 	authed  bool       // the client gave LOCAL_PASSWORD, or none is set
+	in      readBuf    // the client's input
 	quit    bool       // the client sent QUIT: nothing after it is read
 	subSent bool       // a command that may change RESP2 subscribed mode was sent since it was last known
 	drain   drainState // the server shuts down: close at the next safe point
@@ -178,8 +183,16 @@ func (s *session) dropConn(c net.Conn) {
 
 // run serves the client until either side closes. It owns the session's goroutines and waits for them.
 func (s *session) run(ctx context.Context) {
-	s.log.Info("client connected", "client", s.client.RemoteAddr().String())
+	s.log.Log(ctx, s.srv.opts.ConnLogLevel, "client connected", "client", s.client.RemoteAddr().String())
 
+	// With LOCAL_PASSWORD, no upstream is opened for a client before it has given it.
+	if s.srv.opts.LocalPassword != "" {
+		if err := s.preAuth(); err != nil {
+			s.close(err)
+			s.finish()
+			return
+		}
+	}
 	if err := s.connect(ctx); err != nil {
 		s.refuse(err)
 		s.finish()
@@ -213,7 +226,11 @@ func (s *session) serve() {
 				break
 			}
 		}
-		if !errors.Is(rerr, errRecycled) {
+		switch {
+		case errors.Is(rerr, errRecycled):
+		case s.clientFault.Load():
+			s.led.close() // the client loop closes the client, after the server's answer to its fault
+		default:
 			s.close(rerr)
 		}
 	}()
@@ -264,11 +281,12 @@ func (s *session) recyclable(cerr error) bool {
 
 // finish logs the connection's end and releases what it held.
 func (s *session) finish() {
+	s.cl.in.release()
 	cause := "client closed"
 	if s.closeErr != nil && !errors.Is(s.closeErr, io.EOF) && !errors.Is(s.closeErr, errClientQuit) {
 		cause = s.closeErr.Error()
 	}
-	s.log.Info("client disconnected", "upstream_client_id", s.upID.Load(),
+	s.log.Log(context.Background(), s.srv.opts.ConnLogLevel, "client disconnected", "upstream_client_id", s.upID.Load(),
 		"duration", time.Since(s.opened).Round(time.Millisecond).String(),
 		"bytes_in", s.bytesIn.Load(), "bytes_out", s.bytesOut.Load(), "cause", cause)
 }
@@ -311,8 +329,12 @@ func (s *session) poke(bits uint32) {
 	s.client.SetReadDeadline(pokeTime)
 }
 
-// connect takes a pooled upstream or dials and authenticates a new one.
+// connect takes a pooled upstream or dials and authenticates a new one. Without a valid token it fails at
+// once: a pooled upstream is on the expired token too.
 func (s *session) connect(ctx context.Context) error {
+	if o := s.srv.outage(); o != nil {
+		return o
+	}
 	ctx, cancel := context.WithTimeout(ctx, s.srv.opts.DialTimeout)
 	defer cancel()
 	var c *pooled
@@ -345,10 +367,18 @@ func (s *session) connect(ctx context.Context) error {
 
 // refuse tells a client whose upstream could not be set up why, as the reply to its first command.
 func (s *session) refuse(err error) {
-	s.log.Error("cannot serve client", "err", err, "remedy", Remedy(err))
+	if o := (*tokenOutage)(nil); errors.As(err, &o) {
+		s.srv.obs.ClientRejected("no_token")
+		s.srv.noToken.add("", append(o.attrs(), "client", s.client.RemoteAddr().String())...)
+		err = fmt.Errorf("%w; %s", err, o.remedy())
+	} else {
+		s.log.Error("cannot serve client", "err", err, "remedy", Remedy(err))
+	}
 	s.client.SetDeadline(time.Now().Add(5 * time.Second))
-	var b [512]byte
-	s.client.Read(b[:]) // the client's first command, so the error is its reply rather than a reset
+	if in := &s.cl.in; in.r == in.w {
+		var b [512]byte
+		s.client.Read(b[:]) // the client's first command, so the error is its reply rather than a reset
+	}
 	s.client.Write(resp.AppendError(nil, clientMessage(err)))
 	s.close(err)
 }

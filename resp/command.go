@@ -15,6 +15,9 @@ const (
 	inlineMax = 64 << 10
 	// maxMultibulk is the largest multibulk count Redis 7.0 accepts (INT_MAX).
 	maxMultibulk = math.MaxInt32
+	// MaxUnauthArgs and MaxUnauthBulk are Redis's bounds on a multibulk command before AUTH (networking.c).
+	MaxUnauthArgs = 10
+	MaxUnauthBulk = 16384
 	// keepArgs bounds the argument slice a CommandParser keeps between commands, so one huge command
 	// does not pin its memory for the life of the connection.
 	keepArgs = 1024
@@ -25,6 +28,9 @@ const (
 type CommandParser struct {
 	// MaxBulk is the largest bulk length accepted; 0 means DefaultMaxBulk (Redis's proto-max-bulk-len).
 	MaxBulk int64
+	// Unauthenticated applies Redis's limits for a client that has not authenticated yet: at most
+	// MaxUnauthArgs arguments of at most MaxUnauthBulk bytes in a multibulk command.
+	Unauthenticated bool
 
 	args [][]byte // Command.Args storage, reused
 	offs []int    // inline arguments as start/end offsets into buf
@@ -80,6 +86,9 @@ func (p *CommandParser) parseMultibulk(b []byte) (Command, int, error) {
 	if !ok || count > maxMultibulk {
 		return Command{}, 0, errInvalidMultibulk
 	}
+	if p.Unauthenticated && count > MaxUnauthArgs {
+		return Command{}, 0, errUnauthMultibulk
+	}
 	pos := cr + 2
 	if count <= 0 {
 		return Command{}, pos, nil
@@ -101,6 +110,9 @@ func (p *CommandParser) parseMultibulk(b []byte) (Command, int, error) {
 		size, ok := parseInt(b[pos+1 : cr])
 		if !ok || size < 0 || size > maxBulk {
 			return Command{}, 0, errInvalidBulk
+		}
+		if p.Unauthenticated && size > MaxUnauthBulk {
+			return Command{}, 0, errUnauthBulk
 		}
 		pos = cr + 2
 		// Redis skips the two bytes after the body without checking that they are CRLF.

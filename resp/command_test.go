@@ -240,3 +240,21 @@ func TestAppend(t *testing.T) {
 		t.Errorf("AppendError = %q", got)
 	}
 }
+
+// Redis 7.0 with requirepass answers these before AUTH (compared by hand against redis-server 7.0.15).
+func TestParseUnauthenticated(t *testing.T) {
+	p := CommandParser{Unauthenticated: true}
+	ten := "*10\r\n" + strings.Repeat("$1\r\na\r\n", 10)
+	for _, tc := range []parseCase{
+		{name: "10 arguments", in: ten, args: strings.Split(strings.Repeat("a", 10), "")},
+		{name: "11 arguments", in: "*11\r\n", err: "unauthenticated multibulk length"},
+		{name: "bulk at 16384", in: "*1\r\n$16384\r\n" + strings.Repeat("x", 16384) + "\r\n", args: []string{strings.Repeat("x", 16384)}},
+		{name: "bulk over 16384", in: "*2\r\n$16385\r\n", err: "unauthenticated bulk length"},
+		{name: "invalid first", in: "*1\r\n$-2\r\n", err: "invalid bulk length"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cmd, n, err := p.Parse([]byte(tc.in))
+			checkParse(t, tc, cmd, n, err)
+		})
+	}
+}

@@ -26,6 +26,8 @@ var (
 	errTooBigBulk       = &ProtocolError{"too big bulk count string"}
 	errTooBigInline     = &ProtocolError{"too big inline request"}
 	errUnbalancedQuotes = &ProtocolError{"unbalanced quotes in request"}
+	errUnauthMultibulk  = &ProtocolError{"unauthenticated multibulk length"}
+	errUnauthBulk       = &ProtocolError{"unauthenticated bulk length"}
 )
 
 // errExpectedDollar words the error for a bulk header starting with c. Redis formats it with %c and then

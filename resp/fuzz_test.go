@@ -47,6 +47,23 @@ func FuzzParse(f *testing.F) {
 		case err != ErrIncomplete:
 			t.Fatalf("Parse(%q) unexpected error %v", in, err)
 		}
+		// Before AUTH, the limits (on multibulk commands only) only add errors: what parses there parses the
+		// same after.
+		un := CommandParser{Unauthenticated: true}
+		cmd, unN, unErr := un.Parse(in)
+		multibulk := len(in) > 0 && in[0] == '*'
+		switch {
+		case unErr == nil && (err != nil || unN != n || (multibulk && len(cmd.Args) > MaxUnauthArgs)):
+			t.Fatalf("Parse(%q) before AUTH = %d args, %d bytes; after, %d bytes, %v", in, len(cmd.Args), unN, n, err)
+		case unErr != nil && !errors.Is(unErr, errUnauthMultibulk) && !errors.Is(unErr, errUnauthBulk) &&
+			(err == nil || unErr.Error() != err.Error()):
+			t.Fatalf("Parse(%q) before AUTH: %v; after: %v", in, unErr, err)
+		}
+		for _, a := range cmd.Args {
+			if len(a) > MaxUnauthBulk && multibulk {
+				t.Fatalf("Parse(%q) before AUTH passed a %d-byte argument", in, len(a))
+			}
+		}
 	})
 }
 

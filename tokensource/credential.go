@@ -63,7 +63,11 @@ func NewCredential(kind, miClientID, miResourceID string) (azcore.TokenCredentia
 		}
 		cred, err = azidentity.NewDefaultAzureCredential(nil)
 	case KindManagedIdentity:
-		var o azidentity.ManagedIdentityCredentialOptions
+		// azidentity retries a managed identity endpoint's 5xx itself, for up to about 80 s (6 tries, 2 s
+		// doubling), inside one GetToken: the Source's request timeout then cuts it, and its error says
+		// "no answer" instead of the endpoint's. The Source retries (every second during an outage), so one
+		// GetToken makes one request and reports what the endpoint said.
+		o := azidentity.ManagedIdentityCredentialOptions{ClientOptions: azcore.ClientOptions{Retry: policy.RetryOptions{MaxRetries: -1}}}
 		switch {
 		case miClientID != "":
 			o.ID = azidentity.ClientID(miClientID)

@@ -24,7 +24,14 @@
 // backoff and full jitter (a random wait up to 1s, 2s, 4s, ... 30s), each wait capped at half the
 // time left on the current token so that retries keep landing before it expires, and never below 50ms.
 // Every attempt after "the same token" uses a fresh credential. Retries go on for as long as it takes;
-// Run never gives up on fetch errors. Each GetToken call has Options.RequestTimeout.
+// Run never gives up on fetch errors. Each GetToken call has Options.RequestTimeout, cut to half the time
+// left on the current token (but not below 7 s), so that no request outlives the token by more than 7 s.
+//
+// While no valid token is held (the current one expired, or none came yet) and the last attempt failed,
+// the Source is in an outage: a new attempt starts every second, without waiting for the ones still out,
+// up to 8 at once, each bounded by 7 s. A hanging identity endpoint therefore costs no recovery time: the
+// proxy holds a token within about a second of the endpoint answering again. LastError says why there is
+// none meanwhile; the log says it once a minute (with the number of failed attempts), not every second.
 //
 // Refresh fetches at once (after Azure refused a token), with a fresh credential; concurrent callers
 // and Run share one fetch, and a Refresh less than 5 seconds after the end of the last fetch returns
@@ -64,6 +71,15 @@ const (
 	refreshMinInterval = 5 * time.Second
 	// defaultRequestTimeout bounds a GetToken call when Options.RequestTimeout is zero.
 	defaultRequestTimeout = 30 * time.Second
+	// outageEvery is how often an attempt starts during an outage (no valid token, the last attempt
+	// failed), whether or not earlier ones have answered: recovery comes within about this long of the
+	// endpoint answering again.
+	outageEvery = time.Second
+	// maxOutageAttempts bounds the attempts in flight at once during an outage; outageRequestTimeout
+	// bounds each, so that in a hang one has timed out before the next is due and a slot is always free.
+	// Eight match the token fetches the proxy's descriptor budget reserves (cmd/entra-redis-proxy/limits.go).
+	maxOutageAttempts    = 8
+	outageRequestTimeout = (maxOutageAttempts - 1) * outageEvery
 )
 
 // Options configure a Source.
@@ -99,7 +115,10 @@ type Source struct {
 	inflight  *call                  // the fetch in progress, shared by all who ask meanwhile
 	lastFetch time.Time              // when the last fetch ended
 	lastErr   error                  // the last fetch's error, nil after a success
-	running   bool                   // Run is active
+	// For logFailure: when it last logged, and the failures since.
+	loggedAt time.Time
+	unlogged int
+	running  bool // Run is active
 }
 
 // call is one fetch, shared by Run and concurrent Refresh callers.
@@ -177,24 +196,46 @@ func (s *Source) Run(ctx context.Context) error {
 		s.mu.Unlock()
 	}()
 
-	failures := 0 // attempts since the last new token
+	// Attempts started during an outage run on their own; Run cancels them and waits before it returns.
+	var outage outageAttempts
+	outage.renew(ctx)
+	defer outage.stop()
+
+	failures := 0           // attempts since the last new token
+	var lastStart time.Time // when the last attempt started
 	for {
+		now := time.Now()
 		s.mu.Lock()
-		wait := s.nextWait(time.Now(), failures)
+		wait := s.nextWait(now, failures)
+		inOutage := s.inOutage(now)
 		changed := s.changed
 		s.mu.Unlock()
 
+		if inOutage {
+			wait = max(0, lastStart.Add(outageEvery).Sub(now))
+			if wait == 0 {
+				if outage.start(s) {
+					lastStart = now
+				}
+				wait = outageEvery // (with every slot taken: look again when the next start is due)
+			}
+		}
 		timer := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
 			timer.Stop()
 			return nil
-		case <-changed: // Refresh got a new token: plan from it
+		case <-changed: // a new token (from an outage attempt or Refresh): plan from it
 			timer.Stop()
 			failures = 0
+			outage.renew(ctx) // the outage is over: its attempts still out are not needed
 			continue
 		case <-timer.C:
 		}
+		if inOutage {
+			continue
+		}
+		lastStart = time.Now()
 		if _, err := s.fetch(ctx, false); err != nil && ctx.Err() != nil {
 			return nil
 		}
@@ -206,6 +247,77 @@ func (s *Source) Run(ctx context.Context) error {
 		}
 		s.mu.Unlock()
 	}
+}
+
+// outageLogEvery is how often a failure is logged during an outage, when attempts fail every second.
+const outageLogEvery = time.Minute
+
+// logFailure logs a failed attempt: each one while a valid token is held, and during an outage one a minute,
+// with the number of failures it stands for.
+func (s *Source) logFailure(err error, expires time.Time) {
+	s.mu.Lock()
+	now := time.Now()
+	s.unlogged++
+	if s.inOutage(now) && now.Sub(s.loggedAt) < outageLogEvery {
+		s.mu.Unlock()
+		return
+	}
+	n := s.unlogged
+	s.unlogged, s.loggedAt = 0, now
+	s.mu.Unlock()
+	s.log.Warn("getting an Entra token failed; retrying", "error", err, "current_expires_on", expires, "failures", n)
+}
+
+// outageAttempts are the attempts Run starts during an outage without waiting for them.
+type outageAttempts struct {
+	ctx    context.Context // ends when the outage does (a new token) or Run returns
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	slots  chan struct{} // one per attempt in flight
+}
+
+// renew cancels the attempts in flight and starts a new set under parent.
+func (o *outageAttempts) renew(parent context.Context) {
+	if o.cancel != nil {
+		o.cancel()
+	}
+	if o.slots == nil {
+		o.slots = make(chan struct{}, maxOutageAttempts)
+	}
+	o.ctx, o.cancel = context.WithCancel(parent)
+}
+
+// start starts an attempt unless maxOutageAttempts are in flight.
+func (o *outageAttempts) start(s *Source) bool {
+	select {
+	case o.slots <- struct{}{}:
+	default:
+		return false
+	}
+	ctx := o.ctx
+	o.wg.Go(func() {
+		defer func() { <-o.slots }()
+		s.attempt(ctx, &call{done: make(chan struct{})}, false)
+	})
+	return true
+}
+
+func (o *outageAttempts) stop() {
+	o.cancel()
+	o.wg.Wait()
+}
+
+// inOutage reports whether no valid token is held and the last attempt failed. s.mu must be held.
+func (s *Source) inOutage(now time.Time) bool {
+	return s.lastErr != nil && (s.cur.Secret == "" || !now.Before(s.cur.ExpiresOn))
+}
+
+// LastError returns the error of the last attempt, or nil if it succeeded (or none ended yet). With an
+// expired token (or none), it is why the proxy has no valid one.
+func (s *Source) LastError() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lastErr
 }
 
 // nextWait is how long Run waits before its next attempt, failures attempts after the last new token.
@@ -235,6 +347,18 @@ func (s *Source) due() time.Time {
 		due = s.refreshOn
 	}
 	return due
+}
+
+// requestTimeout bounds one GetToken call: Options.RequestTimeout, but no more than half the time left on
+// a valid token, or outageRequestTimeout if that is longer (a short-lived token must still leave a request
+// time to be answered), so that a hung request ends soon after the token does and the outage's attempts
+// take over. s.mu must be held.
+func (s *Source) requestTimeout(now time.Time) time.Duration {
+	left := time.Duration(0)
+	if s.cur.Secret != "" {
+		left = s.cur.ExpiresOn.Sub(now)
+	}
+	return min(s.opts.RequestTimeout, max(left/2, outageRequestTimeout))
 }
 
 // cacheWouldHold reports whether MSAL would still hand back the current token at now. s.mu must be held.
@@ -296,8 +420,10 @@ func (s *Source) fetch(ctx context.Context, fresh bool) (Token, error) {
 // attempt performs call c: one GetToken with a timeout, then adopts the token if it is new.
 func (s *Source) attempt(ctx context.Context, c *call, fresh bool) {
 	s.mu.Lock()
+	started := time.Now()
 	cred := s.cred
-	fresh = fresh || s.stale || s.cacheWouldHold(time.Now())
+	fresh = fresh || s.stale || s.cacheWouldHold(started)
+	timeout := s.requestTimeout(started)
 	s.mu.Unlock()
 
 	result := ResultError
@@ -314,7 +440,7 @@ func (s *Source) attempt(ctx context.Context, c *call, fresh bool) {
 				s.log.Warn("could not build a fresh Entra credential; using the previous one", "error", err)
 			}
 		}
-		gctx, cancel := context.WithTimeout(ctx, s.opts.RequestTimeout)
+		gctx, cancel := context.WithTimeout(ctx, timeout)
 		defer cancel()
 		if fresh {
 			gctx = withBypassCache(gctx)
@@ -322,7 +448,7 @@ func (s *Source) attempt(ctx context.Context, c *call, fresh bool) {
 		var err error
 		tok, err = cred.GetToken(gctx, policy.TokenRequestOptions{Scopes: []string{s.opts.Scope}})
 		if err != nil && ctx.Err() == nil && errors.Is(gctx.Err(), context.DeadlineExceeded) {
-			return fmt.Errorf("get token for %s: no answer within %v: %w", s.opts.Scope, s.opts.RequestTimeout, err)
+			return fmt.Errorf("get token for %s: no answer within %v: %w", s.opts.Scope, timeout, err)
 		}
 		if err != nil {
 			return fmt.Errorf("get token for %s: %w", s.opts.Scope, err)
@@ -355,16 +481,19 @@ func (s *Source) attempt(ctx context.Context, c *call, fresh bool) {
 		}
 	}
 
-	canceled := err != nil && ctx.Err() != nil // the owner gave up: no attempt to count
 	s.mu.Lock()
+	// The owner gave up, or (during an outage, attempts overlap) a newer attempt already brought a token:
+	// no failure to count.
+	canceled := err != nil && (ctx.Err() != nil || s.acquired.After(started))
 	s.cred = cred
 	if !canceled {
 		s.lastFetch, s.lastErr = now, err
 		s.stale = result == ResultUnchanged || (result == ResultError && s.stale)
 	}
-	first := false
+	first, unlogged := false, 0
 	if result == ResultOK {
 		first = s.cur.Secret == ""
+		unlogged, s.unlogged = s.unlogged, 0
 		s.cur, s.acquired, s.refreshOn = next, now, tok.RefreshOn
 		close(s.changed)
 		s.changed = make(chan struct{})
@@ -372,7 +501,9 @@ func (s *Source) attempt(ctx context.Context, c *call, fresh bool) {
 	c.tok, c.err = s.cur, err
 	c.canceled = canceled
 	expires := s.cur.ExpiresOn
-	s.inflight = nil
+	if s.inflight == c {
+		s.inflight = nil
+	}
 	s.mu.Unlock()
 	close(c.done)
 
@@ -382,13 +513,14 @@ func (s *Source) attempt(ctx context.Context, c *call, fresh bool) {
 			close(s.ready)
 		}
 		s.log.Info("new Entra token", "username", next.Username, "expires_on", next.ExpiresOn,
-			"lifetime", next.ExpiresOn.Sub(now).Round(time.Second), "fresh_credential", fresh)
+			"lifetime", next.ExpiresOn.Sub(now).Round(time.Second), "fresh_credential", fresh,
+			"failures_not_logged", unlogged)
 	case ResultUnchanged:
 		s.log.Debug("Entra credential returned the current token again; retrying later with a fresh credential",
 			"expires_on", expires, "fresh_credential", fresh)
 	default:
 		if !canceled {
-			s.log.Warn("getting an Entra token failed; retrying", "error", err, "current_expires_on", expires)
+			s.logFailure(err, expires)
 		}
 	}
 	if s.opts.OnRefresh != nil && !canceled {

@@ -2,6 +2,7 @@ package tokensource
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore/policy"
 )
 
 // The schedule tests run in synctest bubbles: time is fake and jumps ahead whenever every goroutine of the
@@ -205,8 +207,10 @@ func TestFailuresAreRetriedWithBackoffBeforeExpiry(t *testing.T) {
 		if !last.Before(expiry) {
 			t.Errorf("last attempt at +%v, after expiry", last.Sub(start))
 		}
+		// Each failure is logged while a token is held; the 3 before the first one are an outage, whose
+		// failures make one line a minute (here the first), counting them.
 		warns := strings.Count(logs.String(), `"level":"WARN"`)
-		if warns != rl.count(ResultError) || warns < 3+50 {
+		if warns != rl.count(ResultError)-2 || warns < 1+50 {
 			t.Errorf("%d warnings for %d errors", warns, rl.count(ResultError))
 		}
 		if !strings.Contains(logs.String(), "AADSTS7000215: Invalid client secret provided.") {
@@ -462,6 +466,98 @@ func TestRunTwice(t *testing.T) {
 		cancel()
 		if err := <-done; err != nil {
 			t.Errorf("Run: %v", err)
+		}
+	})
+}
+
+// outageCred answers by the time of the call: a token until failFrom, then hangs (until the request's
+// context ends) until answerFrom, then tokens again. It records how many calls are in flight at most.
+type outageCred struct {
+	t                    testing.TB
+	lifetime             time.Duration
+	failFrom, answerFrom time.Time
+
+	mu             sync.Mutex
+	inflight, peak int
+	issued         int
+}
+
+func (c *outageCred) GetToken(ctx context.Context, _ policy.TokenRequestOptions) (azcore.AccessToken, error) {
+	c.mu.Lock()
+	c.inflight++
+	c.peak = max(c.peak, c.inflight)
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		c.inflight--
+		c.mu.Unlock()
+	}()
+	if now := time.Now(); !now.Before(c.failFrom) && now.Before(c.answerFrom) {
+		<-ctx.Done() // a hung endpoint: the answer never comes
+		return azcore.AccessToken{}, ctx.Err()
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.issued++
+	return azcore.AccessToken{Token: jwt(c.t, map[string]any{"oid": testOID, "n": c.issued}),
+		ExpiresOn: time.Now().Add(c.lifetime)}, nil
+}
+
+// An identity endpoint that hangs past the token's life: once it answers again, a token arrives within
+// outageEvery (no request is waited out), with at most maxOutageAttempts requests out at once, and
+// LastError says why there was none meanwhile.
+func TestOutageRecoversWithinASecondAfterAHang(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		start := time.Now()
+		cred := &outageCred{t: t, lifetime: time.Minute, failFrom: start.Add(time.Second),
+			answerFrom: start.Add(10 * time.Minute)}
+		s, _, logs := newTestSource(t, &issuer{t: t}, Options{})
+		s.newCred = func() (azcore.TokenCredential, error) { return cred, nil }
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- s.Run(ctx) }()
+		<-s.Ready()
+		first, changed := s.Current()
+
+		time.Sleep(time.Until(first.ExpiresOn.Add(time.Second)))
+		if s.Valid() {
+			t.Fatal("Valid after the token expired")
+		}
+		if err := s.LastError(); err == nil || !strings.Contains(err.Error(), "no answer within") {
+			t.Errorf("LastError during the outage = %v, want the timeout", err)
+		}
+		<-changed
+		if got := time.Since(cred.answerFrom); got > outageEvery {
+			t.Errorf("new token %v after the endpoint answered again, want at most %v", got, outageEvery)
+		}
+		if s.LastError() != nil {
+			t.Errorf("LastError after recovery = %v, want nil", s.LastError())
+		}
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatalf("Run: %v", err)
+		}
+		if cred.peak > maxOutageAttempts {
+			t.Errorf("%d requests in flight at once, want at most %d", cred.peak, maxOutageAttempts)
+		}
+		if cred.peak < 2 {
+			t.Errorf("at most %d request in flight: the outage's attempts did not overlap", cred.peak)
+		}
+		// Some failures before expiry (each logged), then 9 minutes of one a second: a line a minute, each
+		// with its count (the last minute's are not logged: the token came first).
+		var lines, counted int
+		for _, l := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
+			var rec struct {
+				Level    string
+				Failures int
+			}
+			if json.Unmarshal([]byte(l), &rec) == nil && rec.Level == "WARN" {
+				lines++
+				counted += rec.Failures
+			}
+		}
+		if lines > 20 || counted < 400 {
+			t.Errorf("%d warning lines counting %d failures during a 9-minute outage, want about one a minute counting each", lines, counted)
 		}
 	})
 }

@@ -40,6 +40,7 @@ type Config struct {
 	QuitQuitQuit      bool          `envconfig:"ENTRA_REDIS_PROXY_QUITQUITQUIT" default:"false" desc:"serve POST /quitquitquit on ADMIN_LISTEN, which starts the same shutdown as SIGTERM"`
 	LogFormat         string        `envconfig:"ENTRA_REDIS_PROXY_LOG_FORMAT" default:"text" desc:"text or json"`
 	LogLevel          string        `envconfig:"ENTRA_REDIS_PROXY_LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
+	LogConnections    bool          `envconfig:"ENTRA_REDIS_PROXY_LOG_CONNECTIONS" default:"true" desc:"log each client connection's open and close at info; false logs them at debug (lines about tokens, errors and refusals stay)"`
 	Pprof             bool          `envconfig:"ENTRA_REDIS_PROXY_PPROF" default:"false" desc:"serve /debug/pprof on ADMIN_LISTEN"`
 	ReconnectTimeout  time.Duration `envconfig:"ENTRA_REDIS_PROXY_RECONNECT_TIMEOUT" default:"30s" desc:"when the cache closes an upstream connection with no reply outstanding (failover, patch, restart), dial a new one for at most this long and restore the connection's state, so the app sees nothing; 0 closes the client connection instead"`
 	MaintenanceEvents bool          `envconfig:"ENTRA_REDIS_PROXY_MAINTENANCE_EVENTS" default:"true" desc:"listen for Azure Cache for Redis maintenance announcements (pub/sub channel AzureRedisEvents, one connection) and move connections to new upstream connections before a node's maintenance closes them"`

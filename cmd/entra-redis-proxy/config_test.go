@@ -128,6 +128,7 @@ func TestConfigVariables(t *testing.T) {
 		{tag: "QUITQUITQUIT", def: false, valid: env{"QUITQUITQUIT": "true"}, want: true, invalid: []env{{"QUITQUITQUIT": "on"}}},
 		{tag: "LOG_FORMAT", def: "text", valid: env{"LOG_FORMAT": "json"}, want: "json", invalid: []env{{"LOG_FORMAT": "xml"}}},
 		{tag: "LOG_LEVEL", def: "info", valid: env{"LOG_LEVEL": "debug"}, want: "debug", invalid: []env{{"LOG_LEVEL": "loud"}}},
+		{tag: "LOG_CONNECTIONS", def: true, valid: env{"LOG_CONNECTIONS": "false"}, want: false, invalid: []env{{"LOG_CONNECTIONS": "some"}}},
 		{tag: "POOL_SIZE", def: 4, valid: env{"POOL_SIZE": "0"}, want: 0, invalid: []env{{"POOL_SIZE": "-1"}, {"POOL_SIZE": "many"}}},
 		{tag: "PPROF", def: false, valid: env{"PPROF": "true"}, want: true, invalid: []env{{"PPROF": "2"}}},
 		{tag: "MAX_BULK_BYTES", def: ByteSize(512 << 20), valid: env{"MAX_BULK_BYTES": "1MB"}, want: ByteSize(1e6),

@@ -8,6 +8,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -872,5 +873,38 @@ func TestConnectionLimitFromNofile(t *testing.T) {
 	p.awaitStatus("/readiness", http.StatusOK, 10*time.Second)
 	if reply, err := rawPing(p.listen); err != nil || reply != "+PONG\r\n" {
 		t.Errorf("a client after one left: %q, %v; want +PONG", reply, err)
+	}
+}
+
+// net/http logs its own errors (here a handler's panic, as an accept failure at the open-file limit would
+// be) through ErrorLog: with LOG_FORMAT=json they must come out as JSON lines of the proxy's logger.
+func TestHTTPServerErrorsGoThroughSlog(t *testing.T) {
+	var out syncBuffer
+	log, err := newLogger(&Config{LogFormat: "json", LogLevel: "info"}, &out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := newHTTPServer(log, http.HandlerFunc(func(http.ResponseWriter, *http.Request) { panic("boom") }))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- hs.Serve(ln) }()
+	if resp, err := http.Get("http://" + ln.Addr().String() + "/"); err == nil {
+		resp.Body.Close()
+	}
+	hs.Close() // waits for nothing, but the panic was logged before the connection closed
+	<-done
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	if len(lines) != 1 {
+		t.Fatalf("want one log line for the panic, got %d:\n%s", len(lines), out.String())
+	}
+	var rec map[string]any
+	if err := json.Unmarshal([]byte(lines[0]), &rec); err != nil {
+		t.Fatalf("not JSON: %v\n%s", err, lines[0])
+	}
+	if rec["level"] != "WARN" || rec["component"] != "http" || !strings.Contains(fmt.Sprint(rec["msg"]), "http: panic serving") {
+		t.Errorf("the panic's line: %v", rec)
 	}
 }

@@ -83,6 +83,13 @@ func newTokenSource(cfg *Config, log *slog.Logger, onRefresh func(string, time.T
 	})
 }
 
+// newHTTPServer returns the server of an HTTP listener. net/http's own errors (an accept failure at the
+// open-file limit, a handler's panic) go through slog as warnings, so JSON logs stay JSON.
+func newHTTPServer(log *slog.Logger, h http.Handler) *http.Server {
+	return &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second,
+		ErrorLog: slog.NewLogLogger(log.With("component", "http").Handler(), slog.LevelWarn)}
+}
+
 // listen opens the listener of setting (LISTEN, ADMIN_LISTEN): TCP, or a unix socket that only this user may use.
 func listen(setting, addr string) (net.Listener, func(), error) {
 	path, ok := strings.CutPrefix(addr, "unix:")
@@ -142,12 +149,16 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 		log.Error("invalid TLS settings", "err", err)
 		return exitConfig
 	}
+	connLevel := slog.LevelInfo
+	if !cfg.LogConnections {
+		connLevel = slog.LevelDebug
+	}
 	srv, err := proxy.New(proxy.Options{
 		Tokens: src, Dialer: &proxy.TLSDialer{Addr: cfg.Upstream, Config: tc},
 		Logger: log, Observer: m, MaxConnections: limit.limit, DialTimeout: cfg.DialTimeout,
 		IdlePing: cfg.IdlePing, MaxBulk: int64(cfg.MaxBulkBytes), LocalPassword: cfg.LocalPassword,
 		PoolSize: cfg.PoolSize, ReconnectTimeout: reconnectTimeout(cfg.ReconnectTimeout),
-		MaintenanceEvents: cfg.MaintenanceEvents,
+		MaintenanceEvents: cfg.MaintenanceEvents, ConnLogLevel: connLevel,
 	})
 	if err != nil {
 		log.Error("cannot start", "err", err)
@@ -169,7 +180,7 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 	// startHTTP serves mux on hln until stopHTTP; failMsg is logged if Serve fails.
 	var httpSrvs []*http.Server
 	startHTTP := func(failMsg string, mux *http.ServeMux, hln net.Listener) {
-		hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		hs := newHTTPServer(log, mux)
 		httpSrvs = append(httpSrvs, hs)
 		wg.Add(1)
 		go func() {
