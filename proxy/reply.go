@@ -38,6 +38,15 @@ func (s *session) replyLoop(up net.Conn) error {
 		if !switched { // after a handover, first handle what the new upstream already sent
 			var n int
 			n, rerr = b.readFrom(up)
+			if rerr == nil && b.filled && b.isSmall() {
+				// More of this batch is likely here already: take it now, so the client gets it in one write.
+				var more int
+				more, rerr = b.readNow(up, stallBy)
+				if s.recycling.Load() {
+					up.SetReadDeadline(pokeTime) // the stop for the pool came meanwhile: don't undo it
+				}
+				n += more
+			}
 			if n > 0 {
 				s.bytesOut.Add(int64(n))
 				s.srv.obs.BytesOut(n)
