@@ -37,9 +37,10 @@ type Observer interface {
 	UpstreamOpened(dial time.Duration)
 	UpstreamClosed()
 	UpstreamError(kind string) // "dial", "tls", "auth", "closed" (the upstream ended a session), "stalled", "protocol"
-	// CommandDone reports one command's time from being read to its reply being written.
-	// name is a lower-case command name from CommandNames, or "other".
-	CommandDone(name string, d time.Duration)
+	// CommandsDone reports n commands of one name that each took d from being read to their reply being
+	// written: the proxy reports a batch's commands read together once. name is a lower-case command name
+	// from CommandNames, or "other".
+	CommandsDone(name string, d time.Duration, n int)
 	BytesIn(n int)        // bytes from clients to the upstream
 	BytesOut(n int)       // bytes from the upstream to clients
 	ReAuth(result string) // "ok", "error"
@@ -59,7 +60,7 @@ func (NopObserver) ClientRejected(string)             {}
 func (NopObserver) UpstreamOpened(time.Duration)      {}
 func (NopObserver) UpstreamClosed()                   {}
 func (NopObserver) UpstreamError(string)              {}
-func (NopObserver) CommandDone(string, time.Duration) {}
+func (NopObserver) CommandsDone(string, time.Duration, int) {}
 func (NopObserver) BytesIn(int)                       {}
 func (NopObserver) BytesOut(int)                      {}
 func (NopObserver) ReAuth(string)                     {}

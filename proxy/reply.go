@@ -186,6 +186,7 @@ func (s *session) writeClient() error {
 	r := &s.rl
 	if len(r.outv) == 0 {
 		s.led.delivered() // replies the proxy consumed count as handled
+		s.reportDone()
 		return nil
 	}
 	armWrite(s.client, &r.writeBy, s.srv.opts.WriteTimeout)
@@ -202,6 +203,7 @@ func (s *session) writeClient() error {
 		return fmt.Errorf("write client: %w", err)
 	}
 	s.led.delivered()
+	s.reportDone()
 	return nil
 }
 
@@ -545,9 +547,20 @@ func (s *session) frameDone() {
 	switch e.act {
 	case actAuth, actDrop, actFail, actMarker:
 	default:
-		s.srv.obs.CommandDone(commandName(e.cmd), time.Duration(s.srv.now()-e.start))
+		if r := &s.rl.done; r.n > 0 && (r.cmd != e.cmd || r.start != e.start) {
+			s.reportDone()
+		}
+		s.rl.done = doneRun{cmd: e.cmd, start: e.start, n: s.rl.done.n + 1}
 	}
 	*f = frame{}
+}
+
+// reportDone reports the run of answered commands to the Observer.
+func (s *session) reportDone() {
+	if r := &s.rl.done; r.n > 0 {
+		s.srv.obs.CommandsDone(commandName(r.cmd), time.Duration(s.srv.now()-r.start), r.n)
+		*r = doneRun{}
+	}
 }
 
 func oneOf(b []byte, words []string) bool {
