@@ -54,14 +54,14 @@ type Observer interface {
 // NopObserver ignores every event.
 type NopObserver struct{}
 
-func (NopObserver) ClientOpened()                     {}
-func (NopObserver) ClientClosed()                     {}
-func (NopObserver) ClientRejected(string)             {}
-func (NopObserver) UpstreamOpened(time.Duration)      {}
-func (NopObserver) UpstreamClosed()                   {}
-func (NopObserver) UpstreamError(string)              {}
+func (NopObserver) ClientOpened()                           {}
+func (NopObserver) ClientClosed()                           {}
+func (NopObserver) ClientRejected(string)                   {}
+func (NopObserver) UpstreamOpened(time.Duration)            {}
+func (NopObserver) UpstreamClosed()                         {}
+func (NopObserver) UpstreamError(string)                    {}
 func (NopObserver) CommandsDone(string, time.Duration, int) {}
-func (NopObserver) BytesIn(int)                       {}
-func (NopObserver) BytesOut(int)                      {}
-func (NopObserver) ReAuth(string)                     {}
-func (NopObserver) Mechanism(string)                  {}
+func (NopObserver) BytesIn(int)                             {}
+func (NopObserver) BytesOut(int)                            {}
+func (NopObserver) ReAuth(string)                           {}
+func (NopObserver) Mechanism(string)                        {}
