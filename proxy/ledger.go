@@ -109,7 +109,7 @@ func (l *ledger) push(es []entry) bool {
 }
 
 func (l *ledger) grow() {
-	size := max(2*len(l.q), 16)
+	size := max(2*len(l.q), 4) // an idle connection after one command keeps a small ring
 	q := make([]entry, size)
 	for i := range l.n {
 		q[i] = l.q[(l.head+i)%len(l.q)]

@@ -259,7 +259,7 @@ declare -A ROW_ARGS=(
 	[a]="-t set,get -c 50 -n $N_A"
 	[b]="-t set,get -c 50 -P 16 -n $N_B"
 	[c]="-t get -c 1 -n $N_C"
-	[d]="-t set,get -c $D_CLIENTS -d 102400 -n $N_D"
+	[d]="-t set,get -c $D_CLIENTS -d 102400 -n $N_D --dbnum 1" # its own database: later GETs read small values
 	[e]="-t get -c 20 -k 0 -n $N_E"
 )
 for ((round = 1; round <= ROUNDS; round++)); do
