@@ -311,6 +311,8 @@ stop_pids "$PROXY_PID"
 start_proxy
 rss() { awk '/^VmRSS:/ { print $2 }' "/proc/$PROXY_PID/status"; } # KiB
 rss_before=$(rss)
+# A stale file would pass the wait below before the new one is created (it did, on a loaded machine).
+rm -f "$OUT/idleclients.out"
 "$BIN/idleclients" -addr "127.0.0.1:$PROXY_PORT" -n "$IDLE_CLIENTS" >"$OUT/idleclients.out" 2>&1 &
 IDLE_PID=$!
 idle_ready() {
