@@ -317,7 +317,7 @@ rm -f "$OUT/idleclients.out"
 IDLE_PID=$!
 idle_ready() {
 	alive "$IDLE_PID" || die "idleclients failed: $(tail -n 3 "$OUT/idleclients.out")"
-	grep -q '^ready' "$OUT/idleclients.out"
+	grep -qs '^ready' "$OUT/idleclients.out"
 }
 wait_until 180 "$IDLE_CLIENTS idle clients" idle_ready
 sleep 3 # let the connection storm's garbage be collected before measuring
