@@ -19,7 +19,7 @@ test-versions: ## run the suites that start redis-server against Redis 6.0.20 an
 demo: ## run the proxy end to end on loopback against a fake Azure cache, with a token rotation (~1 min)
 	scripts/demo.sh
 
-bench: ## compare the proxy with direct TLS and stunnel using redis-benchmark (BENCH_ROUNDS=3); writes .bench/results.md
+bench: ## compare the proxy with direct TLS, stunnel, haproxy and nginx using redis-benchmark (BENCH_ROUNDS=3), count system calls at -P 16; writes .bench/results.md
 	scripts/bench.sh
 
 bench-go: ## run the Go benchmarks (command reading, reply framing, proxied round trip)

@@ -9,7 +9,6 @@ package metrics
 
 import (
 	"net/http"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -48,7 +47,7 @@ type Metrics struct {
 	upstreamOpen    prometheus.Gauge
 	upstreamDial    prometheus.Observer
 	upstreamErrors  labelled
-	commands        map[string]*lazyObserver // every proxy.CommandNames entry and "other"; read-only after New
+	commands        *commandDurations
 	bytesIn         prometheus.Counter
 	bytesOut        prometheus.Counter
 	tokenRefreshes  labelled
@@ -104,17 +103,8 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.upstreamErrors = counterVec("upstream_errors_total",
 		"Upstream connection failures, by kind: dial, tls, auth, closed, token_expired (closed by the cache after the Entra token expired), stalled, protocol.", "kind", upstreamKinds)
 
-	cmd := prometheus.NewHistogramVec(prometheus.HistogramOpts{
-		Namespace: namespace, Name: "command_duration_seconds",
-		Help: "Time from reading a client's command to writing its reply, by lower-case command name " +
-			"(names outside a fixed list count as other).",
-		Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
-	}, []string{"command"})
-	m.collectors = append(m.collectors, cmd)
-	m.commands = make(map[string]*lazyObserver, len(proxy.CommandNames)+1)
-	for _, name := range append([]string{other}, proxy.CommandNames...) {
-		m.commands[name] = &lazyObserver{vec: cmd, name: name}
-	}
+	m.commands = newCommandDurations(append([]string{other}, proxy.CommandNames...))
+	m.collectors = append(m.collectors, m.commands)
 
 	bytes := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: namespace, Name: "bytes_total",
@@ -209,14 +199,8 @@ func (m *Metrics) UpstreamClosed() { m.upstreamOpen.Dec() }
 // UpstreamError implements proxy.Observer.
 func (m *Metrics) UpstreamError(kind string) { m.upstreamErrors.get(kind).Inc() }
 
-// CommandDone implements proxy.Observer. A name outside proxy.CommandNames counts as "other".
-func (m *Metrics) CommandDone(name string, d time.Duration) {
-	o, ok := m.commands[name]
-	if !ok {
-		o = m.commands[other]
-	}
-	o.observe(d.Seconds())
-}
+// CommandsDone implements proxy.Observer. A name outside proxy.CommandNames counts as "other".
+func (m *Metrics) CommandsDone(name string, d time.Duration, n int) { m.commands.observe(name, d, n) }
 
 // BytesIn implements proxy.Observer.
 func (m *Metrics) BytesIn(n int) { m.bytesIn.Add(float64(n)) }
@@ -264,20 +248,3 @@ func (l labelled) get(value string) prometheus.Counter {
 	}
 	return l[other]
 }
-
-// lazyObserver creates its histogram series on first use: with ~130 command names times
-// 16 series per histogram, creating all at New would export thousands of series per
-// sidecar for commands an application never sends.
-type lazyObserver struct {
-	vec  *prometheus.HistogramVec
-	name string
-	once sync.Once
-	obs  prometheus.Observer // set once by once
-}
-
-func (l *lazyObserver) observe(v float64) {
-	l.once.Do(l.resolve)
-	l.obs.Observe(v)
-}
-
-func (l *lazyObserver) resolve() { l.obs = l.vec.WithLabelValues(l.name) }

@@ -23,7 +23,7 @@ func TestLint(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	m := New(reg)
 	// Create the lazily made series too, so that every family has samples to lint.
-	m.CommandDone("get", time.Millisecond)
+	m.CommandsDone("get", time.Millisecond, 1)
 	problems, err := testutil.CollectAndLint(m)
 	if err != nil {
 		t.Fatal(err)
@@ -185,18 +185,18 @@ func samples(t *testing.T, m *Metrics) map[string]map[string]float64 {
 	return out
 }
 
-func TestCommandDone(t *testing.T) {
+func TestCommandsDone(t *testing.T) {
 	m := New(prometheus.NewRegistry())
 	const family = "entra_redis_proxy_command_duration_seconds"
 	if n := testutil.CollectAndCount(m, family); n != 0 {
 		t.Errorf("%d command series before any command, want 0 (series are made on first use)", n)
 	}
-	m.CommandDone("get", time.Millisecond)
-	m.CommandDone("get", 2*time.Millisecond)
-	m.CommandDone("set", time.Millisecond)
-	m.CommandDone("GET", time.Millisecond)        // not lower case: not in the list
-	m.CommandDone("frobnicate", time.Millisecond) // unknown
-	m.CommandDone("", time.Millisecond)
+	m.CommandsDone("get", time.Millisecond, 1)
+	m.CommandsDone("get", 2*time.Millisecond, 1)
+	m.CommandsDone("set", time.Millisecond, 1)
+	m.CommandsDone("GET", time.Millisecond, 1)        // not lower case: not in the list
+	m.CommandsDone("frobnicate", time.Millisecond, 1) // unknown
+	m.CommandsDone("", time.Millisecond, 1)
 
 	got := samples(t, m)[family]
 	want := map[string]float64{"get": 2, "set": 1, "other": 3}
@@ -210,7 +210,7 @@ func TestCommandDone(t *testing.T) {
 	}
 	// Every listed name has its own series.
 	for _, name := range proxy.CommandNames {
-		m.CommandDone(name, time.Millisecond)
+		m.CommandsDone(name, time.Millisecond, 1)
 	}
 	if n, want := testutil.CollectAndCount(m, family), len(proxy.CommandNames)+1; n != want {
 		t.Errorf("%d command series after every listed name, want %d", n, want)
@@ -269,13 +269,13 @@ func scrape(t *testing.T, h http.Handler) string {
 
 func TestHotPathAllocs(t *testing.T) {
 	m := New(prometheus.NewRegistry())
-	m.CommandDone("get", time.Millisecond) // first use creates the series
+	m.CommandsDone("get", time.Millisecond, 1) // first use creates the series
 	for _, tc := range []struct {
 		desc string
 		f    func()
 	}{
-		{"CommandDone known", func() { m.CommandDone("get", time.Millisecond) }},
-		{"CommandDone other", func() { m.CommandDone("frobnicate", time.Millisecond) }},
+		{"CommandsDone known", func() { m.CommandsDone("get", time.Millisecond, 1) }},
+		{"CommandsDone other", func() { m.CommandsDone("frobnicate", time.Millisecond, 1) }},
 		{"BytesIn", func() { m.BytesIn(512) }},
 		{"BytesOut", func() { m.BytesOut(512) }},
 	} {
@@ -288,14 +288,38 @@ func TestHotPathAllocs(t *testing.T) {
 	}
 }
 
-func BenchmarkCommandDone(b *testing.B) {
+func BenchmarkCommandsDone(b *testing.B) {
 	m := New(prometheus.NewRegistry())
 	b.ReportAllocs()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
-			m.CommandDone("get", 250*time.Microsecond)
+			m.CommandsDone("get", 250*time.Microsecond, 1)
 		}
 	})
+}
+
+// A batch of n equal observations counts as n in the count, the sum and its bucket; bounds are inclusive,
+// as in client_golang's histograms.
+func TestCommandsDoneBatch(t *testing.T) {
+	m := New(prometheus.NewRegistry())
+	m.CommandsDone("get", 500*time.Microsecond, 16) // on the first bound
+	m.CommandsDone("get", 3*time.Millisecond, 4)
+	m.CommandsDone("get", time.Minute, 1) // above every bound
+	got := samples(t, m)["entra_redis_proxy_command_duration_seconds"]
+	for key, want := range map[string]float64{
+		`command="get"_count`:       21,
+		`command="get",le="0.0005"`: 16,
+		`command="get",le="0.0025"`: 16,
+		`command="get",le="0.005"`:  20,
+		`command="get",le="10"`:     20,
+	} {
+		if got[key] != want {
+			t.Errorf("%s = %v, want %v", key, got[key], want)
+		}
+	}
+	if sum, want := got[`command="get"_sum`], 16*0.0005+4*0.003+60; math.Abs(sum-want) > 1e-9 {
+		t.Errorf("sum %v, want %v", sum, want)
+	}
 }
 
 func BenchmarkBytesIn(b *testing.B) {

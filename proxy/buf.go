@@ -7,6 +7,7 @@ import (
 	"os"
 	"sync"
 	"syscall"
+	"time"
 )
 
 // errBufferFull means a caller read again without consuming or growing a full buffer: a bug, not input.
@@ -26,7 +27,9 @@ var bigBufs = sync.Pool{New: func() any { b := make([]byte, bigBufSize); return 
 //   - on a socket it reads directly (the client's TCP or Unix socket), it is kept from batch to batch while
 //     batches are at least smallBufSize, and given back whenever a read would wait: an idle connection holds
 //     only the small buffer, however it was used before;
-//   - elsewhere (TLS, pipes: nothing tells whether a read will wait) it is kept only while reads fill it.
+//   - elsewhere (TLS, pipes: nothing tells whether a read will wait) it is kept only while reads fill it,
+//     and a read that fills the small buffer is followed at once by one that must not wait (readNow): on
+//     TLS the rest of the record is usually decrypted already, so the batch is still handled in one piece.
 type readBuf struct {
 	buf   []byte  // buf[r:w] is read but not yet handled
 	big   *[]byte // the pooled buffer while borrowed
@@ -73,6 +76,25 @@ func (b *readBuf) readFrom(c net.Conn) (int, error) {
 	}
 	n, err := c.Read(b.buf[b.w:])
 	b.took(n)
+	return n, err
+}
+
+// readNow follows a read that filled the small buffer: it moves what waits to a large buffer and reads
+// whatever c gives without waiting, through a read deadline in the past (a TLS connection returns what it
+// already holds, or fails before any system call), then sets c's read deadline to restore. A deadline error
+// is no error here.
+func (b *readBuf) readNow(c net.Conn, restore time.Time) (int, error) {
+	b.choose(false)
+	if b.w == len(b.buf) {
+		return 0, nil // the caller grows the buffer or consumes first
+	}
+	c.SetReadDeadline(pokeTime)
+	n, err := c.Read(b.buf[b.w:])
+	c.SetReadDeadline(restore)
+	b.took(n)
+	if isDeadline(err) {
+		err = nil
+	}
 	return n, err
 }
 

@@ -203,3 +203,34 @@ func TestReadBufPipePolicy(t *testing.T) {
 		t.Errorf("after a read that did not fill it, the large buffer is kept")
 	}
 }
+
+// On TLS, a batch that fills the small buffer is one record whose rest is decrypted already: readNow takes
+// it into a large buffer at once, without waiting. With nothing more there it returns nothing at once, and
+// the connection's read deadline is back as it was: the next read waits for input.
+func TestReadBufTLSReadNow(t *testing.T) {
+	cli, srv := socketPair(t, true, selfSignedCert(t))
+	pingPong(t, cli, srv) // takes what a TLS 1.3 server sends after the handshake
+	var b readBuf
+	defer b.release()
+	first := batch(900, 0)
+	write(t, srv, first) // one write: one record
+	if n, err := b.readFrom(cli); err != nil || n != smallBufSize {
+		t.Fatalf("first read: %d bytes, %v; want the small buffer filled", n, err)
+	}
+	if n, err := b.readNow(cli, time.Time{}); err != nil || n != len(first)-smallBufSize {
+		t.Fatalf("readNow: %d bytes, %v; want the rest of the record", n, err)
+	}
+	if got := b.buf[b.r:b.w]; !bytes.Equal(got, first) || b.isSmall() {
+		t.Fatalf("buffer (small: %v) holds %q, want the whole batch in a large buffer", b.isSmall(), got)
+	}
+	if n, err := b.readNow(cli, time.Time{}); err != nil || n != 0 {
+		t.Fatalf("readNow with nothing sent: %d bytes, %v; want 0, nil", n, err)
+	}
+	b.r = b.w
+	second := batch(100, 1)
+	go srv.Write(second)
+	// No deadline set here: a deadline readNow left in the past would fail this read at once.
+	if n, err := b.readFrom(cli); err != nil || !bytes.Equal(b.buf[b.r:b.w], second) {
+		t.Fatalf("the read after readNow: %d bytes, %v; want the next batch", n, err)
+	}
+}

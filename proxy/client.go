@@ -162,6 +162,9 @@ func (s *session) takePokes() {
 	w := &s.cl.want
 	w.auth = w.auth || p&pokeReauth != 0
 	w.ping = w.ping || p&pokePing != 0
+	if p&pokePing != 0 {
+		s.led.trim() // quiet for IdlePing: a ring grown by deep pipelines is given back
+	}
 	w.deadline = w.deadline || p&pokeDeadline != 0
 	w.move = w.move || p&pokeMove != 0
 	if p&pokeDrain != 0 && s.cl.drain == drainNone {

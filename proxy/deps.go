@@ -41,9 +41,10 @@ type Observer interface {
 	// UpstreamError reports a failed or lost upstream: "dial", "tls", "auth", "closed" (the upstream ended a
 	// session), "token_expired" (... after the Entra token expired), "stalled", "protocol".
 	UpstreamError(kind string)
-	// CommandDone reports one command's time from being read to its reply being written.
-	// name is a lower-case command name from CommandNames, or "other".
-	CommandDone(name string, d time.Duration)
+	// CommandsDone reports n commands of one name that each took d from being read to their reply being
+	// written: the proxy reports a batch's commands read together once. name is a lower-case command name
+	// from CommandNames, or "other".
+	CommandsDone(name string, d time.Duration, n int)
 	BytesIn(n int)        // bytes from clients to the upstream
 	BytesOut(n int)       // bytes from the upstream to clients
 	ReAuth(result string) // "ok", "error"
@@ -67,15 +68,15 @@ type Observer interface {
 // NopObserver ignores every event.
 type NopObserver struct{}
 
-func (NopObserver) ClientOpened()                     {}
-func (NopObserver) ClientClosed()                     {}
-func (NopObserver) ClientRejected(string)             {}
-func (NopObserver) UpstreamOpened(time.Duration)      {}
-func (NopObserver) UpstreamClosed()                   {}
-func (NopObserver) UpstreamError(string)              {}
-func (NopObserver) CommandDone(string, time.Duration) {}
-func (NopObserver) BytesIn(int)                       {}
-func (NopObserver) BytesOut(int)                      {}
-func (NopObserver) ReAuth(string)                     {}
-func (NopObserver) Mechanism(string)                  {}
-func (NopObserver) Announcement(string)               {}
+func (NopObserver) ClientOpened()                           {}
+func (NopObserver) ClientClosed()                           {}
+func (NopObserver) ClientRejected(string)                   {}
+func (NopObserver) UpstreamOpened(time.Duration)            {}
+func (NopObserver) UpstreamClosed()                         {}
+func (NopObserver) UpstreamError(string)                    {}
+func (NopObserver) CommandsDone(string, time.Duration, int) {}
+func (NopObserver) BytesIn(int)                             {}
+func (NopObserver) BytesOut(int)                            {}
+func (NopObserver) ReAuth(string)                           {}
+func (NopObserver) Mechanism(string)                        {}
+func (NopObserver) Announcement(string)                     {}

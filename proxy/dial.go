@@ -19,11 +19,11 @@ import (
 type TLSDialer struct {
 	Addr string // host:port
 	// Config has ServerName, RootCAs; MinVersion is raised to TLS 1.2. Without a ClientSessionCache, the
-	// dialer keeps its own.
+	// dialer keeps its own. It must not change after the first dial.
 	Config *tls.Config
 
-	cacheOnce sync.Once
-	cache     tls.ClientSessionCache
+	cfgOnce sync.Once
+	cfg     *tls.Config // Config as dials use it: one copy shared by every connection (each holds it)
 }
 
 // sessionCacheSize bounds the dialer's TLS session cache: a dialer reaches one server name, whose entry
@@ -53,15 +53,14 @@ func (d *TLSDialer) DialContext(ctx context.Context) (net.Conn, error) {
 	if err != nil {
 		return nil, &DialError{Stage: "dial", Addr: d.Addr, Err: err}
 	}
-	cfg := d.Config.Clone()
-	if cfg.MinVersion < tls.VersionTLS12 {
-		cfg.MinVersion = tls.VersionTLS12
-	}
-	if cfg.ClientSessionCache == nil {
-		d.cacheOnce.Do(func() { d.cache = tls.NewLRUClientSessionCache(sessionCacheSize) })
-		cfg.ClientSessionCache = d.cache
-	}
-	c := tls.Client(raw, cfg)
+	d.cfgOnce.Do(func() {
+		d.cfg = d.Config.Clone()
+		d.cfg.MinVersion = max(d.cfg.MinVersion, tls.VersionTLS12)
+		if d.cfg.ClientSessionCache == nil {
+			d.cfg.ClientSessionCache = tls.NewLRUClientSessionCache(sessionCacheSize)
+		}
+	})
+	c := tls.Client(raw, d.cfg)
 	if err := c.HandshakeContext(ctx); err != nil {
 		raw.Close()
 		return nil, &DialError{Stage: "tls", Addr: d.Addr, Err: err}

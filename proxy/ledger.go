@@ -67,9 +67,10 @@ const (
 type ledger struct {
 	mu      sync.Mutex
 	changed sync.Cond // broadcast on settle, delivery, space and close
-	q       []entry   // ring buffer; grows by doubling up to maxPending
+	q       []entry   // ring buffer; grows by doubling up to maxPending, kept while batches use it (see settle)
 	head    int       // index of the oldest entry
 	n       int       // entries not settled
+	peak    int       // the most entries outstanding since the ring was last empty
 	unsent  int       // entries settled whose replies are not yet written to the client
 	sent    uint64    // deliveries so far: progress, for waits re-armed on progress
 	maybe   int       // entries not settled that are optional (their reply may never come)
@@ -112,6 +113,7 @@ func (l *ledger) push(es []entry) bool {
 		}
 		l.q[(l.head+l.n)%len(l.q)] = e
 		l.n++
+		l.peak = max(l.peak, l.n)
 		if e.optional {
 			l.maybe++
 		}
@@ -120,7 +122,7 @@ func (l *ledger) push(es []entry) bool {
 }
 
 func (l *ledger) grow() {
-	size := max(2*len(l.q), 16)
+	size := max(2*len(l.q), 4) // an idle connection after one command keeps a small ring
 	q := make([]entry, size)
 	for i := range l.n {
 		q[i] = l.q[(l.head+i)%len(l.q)]
@@ -164,9 +166,26 @@ func (l *ledger) settle() {
 	if l.n == maxPending-1 {
 		l.changed.Broadcast()
 	}
-	if l.n == 0 && len(l.q) > 64 {
-		l.q, l.head = nil, 0 // an idle connection keeps no large ring
+	if l.n == 0 {
+		// Deep pipelines reuse the ring batch after batch; it is dropped once a batch uses under a quarter
+		// of it, or at trim.
+		if len(l.q) > minRing && 4*l.peak < len(l.q) {
+			l.q, l.head = nil, 0
+		}
+		l.peak = 0
 	}
+}
+
+// minRing is the ring size a connection may keep while idle.
+const minRing = 64
+
+// trim drops a large ring while nothing is outstanding: an idle connection keeps no large ring.
+func (l *ledger) trim() {
+	l.mu.Lock()
+	if l.n == 0 && len(l.q) > minRing {
+		l.q, l.head = nil, 0
+	}
+	l.mu.Unlock()
 }
 
 // delivered records that everything framed so far has been written to the client (or consumed).

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -28,7 +29,8 @@ const loanWindow = 2 * time.Second
 // the commands that change a connection's state (see dirties) and no reply is outstanding. Redis 6.0 (Azure
 // Cache for Redis) has no RESET to clean a connection, so a dirty one is closed instead.
 //
-// The pool holds size connections, counting idle ones and loans younger than loanWindow. One goroutine
+// The pool holds size connections, counting idle ones and loans younger than loanWindow; size follows the
+// demand it sees (sizer), between PoolSize and PoolMax. One goroutine
 // (fill) owns the upkeep: it dials up to size, stops counting overdue loans, checks idle connections,
 // re-authenticates them after a rotation and PINGs those idle for IdlePing. It takes connections out of idle
 // while it talks to them, so a session never gets one in use. Sessions only get, put and close.
@@ -37,10 +39,10 @@ const loanWindow = 2 * time.Second
 // and the pool reports UpstreamClosed exactly for the closes it makes.
 type pool struct {
 	srv  *Server
-	size int
-	wake chan struct{} // nudges fill: room appeared, the first loan began, or a token arrived
+	wake chan struct{} // nudges fill: room appeared, the first loan began, the pool grew, or a token arrived
 
 	mu      sync.Mutex
+	sz      sizer         // the pool's size
 	idle    []*pooled     // ready connections, most recently returned last
 	lent    list.List     // of *loan in loanOut, oldest first: counted against size
 	busy    int           // idle connections fill has taken out to PING or re-authenticate
@@ -103,8 +105,63 @@ func (c *lentConn) Close() error {
 	return c.Conn.Close()
 }
 
-func newPool(srv *Server, size int) *pool {
-	return &pool{srv: srv, size: size, wake: make(chan struct{}, 1)}
+func newPool(srv *Server, size, most int) *pool {
+	return &pool{srv: srv, sz: newSizer(size, most), wake: make(chan struct{}, 1)}
+}
+
+// poolWindow is the period over which the pool measures the demand for connections.
+const poolWindow = time.Second
+
+// sizer sets the pool's size from the connect rate: in each window of poolWindow, the most connections lent
+// at once (each young loan is a client that connects per request) plus the connects that found none ready
+// (each would have been served by one more). The size is that plus the minimum, between the minimum
+// (PoolSize) and most (PoolMax). It grows at once, at a connect that finds none ready, and shrinks at most by
+// half per window, so a burst's connections are given back within seconds once the rate drops.
+type sizer struct {
+	min, most int
+	size      int
+	windowEnd int64 // when the current window ends (server clock); 0 before the first connect
+	peakOut   int   // the most loans counted at once in this window
+	misses    int   // connects in this window that found no connection ready
+}
+
+func newSizer(size, most int) sizer { return sizer{min: size, most: most, size: size} }
+
+// connect records a client's connect at now: hit if it got a connection, out the loans counted after it. It
+// reports whether the size grew.
+func (z *sizer) connect(now int64, hit bool, out int) (grew bool) {
+	z.roll(now)
+	z.peakOut = max(z.peakOut, out)
+	if hit {
+		return false
+	}
+	z.misses++
+	if want := z.demand(); want > z.size {
+		z.size = want
+		return true
+	}
+	return false
+}
+
+// demand is the size this window's connects ask for.
+func (z *sizer) demand() int { return min(z.min+z.peakOut+z.misses, z.most) }
+
+// roll closes the windows that ended by now, shrinking the size toward each one's demand, and returns when
+// the size may shrink next (0: it is at the minimum).
+func (z *sizer) roll(now int64) (next int64) {
+	for z.windowEnd != 0 && now >= z.windowEnd && z.size > z.min {
+		z.size = max(z.demand(), z.size/2, z.min)
+		z.peakOut, z.misses = 0, 0
+		z.windowEnd += int64(poolWindow)
+	}
+	if now >= z.windowEnd {
+		z.peakOut, z.misses = 0, 0
+		z.windowEnd = now + int64(poolWindow)
+	}
+	if z.size > z.min {
+		return z.windowEnd
+	}
+	return 0
 }
 
 func (p *pool) nudge() {
@@ -121,7 +178,11 @@ func (p *pool) get() *pooled {
 		p.mu.Lock()
 		n := len(p.idle)
 		if n == 0 {
+			grew := p.sz.connect(p.srv.now(), false, p.lent.Len())
 			p.mu.Unlock()
+			if grew {
+				p.nudge()
+			}
 			return nil
 		}
 		c := p.idle[n-1]
@@ -130,6 +191,7 @@ func (p *pool) get() *pooled {
 		l := &loan{at: p.srv.now(), state: loanOut}
 		first := p.lent.Len() == 0
 		l.elem = p.lent.PushBack(l)
+		p.sz.connect(l.at, true, p.lent.Len())
 		p.changedLocked()
 		p.mu.Unlock()
 		if first {
@@ -185,7 +247,7 @@ func (p *pool) admitLocked(c *pooled) bool {
 }
 
 // roomLocked is how many connections the pool may add: size less the idle, the counted loans and the busy.
-func (p *pool) roomLocked() int { return p.size - len(p.idle) - p.lent.Len() - p.busy }
+func (p *pool) roomLocked() int { return p.sz.size - len(p.idle) - p.lent.Len() - p.busy }
 
 // endLocked ends a loan and reports whether it was still counted against the pool's size.
 func (p *pool) endLocked(l *loan, to loanState) (counted bool) {
@@ -245,6 +307,7 @@ func (p *pool) fill(ctx context.Context) {
 	for {
 		now := p.srv.now()
 		overdueAt := p.expire(now)
+		shrinkAt := p.shrink(now)
 		tok, tokChanged := p.srv.opts.Tokens.Current()
 		if now >= tendAt || tok.Secret != tended {
 			p.tend(ctx, tok)
@@ -260,8 +323,10 @@ func (p *pool) fill(ctx context.Context) {
 			}
 		}
 		next := tendAt
-		if overdueAt > 0 {
-			next = min(next, overdueAt)
+		for _, at := range []int64{overdueAt, shrinkAt} {
+			if at > 0 {
+				next = min(next, at)
+			}
 		}
 		if retryAt > now {
 			next = min(next, retryAt)
@@ -288,6 +353,24 @@ func (p *pool) drain() {
 	for _, c := range idle {
 		p.discard(c)
 	}
+}
+
+// shrink applies the size the demand of past windows allows, closing the idle connections beyond it (the
+// longest idle first). It returns when the size may shrink next, or 0.
+func (p *pool) shrink(now int64) int64 {
+	p.mu.Lock()
+	next := p.sz.roll(now)
+	var extra []*pooled
+	if n := min(-p.roomLocked(), len(p.idle)); n > 0 {
+		extra = slices.Clone(p.idle[:n])
+		p.idle = slices.Delete(p.idle, 0, n)
+		p.changedLocked()
+	}
+	p.mu.Unlock()
+	for _, c := range extra {
+		p.discard(c)
+	}
+	return next
 }
 
 // expire stops counting loans older than loanWindow, so that top dials their replacements. It returns when

@@ -173,11 +173,17 @@ func (o *gaugeObserver) open() int64 { return o.opened.Load() - o.closed.Load() 
 // startFakePool runs a Server with a pool of size over a fakeUpstream, in the test's synctest bubble.
 func startFakePool(t *testing.T, size int, idlePing time.Duration) (*fakeUpstream, *gaugeObserver, *Server) {
 	t.Helper()
+	return startFakePoolUpTo(t, size, size, idlePing)
+}
+
+// startFakePoolUpTo is startFakePool with a pool that may grow to most.
+func startFakePoolUpTo(t *testing.T, size, most int, idlePing time.Duration) (*fakeUpstream, *gaugeObserver, *Server) {
+	t.Helper()
 	up := &fakeUpstream{ends: map[int64]net.Conn{}}
 	obs := &gaugeObserver{}
 	srv, err := New(Options{
 		Tokens: fixedToken(Token{Username: "oid", Secret: "token"}), Dialer: up, Observer: obs,
-		Logger: slog.New(slog.NewTextHandler(t.Output(), nil)), PoolSize: size, IdlePing: idlePing,
+		Logger: slog.New(slog.NewTextHandler(t.Output(), nil)), PoolSize: size, PoolMax: most, IdlePing: idlePing,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -266,6 +272,61 @@ func TestPoolLoanWindow(t *testing.T) {
 		if _, open, _ := up.stats(); open != 2 || obs.open() != 2 {
 			t.Fatalf("%d upstream connections open, %d by the gauge; want 2", open, obs.open())
 		}
+	})
+}
+
+// The pool grows at once when connects find no connection ready, up to its ceiling, holds the size while
+// the connect rate keeps it in use, and halves it per quiet window back to POOL_SIZE, closing what it no
+// longer needs.
+func TestPoolSizedFromConnectRate(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		up, _, srv := startFakePoolUpTo(t, 2, 8, 0)
+		synctest.Wait()
+		wantPool(t, srv, 2, 0)
+
+		// A burst of 12 clients: 2 get a connection, 10 find none (and dial their own). The pool grows to
+		// its ceiling, 8, not to 2 + 2 lent + 10 missed.
+		var out []*pooled
+		for range 2 {
+			out = append(out, srv.pool.get())
+		}
+		for range 10 {
+			if srv.pool.get() != nil {
+				t.Fatal("a connection lent from an empty pool")
+			}
+		}
+		synctest.Wait()
+		wantPool(t, srv, 6, 2)
+		for _, c := range out {
+			srv.pool.put(c)
+		}
+		wantPool(t, srv, 8, 0)
+
+		// While 6 clients connect per request in every window, the size stays.
+		for range 3 {
+			time.Sleep(poolWindow)
+			var out []*pooled
+			for range 6 {
+				out = append(out, srv.pool.get())
+			}
+			for _, c := range out {
+				srv.pool.put(c)
+			}
+			synctest.Wait()
+			wantPool(t, srv, 8, 0)
+		}
+		dials, _, _ := up.stats()
+
+		// Quiet: halved per window, down to POOL_SIZE, and no further.
+		for _, want := range []int{8, 4, 2, 2} {
+			time.Sleep(poolWindow)
+			synctest.Wait()
+			wantPool(t, srv, want, 0)
+			if _, open, _ := up.stats(); open != want {
+				t.Fatalf("%d upstream connections open, want %d", open, want)
+			}
+		}
+		wantDials(t, up, dials)
 	})
 }
 

@@ -38,6 +38,15 @@ func (s *session) replyLoop(up net.Conn, b *readBuf) error {
 		if !switched { // after a handover, first handle what the new upstream already sent
 			var n int
 			n, rerr = b.readFrom(up)
+			if rerr == nil && b.filled && b.isSmall() {
+				// More of this batch is likely here already: take it now, so the client gets it in one write.
+				var more int
+				more, rerr = b.readNow(up, stallBy)
+				if s.recycling.Load() {
+					up.SetReadDeadline(pokeTime) // the stop for the pool came meanwhile: don't undo it
+				}
+				n += more
+			}
 			if n > 0 {
 				s.bytesOut.Add(int64(n))
 				s.srv.obs.BytesOut(n)
@@ -196,6 +205,7 @@ func (s *session) writeClient() error {
 	r := &s.rl
 	if len(r.outv) == 0 {
 		s.led.delivered() // replies the proxy consumed count as handled
+		s.reportDone()
 		return nil
 	}
 	armWrite(s.client, &r.writeBy, s.srv.opts.WriteTimeout)
@@ -212,6 +222,7 @@ func (s *session) writeClient() error {
 		return fmt.Errorf("write client: %w", err)
 	}
 	s.led.delivered()
+	s.reportDone()
 	return nil
 }
 
@@ -556,9 +567,20 @@ func (s *session) frameDone() {
 	switch e.act {
 	case actAuth, actDrop, actFail, actMarker:
 	default:
-		s.srv.obs.CommandDone(commandName(e.cmd), time.Duration(s.srv.now()-e.start))
+		if r := &s.rl.done; r.n > 0 && (r.cmd != e.cmd || r.start != e.start) {
+			s.reportDone()
+		}
+		s.rl.done = doneRun{cmd: e.cmd, start: e.start, n: s.rl.done.n + 1}
 	}
 	*f = frame{}
+}
+
+// reportDone reports the run of answered commands to the Observer.
+func (s *session) reportDone() {
+	if r := &s.rl.done; r.n > 0 {
+		s.srv.obs.CommandsDone(commandName(r.cmd), time.Duration(s.srv.now()-r.start), r.n)
+		*r = doneRun{}
+	}
 }
 
 func oneOf(b []byte, words []string) bool {

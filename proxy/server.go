@@ -33,6 +33,9 @@ type Options struct {
 	MaxBulk        int64         // largest bulk a client may send; default 512 MiB
 	// PoolSize is how many authenticated upstream connections are kept ready for new clients; 0 = none.
 	PoolSize int
+	// PoolMax is how far the pool may grow, from the connect rate it sees, when clients connect per request
+	// (see sizer); at most PoolSize (a fixed size) when smaller.
+	PoolMax int
 	// LocalPassword, if set, must be given by AUTH (or HELLO ... AUTH) before any other command.
 	LocalPassword string
 	// ReauthSpread bounds the window over which live connections are re-authenticated after a new token
@@ -160,7 +163,7 @@ func New(opts Options) (*Server, error) {
 		authFails: newTally(opts.Logger, slog.LevelWarn, "wrong LOCAL_PASSWORD", time.Minute, true),
 	}
 	if opts.PoolSize > 0 {
-		s.pool = newPool(s, opts.PoolSize)
+		s.pool = newPool(s, opts.PoolSize, max(opts.PoolSize, opts.PoolMax))
 		s.goTracked(s.pool.fill)
 	}
 	s.goTracked(s.rotateLoop)

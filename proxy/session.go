@@ -142,9 +142,18 @@ type replySide struct {
 	writeBy     time.Time // the client's write deadline in force
 	outv        [][]byte  // what to write to the client after this read
 	wbuf        net.Buffers
-	closing     error // set when the connection must end once this read's output is written
-	authRetried bool  // a refused token was already retried with a fresh one
+	done        doneRun // the commands answered in this read, for latency
+	closing     error   // set when the connection must end once this read's output is written
+	authRetried bool    // a refused token was already retried with a fresh one
 	marker      markerState
+}
+
+// doneRun is a run of answered commands of one name that were read together: reported to the Observer as
+// one, after their replies are written.
+type doneRun struct {
+	cmd   uint8
+	start int64
+	n     int
 }
 
 // frame is what the reply loop decided, from its head, about the frame it is passing.

@@ -123,6 +123,42 @@ func TestLedgerSafePoint(t *testing.T) {
 	}
 }
 
+// Deep pipelines reuse the ledger's ring batch after batch without allocating; a batch that uses under a
+// quarter of it, or trim (the idle PING), gives it back.
+func TestLedgerRingKeptWhileUsed(t *testing.T) {
+	l := newLedger()
+	batch := make([]entry, 100)
+	cycle := func(es []entry) {
+		l.push(es)
+		for range es {
+			l.settle()
+		}
+		l.delivered()
+	}
+	cycle(batch)
+	if allocs := testing.AllocsPerRun(20, func() { cycle(batch) }); allocs != 0 {
+		t.Errorf("%v allocations per batch of 100, want 0", allocs)
+	}
+	if len(l.q) != 128 {
+		t.Fatalf("ring of %d entries after batches of 100, want 128", len(l.q))
+	}
+	cycle(batch[:10])
+	if l.q != nil {
+		t.Errorf("ring of %d entries kept after a batch of 10", len(l.q))
+	}
+	cycle(batch)
+	l.push(batch[:1])
+	l.trim()
+	if len(l.q) != 128 {
+		t.Errorf("trim dropped the ring with an entry outstanding")
+	}
+	l.settle()
+	l.trim()
+	if l.q != nil {
+		t.Errorf("trim kept a ring of %d entries with nothing outstanding", len(l.q))
+	}
+}
+
 // waitIdle gives up only after quiet passes with no delivery; each delivery re-arms it.
 func TestLedgerWaitIdleRearmedOnProgress(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {

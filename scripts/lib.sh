@@ -7,13 +7,14 @@ die() {
 	exit 1
 }
 
-# need_packages CMD:PACKAGE... makes sure every CMD is on PATH. Missing ones are installed
-# with apt-get when running as root; otherwise the exact command to run is printed.
+# need_packages CMD:PACKAGE... makes sure every CMD is on PATH (a CMD starting with / is a file that
+# must exist). Missing ones are installed with apt-get when running as root; otherwise the exact
+# command to run is printed.
 need_packages() {
 	local missing=() pkgs=() spec cmd pkg
 	for spec in "$@"; do
 		cmd=${spec%%:*} pkg=${spec#*:}
-		if ! command -v "$cmd" >/dev/null 2>&1; then
+		if [[ $cmd == /* && ! -e $cmd ]] || [[ $cmd != /* ]] && ! command -v "$cmd" >/dev/null 2>&1; then
 			missing+=("$cmd")
 			[[ " ${pkgs[*]} " == *" $pkg "* ]] || pkgs+=("$pkg")
 		fi

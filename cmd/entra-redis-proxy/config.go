@@ -48,6 +48,7 @@ type Config struct {
 	MaxBulkBytes     ByteSize `envconfig:"ENTRA_REDIS_PROXY_MAX_BULK_BYTES" default:"512MiB" desc:"largest bulk string a client may send (like redis proto-max-bulk-len)"`
 	AllowNonLoopback bool     `envconfig:"ENTRA_REDIS_PROXY_ALLOW_NON_LOOPBACK" default:"false" desc:"allow LISTEN on a non-loopback address (every process that can reach it can use your identity)"`
 	PoolSize         int      `envconfig:"ENTRA_REDIS_PROXY_POOL_SIZE" default:"4" desc:"authenticated upstream connections kept ready for new clients (a clean client's upstream is reused); 0 turns the pool off"`
+	PoolMax          int      `envconfig:"ENTRA_REDIS_PROXY_POOL_MAX" default:"32" desc:"how far the pool grows while clients connect per request (sized from the connect rate, back to POOL_SIZE within seconds when it drops); each counts against the cache's connection limit"`
 	LocalPassword    string   `envconfig:"ENTRA_REDIS_PROXY_LOCAL_PASSWORD" desc:"if set, clients must AUTH with this password before other commands"`
 }
 
@@ -156,6 +157,9 @@ func (c *Config) validate() error {
 	if c.PoolSize < 0 || c.PoolSize > 10000 {
 		return fmt.Errorf("%s: must be between 0 (off) and 10000", v("POOL_SIZE"))
 	}
+	if c.PoolMax < 0 || c.PoolMax > 10000 {
+		return fmt.Errorf("%s: must be between 0 (the pool keeps POOL_SIZE) and 10000", v("POOL_MAX"))
+	}
 	if c.LogFormat != "text" && c.LogFormat != "json" {
 		return fmt.Errorf("%s: %q is not text or json", v("LOG_FORMAT"), c.LogFormat)
 	}
@@ -242,4 +246,12 @@ func isLoopbackHost(host string) bool {
 	}
 	addr, err := netip.ParseAddr(host)
 	return err == nil && addr.IsLoopback()
+}
+
+// poolCeiling is the most connections the pool may hold: POOL_MAX, or POOL_SIZE if larger; 0 with the pool off.
+func (c *Config) poolCeiling() int {
+	if c.PoolSize == 0 {
+		return 0
+	}
+	return max(c.PoolSize, c.PoolMax)
 }

@@ -130,6 +130,7 @@ func TestConfigVariables(t *testing.T) {
 		{tag: "LOG_LEVEL", def: "info", valid: env{"LOG_LEVEL": "debug"}, want: "debug", invalid: []env{{"LOG_LEVEL": "loud"}}},
 		{tag: "LOG_CONNECTIONS", def: true, valid: env{"LOG_CONNECTIONS": "false"}, want: false, invalid: []env{{"LOG_CONNECTIONS": "some"}}},
 		{tag: "POOL_SIZE", def: 4, valid: env{"POOL_SIZE": "0"}, want: 0, invalid: []env{{"POOL_SIZE": "-1"}, {"POOL_SIZE": "many"}}},
+		{tag: "POOL_MAX", def: 32, valid: env{"POOL_MAX": "100"}, want: 100, invalid: []env{{"POOL_MAX": "-1"}, {"POOL_MAX": "10001"}}},
 		{tag: "PPROF", def: false, valid: env{"PPROF": "true"}, want: true, invalid: []env{{"PPROF": "2"}}},
 		{tag: "MAX_BULK_BYTES", def: ByteSize(512 << 20), valid: env{"MAX_BULK_BYTES": "1MB"}, want: ByteSize(1e6),
 			invalid: []env{{"MAX_BULK_BYTES": "0"}, {"MAX_BULK_BYTES": "2048GiB"}, {"MAX_BULK_BYTES": "1.5MiB"}}},

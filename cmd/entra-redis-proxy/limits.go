@@ -11,9 +11,10 @@ import (
 // first keeps descriptors for the proxy's own work:
 //
 //	limit = (soft RLIMIT_NOFILE - reserved) / 2            two per client: its socket and its upstream's
-//	reserved = fdFixed + POOL_SIZE + max(fdControlMin, soft/fdControlShare)
+//	reserved = fdFixed + pool + max(fdControlMin, soft/fdControlShare)
 //
-// With the default POOL_SIZE (4): 256 descriptors allow 85 clients, 1024 allow 453, 1048576 allow 491493.
+// where pool is the most the pool may hold (POOL_MAX, or POOL_SIZE if larger). With the default pool (32):
+// 256 descriptors allow 71 clients, 1024 allow 439, 1048576 allow 491479.
 // Go raises the soft limit to the hard one (less one) when the process starts, so the hard limit is the one
 // to raise.
 const (
@@ -42,11 +43,12 @@ type connLimit struct {
 // maxNofile caps RLIM_INFINITY and other huge limits so the arithmetic stays in an int.
 const maxNofile = 1 << 30
 
-// deriveConnLimit computes the limit from the open-file limit rl, POOL_SIZE and MAX_CONNECTIONS (0: none).
+// deriveConnLimit computes the limit from the open-file limit rl, the pool's ceiling and MAX_CONNECTIONS (0:
+// none).
 // It fails when rl leaves no descriptor for a client.
-func deriveConnLimit(rl syscall.Rlimit, poolSize, maxConns int) (connLimit, error) {
+func deriveConnLimit(rl syscall.Rlimit, pool, maxConns int) (connLimit, error) {
 	soft := min(rl.Cur, maxNofile)
-	reserved := fdFixed + poolSize + max(fdControlMin, int(soft/fdControlShare))
+	reserved := fdFixed + pool + max(fdControlMin, int(soft/fdControlShare))
 	derived := (int(soft) - reserved) / fdPerClient
 	if derived < 1 {
 		return connLimit{}, fmt.Errorf("the open-file limit (RLIMIT_NOFILE) is %d: the proxy keeps %d descriptors for "+

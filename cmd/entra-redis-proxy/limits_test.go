@@ -18,7 +18,7 @@ func TestDeriveConnLimit(t *testing.T) {
 		source            string
 		lowered, reserved int
 	}{
-		// reserved = 50 fixed + POOL_SIZE + max(32, nofile/16); limit = (nofile - reserved) / 2
+		// reserved = 50 fixed + the pool's ceiling + max(32, nofile/16); limit = (nofile - reserved) / 2
 		{"ulimit -n 256", 256, 4, 0, 85, "RLIMIT_NOFILE", 0, 86},
 		{"1024", 1024, 4, 0, 453, "RLIMIT_NOFILE", 0, 118},
 		{"a large pool", 1024, 100, 0, 405, "RLIMIT_NOFILE", 0, 214},

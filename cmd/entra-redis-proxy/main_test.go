@@ -833,12 +833,12 @@ func TestAdminListenerOff(t *testing.T) {
 // says the limit, its source and how to raise it.
 func TestConnectionLimitFromNofile(t *testing.T) {
 	fake := azurefake.StartT(t, azurefake.Options{TokenLifetime: tokenLifetime})
-	const nofile = 90 // 86 reserved with the default POOL_SIZE, 2 per client: 2 clients
+	const nofile = 90 // 86 reserved with a pool of 4, 2 per client: 2 clients
 	if cl, err := deriveConnLimit(syscall.Rlimit{Cur: nofile, Max: nofile}, 4, 0); err != nil || cl.limit != 2 {
 		t.Fatalf("RLIMIT_NOFILE %d allows %d clients (%v), the test wants 2", nofile, cl.limit, err)
 	}
 	withNofile(t, syscall.Rlimit{Cur: nofile, Max: nofile})
-	p := startProxy(t, fake, map[string]string{"MAX_CONNECTIONS": "1000"})
+	p := startProxy(t, fake, map[string]string{"MAX_CONNECTIONS": "1000", "POOL_MAX": "4"})
 	p.awaitStarted()
 	log := p.stderr.String()
 	for _, want := range []string{

@@ -128,7 +128,7 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 		log.Error("cannot read the open-file limit", "err", fmt.Errorf("getrlimit RLIMIT_NOFILE: %w", err))
 		return exitConfig
 	}
-	limit, err := deriveConnLimit(nofile, cfg.PoolSize, cfg.MaxConnections)
+	limit, err := deriveConnLimit(nofile, cfg.poolCeiling(), cfg.MaxConnections)
 	if err != nil {
 		log.Error("cannot start", "err", err)
 		return exitConfig
@@ -157,7 +157,7 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 		Tokens: src, Dialer: &proxy.TLSDialer{Addr: cfg.Upstream, Config: tc},
 		Logger: log, Observer: m, MaxConnections: limit.limit, DialTimeout: cfg.DialTimeout,
 		IdlePing: cfg.IdlePing, MaxBulk: int64(cfg.MaxBulkBytes), LocalPassword: cfg.LocalPassword,
-		PoolSize: cfg.PoolSize, ReconnectTimeout: reconnectTimeout(cfg.ReconnectTimeout),
+		PoolSize: cfg.PoolSize, PoolMax: cfg.poolCeiling(), ReconnectTimeout: reconnectTimeout(cfg.ReconnectTimeout),
 		MaintenanceEvents: cfg.MaintenanceEvents, ConnLogLevel: connLevel,
 	})
 	if err != nil {
