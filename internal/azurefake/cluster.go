@@ -16,11 +16,11 @@ import (
 
 // The cluster Options.Cluster starts: like a clustered cache, primaries with one replica each.
 const (
-	clusterPrimaries  = 3
-	clusterSlots      = 16384
-	clusterNodeTimout = 3000 * time.Millisecond // cluster-node-timeout: a killed primary fails over after it
-	clusterFormLimit  = 30 * time.Second        // meet, assign slots, replicate, converge (a second or two when idle)
-	clusterPollEvery  = 20 * time.Millisecond   // CLUSTER INFO is the only way redis tells its state
+	clusterPrimaries   = 3
+	clusterSlots       = 16384
+	clusterNodeTimeout = 3000 * time.Millisecond // cluster-node-timeout: a killed primary fails over after it
+	clusterFormLimit   = 30 * time.Second        // meet, assign slots, replicate, converge (a second or two when idle)
+	clusterPollEvery   = 20 * time.Millisecond   // CLUSTER INFO is the only way redis tells its state
 )
 
 // clusterNode is one redis-server of a cluster. Its fields other than proc and admin are fixed
@@ -53,7 +53,7 @@ tls-cluster yes
 tls-replication yes
 masteruser %s
 masterauth %s
-`, clusterNodeTimout.Milliseconds(), adminUser, q(e.adminPassword))
+`, clusterNodeTimeout.Milliseconds(), adminUser, q(e.adminPassword))
 	if e.version.AtLeast(7, 0) {
 		fmt.Fprintf(&b, "cluster-port %d\n", n.busPort)
 	}
