@@ -66,10 +66,7 @@ type rewriter struct {
 
 // local resolves an upstream host and port; an empty or "?" host is the connected one.
 func (r *rewriter) local(host string, port int64) (lhost string, lport int64, ok bool) {
-	if host == "" || host == "?" {
-		host = r.m.Connected
-	}
-	up := net.JoinHostPort(host, strconv.FormatInt(port, 10))
+	up := net.JoinHostPort(resolveHost(host, r.m.Connected), strconv.FormatInt(port, 10))
 	l, ok := r.m.Local(up)
 	if ok {
 		h, p, err := net.SplitHostPort(l)
@@ -152,14 +149,33 @@ func Slots(m Map, in []byte) (Result, error) {
 	return r.result(), nil
 }
 
-func (r *rewriter) slotsNode(node value) error {
+// resolveHost returns the host a node address names: an empty or "?" host (a null one, or
+// cluster-preferred-endpoint-type unknown-endpoint) is the one the connection reached.
+func resolveHost(host, connected string) string {
+	if host == "" || host == "?" {
+		return connected
+	}
+	return host
+}
+
+// slotsEndpoint reads the host and port of a CLUSTER SLOTS node [host, port, ...]; a null host
+// is empty.
+func slotsEndpoint(node value) (string, int64, error) {
 	if node.typ != '*' || len(node.kids) < 2 {
-		return errors.Join(ErrMalformed, errors.New("CLUSTER SLOTS: a node is not [host, port, ...]"))
+		return "", 0, errors.Join(ErrMalformed, errors.New("CLUSTER SLOTS: a node is not [host, port, ...]"))
 	}
 	host, hok := node.kids[0].str()
 	port, pok := node.kids[1].num()
 	if !pok || !hok && node.kids[0].typ != '_' && node.kids[0].typ != '$' {
-		return errors.Join(ErrMalformed, errors.New("CLUSTER SLOTS: a node's host or port has the wrong type"))
+		return "", 0, errors.Join(ErrMalformed, errors.New("CLUSTER SLOTS: a node's host or port has the wrong type"))
+	}
+	return host, port, nil
+}
+
+func (r *rewriter) slotsNode(node value) error {
+	host, port, err := slotsEndpoint(node)
+	if err != nil {
+		return err
 	}
 	lhost, lport, ok := r.local(host, port)
 	if !ok {

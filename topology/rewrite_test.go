@@ -250,7 +250,8 @@ func TestBadInput(t *testing.T) {
 	}
 }
 
-// FuzzRewrite: no input panics; what is rewritten is one valid frame; a map that knows no node
+// FuzzRewrite: no input panics; ParseSlots's nodes have an address, an id and slots; what is
+// rewritten is one valid frame; a map that knows no node
 // changes nothing; rewriting twice with the same map changes nothing more.
 func FuzzRewrite(f *testing.F) {
 	files, _ := filepath.Glob("testdata/*.resp")
@@ -285,6 +286,13 @@ func FuzzRewrite(f *testing.F) {
 			}
 			if res, err := rewrite(none, in); err != nil || !bytes.Equal(res.Out, in) {
 				t.Fatalf("no node known, yet %q became %q (%v)", in, res.Out, err)
+			}
+		}
+		if topo, err := ParseSlots("h", in); err == nil {
+			for _, n := range topo.Nodes {
+				if _, _, err := net.SplitHostPort(n.Addr); err != nil || n.ID == "" || len(n.Slots) == 0 {
+					t.Fatalf("ParseSlots(%q): node %+v", in, n)
+				}
 			}
 		}
 		out, _, changed := Redirect(fixed, in)

@@ -246,18 +246,7 @@ func (e *Env) stopClusterLocked() error {
 }
 
 // stop stops n's process if it runs. The caller holds Env.redisMu.
-func (n *clusterNode) stop() error {
-	if n.proc == nil {
-		return nil
-	}
-	err := n.admin.Close()
-	n.proc.stop()
-	n.proc, n.admin = nil, nil
-	if err != nil {
-		return fmt.Errorf("close admin connection to %s: %w", n.addr, err)
-	}
-	return nil
-}
+func (n *clusterNode) stop() error { return stopServer(&n.proc, &n.admin) }
 
 // ClusterNodes returns the addresses of the cluster's nodes as started: primaries first, then
 // the replica of each primary in the same order. Nil without Options.Cluster.

@@ -181,15 +181,18 @@ func (p *redisProc) stop() {
 }
 
 // stopRedisLocked stops redis-server if it runs. The caller holds e.redisMu.
-func (e *Env) stopRedisLocked() error {
-	if e.proc == nil {
+func (e *Env) stopRedisLocked() error { return stopServer(&e.proc, &e.admin) }
+
+// stopServer closes *admin, stops *p if it runs, and sets both to nil (stopped).
+func stopServer(p **redisProc, admin **redis.Client) error {
+	if *p == nil {
 		return nil
 	}
-	err := e.admin.Close()
-	e.proc.stop()
-	e.proc, e.admin = nil, nil
+	addr, err := (*admin).Options().Addr, (*admin).Close()
+	(*p).stop()
+	*p, *admin = nil, nil
 	if err != nil {
-		return fmt.Errorf("close admin connection: %w", err)
+		return fmt.Errorf("close admin connection to %s: %w", addr, err)
 	}
 	return nil
 }
