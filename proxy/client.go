@@ -258,6 +258,9 @@ func (s *session) handleCommand(cmd resp.Command, now int64) {
 	info := lookup(cmd.Args[0])
 	c.dirty = c.dirty || dirties(info, cmd.Args)
 	e := entry{act: actForward, cmd: info.idx, start: now}
+	if s.srv.cluster != nil {
+		e.topo = topoCommand(cmd.Args)
+	}
 	// Inside MULTI a (un)subscribe gets one reply, +QUEUED; after a refused MULTI, one per channel.
 	s.syncTx(info.sp == spSub || info.sp == spUnsub)
 	switch {

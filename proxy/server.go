@@ -43,6 +43,9 @@ type Options struct {
 	WriteTimeout time.Duration
 	// StallTimeout: a reply that stops halfway this long closes the connection; default 30s.
 	StallTimeout time.Duration
+	// Cluster, for a clustered cache, runs the node listeners; the Server rewrites node addresses in
+	// its clients' replies to them (cluster.go). Nil: replies pass as they are.
+	Cluster *Cluster
 }
 
 // ErrServerClosed is returned by Serve once Shutdown or Close has been called, as net/http's is.
@@ -83,8 +86,12 @@ type Server struct {
 	closing   chan struct{}              // closed when the state leaves serving: wakes Serve's backoff
 	drained   chan struct{}              // closed once the state left serving and conns is empty
 
-	pool  *pool // nil without Options.PoolSize
-	facts facts // learned about the server and the identity's policy (facts.go)
+	pool *pool // nil without Options.PoolSize
+	// cluster is Options.Cluster; clusterHost the host its upstream connections reach, which an empty
+	// host in a redirect means.
+	cluster     *Cluster
+	clusterHost string
+	facts       facts // learned about the server and the identity's policy (facts.go)
 
 	sessWG sync.WaitGroup // one per client connection
 	bgWG   sync.WaitGroup // background loops and helper goroutines
@@ -123,7 +130,10 @@ func New(opts Options) (*Server, error) {
 		opts: opts, log: opts.Logger, obs: opts.Observer, epoch: time.Now(),
 		listeners: make(map[*net.Listener]struct{}), conns: make(map[*session]struct{}),
 		sessions: make(map[*session]struct{}), closing: make(chan struct{}), drained: make(chan struct{}),
-		ctx: ctx, cancel: cancel,
+		ctx: ctx, cancel: cancel, cluster: opts.Cluster,
+	}
+	if opts.Cluster != nil {
+		s.clusterHost = opts.Cluster.cfg.SeedHost
 	}
 	if opts.PoolSize > 0 {
 		s.pool = newPool(s, opts.PoolSize)
