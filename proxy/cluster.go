@@ -16,7 +16,8 @@ import (
 	"github.com/entra-redis-proxy/entra-redis-proxy/topology"
 )
 
-// ErrNotCluster: the upstream answered CLUSTER SLOTS with "cluster support disabled".
+// ErrNotCluster: the upstream refused CLUSTER SLOTS ("cluster support disabled", or a cache whose
+// cluster policy hides the cluster).
 var ErrNotCluster = errors.New("the upstream is not a Redis Cluster")
 
 // ClusterConfig configures a Cluster.
@@ -113,23 +114,38 @@ func (c *Cluster) readSlots(ctx context.Context) ([]byte, error) {
 			return nil, fmt.Errorf("cluster topology: no Entra token yet: %w", ctx.Err())
 		}
 	}
-	conn, err := c.cfg.Seed.DialContext(ctx)
+	return readSlots(ctx, c.cfg.Seed, tok, c.cfg.Server.Tokens)
+}
+
+// readSlots dials d, authenticates with tok and returns the raw reply to CLUSTER SLOTS.
+func readSlots(ctx context.Context, d Dialer, tok Token, tokens TokenSource) ([]byte, error) {
+	conn, err := d.DialContext(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("cluster topology: %w", err)
 	}
 	defer conn.Close()
 	cc := newCtrlConn(conn)
-	if _, _, err := cc.handshake(ctx, tok, c.cfg.Server.Tokens); err != nil {
+	if _, _, err := cc.handshake(ctx, tok, tokens); err != nil {
 		return nil, fmt.Errorf("cluster topology: %w", err)
 	}
 	r, err := cc.do(ctx, "CLUSTER", "SLOTS")
 	if err != nil {
 		return nil, fmt.Errorf("cluster topology: CLUSTER SLOTS: %w", err)
 	}
-	if r.typ == '-' && bytes.Contains([]byte(r.text), []byte("cluster support disabled")) {
-		return nil, ErrNotCluster
+	if r.err() != nil { // "cluster support disabled"; Enterprise's cluster policy blocks CLUSTER commands
+		return nil, fmt.Errorf("%w (CLUSTER SLOTS: %s)", ErrNotCluster, r.text)
 	}
 	return bytes.Clone(cc.frame), nil
+}
+
+// ReadTopology reads the topology of the cache at d (whose host is seedHost) with tok, for the
+// check command; ErrNotCluster when it is not a cluster.
+func ReadTopology(ctx context.Context, d Dialer, seedHost string, tok Token) (topology.Topology, error) {
+	raw, err := readSlots(ctx, d, tok, fixedToken(tok))
+	if err != nil {
+		return topology.Topology{}, err
+	}
+	return topology.ParseSlots(seedHost, raw)
 }
 
 // open starts n's listener unless it has one: a port from the range (the same for the node id

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -27,31 +26,6 @@ type clusterFixture struct {
 	tls     *tls.Config // a direct client's
 }
 
-// freePortRange returns the first of n consecutive loopback ports that were all free a moment ago,
-// below Linux's ephemeral range (32768-60999), where outgoing connections do not take them meanwhile.
-func freePortRange(t *testing.T, n int) int {
-	t.Helper()
-	for range 20 {
-		first := 20000 + rand.IntN(12000)
-		var held []net.Listener
-		for p := first; p < first+n; p++ {
-			l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(p)))
-			if err != nil {
-				break
-			}
-			held = append(held, l)
-		}
-		for _, l := range held {
-			l.Close()
-		}
-		if len(held) == n {
-			return first
-		}
-	}
-	t.Fatalf("no %d consecutive free ports found", n)
-	return 0
-}
-
 func newClusterFixture(t *testing.T) *clusterFixture {
 	t.Helper()
 	env := azurefake.StartT(t, azurefake.Options{Cluster: true, TokenLifetime: 2 * time.Minute})
@@ -62,7 +36,10 @@ func newClusterFixture(t *testing.T) *clusterFixture {
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(pem)
 	tc := &tls.Config{ServerName: env.ServerName, RootCAs: pool}
-	first := freePortRange(t, 8)
+	first, err := azurefake.FreePortRange(8)
+	if err != nil {
+		t.Fatal(err)
+	}
 	var cl *proxy.Cluster
 	f := newProxyFor(t, env, fixtureOpts{proxyOpt: func(o *proxy.Options) {
 		cl = proxy.NewCluster(proxy.ClusterConfig{

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"path/filepath"
@@ -320,4 +321,28 @@ func (e *Env) admins() []*redis.Client {
 		}
 	}
 	return cs
+}
+
+// FreePortRange returns the first of n consecutive loopback ports that were all free a moment
+// ago, for a proxy's cluster node listeners. It looks below Linux's ephemeral range (32768 and
+// up), where outgoing connections do not take them meanwhile.
+func FreePortRange(n int) (int, error) {
+	for range 20 {
+		first := 20000 + rand.IntN(12000)
+		var held []net.Listener
+		for p := first; p < first+n; p++ {
+			l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(p)))
+			if err != nil {
+				break
+			}
+			held = append(held, l)
+		}
+		for _, l := range held {
+			l.Close()
+		}
+		if len(held) == n {
+			return first, nil
+		}
+	}
+	return 0, fmt.Errorf("no %d consecutive free ports found in 20000-32000", n)
 }
