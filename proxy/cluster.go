@@ -177,6 +177,7 @@ func (c *Cluster) open(n topology.Node) error {
 		return err
 	}
 	srv.clusterHost, _, _ = net.SplitHostPort(n.Addr)
+	srv.clusterNode = true
 	c.nodes[n.Addr] = &nodeProxy{id: n.ID, upstream: n.Addr, local: local, srv: srv}
 	c.wg.Add(1)
 	go func() { // owned by the Cluster: Shutdown ends it
@@ -331,4 +332,17 @@ func (c *Cluster) rewrite(ctx context.Context, connected string, kind topoKind, 
 			return res.Out
 		}
 	}
+}
+
+// nodeDown closes, without a reply, a node listener's client whose node cannot be reached: a
+// direct client would see the connection refused, and a cluster client takes a failed connection,
+// not an error reply, as the sign to reload the topology and move to the node's replacement.
+func (s *session) nodeDown(err error) bool {
+	var de *DialError
+	if !s.srv.clusterNode || !errors.As(err, &de) || de.Stage != "dial" {
+		return false
+	}
+	s.log.Warn("cluster node unreachable: closing its client's connection", "err", err)
+	s.close(err)
+	return true
 }

@@ -26,9 +26,9 @@ type clusterFixture struct {
 	tls     *tls.Config // a direct client's
 }
 
-func newClusterFixture(t *testing.T) *clusterFixture {
+func newClusterFixture(t *testing.T, lifetime time.Duration) *clusterFixture {
 	t.Helper()
-	env := azurefake.StartT(t, azurefake.Options{Cluster: true, TokenLifetime: 2 * time.Minute})
+	env := azurefake.StartT(t, azurefake.Options{Cluster: true, TokenLifetime: lifetime})
 	pem, err := os.ReadFile(env.CAFile)
 	if err != nil {
 		t.Fatal(err)
@@ -80,7 +80,7 @@ func clusterClient(t *testing.T, addr string, protocol int, tc *tls.Config, user
 // node through the node listeners only, and sees what a direct ClusterClient sees: keys over all
 // slots, a transaction on one slot, the topology with local addresses.
 func TestClusterClients(t *testing.T) {
-	f := newClusterFixture(t)
+	f := newClusterFixture(t, 2*time.Minute)
 	tok, _ := f.src.Current()
 	_, locals := f.cluster.Topology()
 	for _, protocol := range []int{2, 3} {
@@ -156,7 +156,7 @@ func TestClusterRedisCLI(t *testing.T) {
 	if err != nil {
 		t.Fatalf("redis-cli not found (apt-get install redis-tools): %v", err)
 	}
-	f := newClusterFixture(t)
+	f := newClusterFixture(t, 2*time.Minute)
 	host, port, _ := net.SplitHostPort(f.addr)
 	for i := range 10 {
 		k, v := "cli:"+strconv.Itoa(i), "v"+strconv.Itoa(i)

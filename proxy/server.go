@@ -91,6 +91,7 @@ type Server struct {
 	// host in a redirect means.
 	cluster     *Cluster
 	clusterHost string
+	clusterNode bool  // a node listener's Server (not LISTEN's)
 	facts       facts // learned about the server and the identity's policy (facts.go)
 
 	sessWG sync.WaitGroup // one per client connection

@@ -313,6 +313,9 @@ func (s *session) connect(ctx context.Context) error {
 
 // refuse tells a client whose upstream could not be set up why, as the reply to its first command.
 func (s *session) refuse(err error) {
+	if s.nodeDown(err) {
+		return
+	}
 	s.log.Error("cannot serve client", "err", err, "remedy", Remedy(err))
 	s.client.SetDeadline(time.Now().Add(5 * time.Second))
 	var b [512]byte
