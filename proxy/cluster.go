@@ -41,6 +41,8 @@ type Cluster struct {
 	cfg ClusterConfig
 	log *slog.Logger
 	on  atomic.Bool // the upstream is a cluster (Detect): rewriting is on
+	// movedOnce logs, once per process, what to do about a MOVED a client got on LISTEN.
+	movedOnce sync.Once
 
 	refreshMu sync.Mutex // one topology read at a time, held across it
 
@@ -242,6 +244,9 @@ func (c *Cluster) Shutdown(ctx context.Context) int {
 	return int(cut.Load())
 }
 
+// movedRemedy is logged once when a client of LISTEN gets MOVED.
+const movedRemedy = "a client on LISTEN got MOVED: the cache is a cluster (OSS cluster policy). A cluster-aware client follows it to the node listener named in it; a client that is not cluster-aware fails for keys on other shards: use a cluster-aware client (e.g. redis-py RedisCluster, go-redis ClusterClient, Lettuce or Jedis cluster, StackExchange.Redis), or give the cache the Enterprise cluster policy (one endpoint)"
+
 // topoKind marks a command whose reply names cluster nodes (entry.topo).
 type topoKind uint8
 
@@ -287,7 +292,15 @@ func (s *session) clusterReply(p []byte, h *resp.Head, e entry) (ok bool, err er
 		}
 		frame = p[:n]
 	}
-	out := s.srv.cluster.rewrite(s.srv.ctx, s.srv.clusterHost, e.topo, frame)
+	c := s.srv.cluster
+	out := c.rewrite(s.srv.ctx, s.srv.clusterHost, e.topo, frame)
+	if e.topo == topoNone && !s.srv.clusterNode && bytes.HasPrefix(frame, []byte("-MOVED ")) {
+		// A cluster-aware client asks the topology first and goes to the right node; one that is not
+		// gets MOVED for most keys.
+		c.movedOnce.Do(func() {
+			s.log.Warn(movedRemedy)
+		})
+	}
 	if &out[0] != &frame[0] {
 		s.rl.frame.fwd = false // the reply loop frames the original; the client gets out
 		s.emit(out)

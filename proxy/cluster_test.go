@@ -4,11 +4,13 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -24,6 +26,7 @@ type clusterFixture struct {
 	*fixture
 	cluster *proxy.Cluster
 	tls     *tls.Config // a direct client's
+	logged  *logCount
 }
 
 func newClusterFixture(t *testing.T, lifetime time.Duration) *clusterFixture {
@@ -41,7 +44,9 @@ func newClusterFixture(t *testing.T, lifetime time.Duration) *clusterFixture {
 		t.Fatal(err)
 	}
 	var cl *proxy.Cluster
+	logged := &logCount{n: map[string]int{}}
 	f := newProxyFor(t, env, fixtureOpts{proxyOpt: func(o *proxy.Options) {
+		o.Logger = slog.New(&countHandler{Handler: o.Logger.Handler(), c: logged})
 		cl = proxy.NewCluster(proxy.ClusterConfig{
 			Seed: o.Dialer, SeedHost: "127.0.0.1", TLS: tc, ListenHost: "127.0.0.1",
 			FirstPort: first, LastPort: first + 7, Server: *o,
@@ -62,7 +67,45 @@ func newClusterFixture(t *testing.T, lifetime time.Duration) *clusterFixture {
 	if len(topo.Nodes) != 6 || topo.Covered != 16384 {
 		t.Fatalf("Detect: %v", topo)
 	}
-	return &clusterFixture{fixture: f, cluster: cl, tls: tc}
+	return &clusterFixture{fixture: f, cluster: cl, tls: tc, logged: logged}
+}
+
+// logCount counts the proxy's log messages by their first words.
+type logCount struct {
+	mu sync.Mutex
+	n  map[string]int
+}
+
+func (c *logCount) count(prefix string) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	total := 0
+	for m, n := range c.n {
+		if strings.HasPrefix(m, prefix) {
+			total += n
+		}
+	}
+	return total
+}
+
+type countHandler struct {
+	slog.Handler
+	c *logCount
+}
+
+func (h *countHandler) Handle(ctx context.Context, r slog.Record) error {
+	h.c.mu.Lock()
+	h.c.n[r.Message]++
+	h.c.mu.Unlock()
+	return h.Handler.Handle(ctx, r)
+}
+
+func (h *countHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return &countHandler{Handler: h.Handler.WithAttrs(as), c: h.c}
+}
+
+func (h *countHandler) WithGroup(name string) slog.Handler {
+	return &countHandler{Handler: h.Handler.WithGroup(name), c: h.c}
 }
 
 // clusterClient returns a go-redis ClusterClient seeded with addr; with tc, over TLS as the token's
@@ -136,6 +179,9 @@ func TestClusterClients(t *testing.T) {
 			}
 			if moved == 0 {
 				t.Fatal("no key of 20 lives on another node than the seed")
+			}
+			if n := f.logged.count("a client on LISTEN got MOVED"); n != 1 {
+				t.Fatalf("the remedy for MOVED on LISTEN was logged %d times, want once per process", n)
 			}
 		})
 	}
