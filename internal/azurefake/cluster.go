@@ -47,7 +47,6 @@ func (e *Env) clusterConfig(n *clusterNode) string {
 	fmt.Fprintf(&b, `cluster-enabled yes
 cluster-config-file nodes.conf
 cluster-node-timeout %d
-cluster-allow-replica-migration no
 repl-diskless-sync-delay 0
 repl-ping-replica-period 1
 tls-cluster yes
@@ -55,6 +54,9 @@ tls-replication yes
 masteruser %s
 masterauth %s
 `, clusterNodeTimeout.Milliseconds(), adminUser, q(e.adminPassword))
+	if e.version.AtLeast(6, 2) { // a failover test must not see a replica move to another primary
+		b.WriteString("cluster-allow-replica-migration no\n")
+	}
 	if e.version.AtLeast(7, 0) {
 		fmt.Fprintf(&b, "cluster-port %d\n", n.busPort)
 	}
