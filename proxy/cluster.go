@@ -273,6 +273,16 @@ func topoCommand(args [][]byte) topoKind {
 	return topoNone
 }
 
+// clusterRewrites says whether the reply at p, to entry e, may name cluster nodes: an error to a
+// command whose reply the client gets (a (S)SUBSCRIBE's MOVED included), or a topology reply.
+// Blocking commands are left out: their replies go through the unblock logic (blockedReply).
+func (s *session) clusterRewrites(p []byte, e entry) bool {
+	if e.quiet || e.blk != nil {
+		return false
+	}
+	return p[0] == '-' && (e.act == actForward || e.act == actSubscribe) || e.topo != topoNone && e.act == actForward
+}
+
 // clusterReply rewrites the node addresses in a reply on its way to the client: a -MOVED/-ASK
 // error, or the reply of a topology command, held whole (up to the read buffer's bound, maxHeadBuf).
 // A node not known yet is looked up by a topology refresh first. ok is false while the reply is

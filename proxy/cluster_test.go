@@ -1,9 +1,11 @@
 package proxy_test
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"fmt"
 	"log/slog"
 	"net"
 	"os"
@@ -179,6 +181,35 @@ func TestClusterClients(t *testing.T) {
 			}
 			if moved == 0 {
 				t.Fatal("no key of 20 lives on another node than the seed")
+			}
+			if f.atLeast(7, 0) { // a refused SSUBSCRIBE (sharded pub/sub is Redis 7) names the shard's node
+				movedSub := false
+				for i := 0; i < 20 && !movedSub; i++ {
+					c, err := net.Dial("tcp", f.addr)
+					if err != nil {
+						t.Fatal(err)
+					}
+					c.SetDeadline(time.Now().Add(10 * time.Second))
+					ch := prefix + strconv.Itoa(i)
+					fmt.Fprintf(c, "*2\r\n$10\r\nSSUBSCRIBE\r\n$%d\r\n%s\r\n", len(ch), ch)
+					line, err := bufio.NewReader(c).ReadString('\n')
+					c.Close()
+					if err != nil {
+						t.Fatal(err)
+					}
+					if line[0] != '-' {
+						continue // confirmed: the channel's slot is the seed's
+					}
+					addr, ok := strings.CutPrefix(strings.TrimSpace(line), "-MOVED ")
+					_, addr, _ = strings.Cut(addr, " ")
+					if !ok || !containsValue(locals, addr) {
+						t.Fatalf("SSUBSCRIBE %s through the seed's listener: %q; want MOVED to a node listener", ch, line)
+					}
+					movedSub = true
+				}
+				if !movedSub {
+					t.Fatal("no shard channel of 20 lives on another node than the seed")
+				}
 			}
 			if n := f.logged.count("a client on LISTEN got MOVED"); n != 1 {
 				t.Fatalf("the remedy for MOVED on LISTEN was logged %d times, want once per process", n)

@@ -244,7 +244,7 @@ func (s *session) classify(p []byte, h *resp.Head) (bool, error) {
 		return true, nil
 	}
 	f.e, f.reply, f.last = e, true, true
-	if s.srv.cluster != nil && s.srv.cluster.on.Load() && e.act == actForward && !e.quiet && e.blk == nil && (p[0] == '-' || e.topo != topoNone) {
+	if s.srv.cluster != nil && s.srv.cluster.on.Load() && s.clusterRewrites(p, e) {
 		if ok, err := s.clusterReply(p, h, e); !ok || err != nil {
 			return ok, err
 		}
