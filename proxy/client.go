@@ -294,6 +294,9 @@ func (s *session) handleCommand(cmd resp.Command, now int64) {
 	c.dirty = c.dirty || dirties(info, cmd.Args)
 	c.batchDirty = c.batchDirty || info.sp != spNone || c.tx.state != txNone || c.mode != replyOn
 	e := entry{act: actForward, cmd: info.idx, start: now}
+	if s.srv.cluster != nil {
+		e.topo = topoCommand(cmd.Args)
+	}
 	// Inside MULTI a (un)subscribe gets one reply, +QUEUED; after a refused MULTI, one per channel.
 	s.syncTx(info.sp == spSub || info.sp == spUnsub)
 	switch {

@@ -50,9 +50,10 @@ type ctrlConn struct {
 	max       int
 	skipLarge bool
 
-	buf  []byte // bytes read; buf[r:w] not yet consumed
-	r, w int
-	sc   resp.Scanner // frames the reply being read
+	buf   []byte // bytes read; buf[r:w] not yet consumed
+	r, w  int
+	frame []byte       // the last whole reply read, as sent (in buf: valid until the next read)
+	sc    resp.Scanner // frames the reply being read
 }
 
 func newCtrlConn(c net.Conn) *ctrlConn {
@@ -223,7 +224,7 @@ func (c *ctrlConn) next(ctx context.Context) (reply, error) {
 			end += n
 			if done {
 				frame := c.buf[c.r:end]
-				c.r = end
+				c.r, c.frame = end, frame
 				if big != nil {
 					return *big, nil
 				}

@@ -34,6 +34,7 @@ type entry struct {
 	act   action
 	fam   family   // pub/sub family, for actSubscribe
 	cmd   uint8    // index into CommandNames, or cmdOther
+	topo  topoKind // with a Cluster: the reply names cluster nodes
 	arg   int32    // actHello: protocol; actSubscribe: confirmations expected; actMulti: its number; actProbe: the probe; actReset: resetHideRefusal or 0
 	start int64    // when the command was read, for latency: nanoseconds since the server's epoch
 	text  string   // actReplace: the reply to send; actFail: the error line

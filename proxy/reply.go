@@ -274,6 +274,11 @@ func (s *session) classify(p []byte, h *resp.Head) (bool, error) {
 		return true, nil
 	}
 	f.e, f.reply, f.last = e, true, true
+	if s.srv.cluster != nil && s.srv.cluster.on.Load() && s.clusterRewrites(p, e) {
+		if ok, err := s.clusterReply(p, h, e); !ok || err != nil {
+			return ok, err
+		}
+	}
 	if e.watch != watchNone {
 		if p[0] == '+' || p[0] == '-' {
 			if ok, err := resp.PeekHead(p, 0, h); !ok || err != nil {

@@ -58,6 +58,9 @@ type Options struct {
 	// ConnLogLevel is the level of the per-connection open and close lines; the zero value is INFO. Lines
 	// about failures, tokens and refusals keep their own levels.
 	ConnLogLevel slog.Level
+	// Cluster, for a clustered cache, runs the node listeners; the Server rewrites node addresses in
+	// its clients' replies to them (cluster.go). Nil: replies pass as they are.
+	Cluster *Cluster
 }
 
 // ErrServerClosed is returned by Serve once Shutdown or Close has been called, as net/http's is.
@@ -105,8 +108,13 @@ type Server struct {
 	closing   chan struct{}              // closed when the state leaves serving: wakes Serve's backoff
 	drained   chan struct{}              // closed once the state left serving and conns is empty
 
-	pool  *pool // nil without Options.PoolSize
-	facts facts // learned about the server and the identity's policy (facts.go)
+	pool *pool // nil without Options.PoolSize
+	// cluster is Options.Cluster; clusterHost the host its upstream connections reach, which an empty
+	// host in a redirect means.
+	cluster     *Cluster
+	clusterHost string
+	clusterNode bool  // a node listener's Server (not LISTEN's)
+	facts       facts // learned about the server and the identity's policy (facts.go)
 
 	// Repeated events, one log line per interval with a count (tally.go).
 	refused     *tally // clients refused at accept (connection limit, shutting down), by reason
@@ -154,13 +162,16 @@ func New(opts Options) (*Server, error) {
 		opts: opts, log: opts.Logger, obs: opts.Observer, epoch: time.Now(),
 		listeners: make(map[*net.Listener]struct{}), conns: make(map[*session]struct{}),
 		sessions: make(map[*session]struct{}), closing: make(chan struct{}), drained: make(chan struct{}),
-		ctx: ctx, cancel: cancel, eventsUp: make(chan struct{}),
+		ctx: ctx, cancel: cancel, eventsUp: make(chan struct{}), cluster: opts.Cluster,
 		refused: newTally(opts.Logger, slog.LevelWarn, "clients refused", refusalEvery, true),
 		noToken: newTally(opts.Logger, slog.LevelWarn,
 			"clients refused without dialing the cache: no valid Entra token", refusalEvery, true),
 		expiryDrops: newTally(opts.Logger, slog.LevelWarn,
 			"upstream connections closed by the cache: the Entra token expired", expiryDropWindow, false),
 		authFails: newTally(opts.Logger, slog.LevelWarn, "wrong LOCAL_PASSWORD", time.Minute, true),
+	}
+	if opts.Cluster != nil {
+		s.clusterHost = opts.Cluster.cfg.SeedHost
 	}
 	if opts.PoolSize > 0 {
 		s.pool = newPool(s, opts.PoolSize, max(opts.PoolSize, opts.PoolMax))

@@ -380,6 +380,8 @@ func (s *session) refuse(err error) {
 		s.srv.obs.ClientRejected("no_token")
 		s.srv.noToken.add("", append(o.attrs(), "client", s.client.RemoteAddr().String())...)
 		err = fmt.Errorf("%w; %s", err, o.remedy())
+	} else if s.nodeDown(err) {
+		return
 	} else {
 		s.log.Error("cannot serve client", "err", err, "remedy", Remedy(err))
 	}

@@ -2,12 +2,16 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"strconv"
 	"time"
 
 	"github.com/entra-redis-proxy/entra-redis-proxy/proxy"
+	"github.com/entra-redis-proxy/entra-redis-proxy/topology"
 )
 
 // runCheck walks the path a client connection takes (token, dial, TLS, AUTH, PING) and reports each step
@@ -48,5 +52,37 @@ func runCheck(ctx context.Context, cfg *Config, w io.Writer) int {
 		return fail(proxy.ProbeStep(err), err, proxy.Remedy(err))
 	}
 	ok("upstream", fmt.Sprintf("TLS to %s as %s, AUTH and PING answered (CLIENT ID %d)", cfg.Upstream, tc.ServerName, id))
+	if cfg.Cluster == "off" {
+		return exitOK
+	}
+	return checkCluster(dctx, cfg, &proxy.TLSDialer{Addr: cfg.Upstream, Config: tc}, proxy.Token(tok), ok, fail)
+}
+
+// checkCluster reports the cluster topology and the local port each node would get on a fresh
+// start (the running proxy keeps a node's port while the node exists).
+func checkCluster(ctx context.Context, cfg *Config, d proxy.Dialer, tok proxy.Token, ok func(string, string), fail func(string, error, string) int) int {
+	seedHost, _, _ := net.SplitHostPort(cfg.Upstream)
+	t, err := proxy.ReadTopology(ctx, d, seedHost, tok)
+	switch {
+	case errors.Is(err, proxy.ErrNotCluster) && cfg.Cluster == "auto":
+		ok("cluster", "not a cluster: served as one endpoint")
+		return exitOK
+	case err != nil:
+		return fail("cluster", err, "ENTRA_REDIS_PROXY_CLUSTER=on needs a clustered cache (Managed Redis with the OSS cluster policy, clustered Premium); set auto or off")
+	}
+	ok("cluster", t.String())
+	first, last, _ := topology.ParsePortRange(cfg.ClusterPorts)
+	ports := topology.NewPorts(first, last)
+	host := "127.0.0.1"
+	if h, _, err := net.SplitHostPort(cfg.Listen); err == nil {
+		host = h
+	}
+	for _, n := range t.Nodes {
+		port, err := ports.Assign(n.ID)
+		if err != nil {
+			return fail("cluster", err, "")
+		}
+		ok("cluster node", fmt.Sprintf("%s -> %s", n.Addr, net.JoinHostPort(host, strconv.Itoa(port))))
+	}
 	return exitOK
 }

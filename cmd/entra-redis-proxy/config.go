@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/kelseyhightower/envconfig"
+
+	"github.com/entra-redis-proxy/entra-redis-proxy/topology"
 )
 
 // envPrefix is the prefix of every setting's environment variable.
@@ -50,6 +52,9 @@ type Config struct {
 	PoolSize         int      `envconfig:"ENTRA_REDIS_PROXY_POOL_SIZE" default:"4" desc:"authenticated upstream connections kept ready for new clients (a clean client's upstream is reused); 0 turns the pool off"`
 	PoolMax          int      `envconfig:"ENTRA_REDIS_PROXY_POOL_MAX" default:"32" desc:"how far the pool grows while clients connect per request (sized from the connect rate, back to POOL_SIZE within seconds when it drops); each counts against the cache's connection limit"`
 	LocalPassword    string   `envconfig:"ENTRA_REDIS_PROXY_LOCAL_PASSWORD" desc:"if set, clients must AUTH with this password before other commands"`
+
+	Cluster      string `envconfig:"ENTRA_REDIS_PROXY_CLUSTER" default:"auto" desc:"clustered caches (Managed Redis OSS cluster policy, clustered Premium): auto (asks the cache once its first token is there), on (keeps asking until it is a cluster), off; needs a host:port LISTEN"`
+	ClusterPorts string `envconfig:"ENTRA_REDIS_PROXY_CLUSTER_PORTS" default:"6380-6479" desc:"FIRST-LAST: the ports of the local listener of each cluster node, on LISTEN's host (one per node, primaries and replicas)"`
 }
 
 // ByteSize is a size in bytes read from strings like 512MiB, 64KB or 1048576.
@@ -168,6 +173,29 @@ func (c *Config) validate() error {
 	}
 	if c.MaxBulkBytes < 1 || c.MaxBulkBytes > 1<<40 {
 		return fmt.Errorf("%s: must be between 1B and 1TiB", v("MAX_BULK_BYTES"))
+	}
+	return c.validateCluster()
+}
+
+// validateCluster checks CLUSTER and CLUSTER_PORTS: node listeners listen on LISTEN's host, on
+// ports other than LISTEN's.
+func (c *Config) validateCluster() error {
+	v := func(name string) string { return envPrefix + "_" + name }
+	if c.Cluster != "auto" && c.Cluster != "on" && c.Cluster != "off" {
+		return fmt.Errorf("%s: %q is not auto, on or off", v("CLUSTER"), c.Cluster)
+	}
+	first, last, err := topology.ParsePortRange(c.ClusterPorts)
+	if err != nil {
+		return fmt.Errorf("%s: %v", v("CLUSTER_PORTS"), err)
+	}
+	unix := strings.HasPrefix(c.Listen, "unix:")
+	if c.Cluster == "on" && unix {
+		return fmt.Errorf("%s: on needs %s as host:port (node listeners listen on its host)", v("CLUSTER"), v("LISTEN"))
+	}
+	if _, port, err := net.SplitHostPort(c.Listen); err == nil && !unix {
+		if p, _ := strconv.Atoi(port); p >= first && p <= last && c.Cluster != "off" {
+			return fmt.Errorf("%s: %s holds LISTEN's port %d", v("CLUSTER_PORTS"), c.ClusterPorts, p)
+		}
 	}
 	return nil
 }

@@ -137,6 +137,10 @@ func TestConfigVariables(t *testing.T) {
 		{tag: "ALLOW_NON_LOOPBACK", def: false, valid: env{"ALLOW_NON_LOOPBACK": "true", "LISTEN": "0.0.0.0:6379"}, want: true,
 			invalid: []env{{"ALLOW_NON_LOOPBACK": "maybe"}}},
 		{tag: "LOCAL_PASSWORD", def: "", valid: env{"LOCAL_PASSWORD": "s3cret"}, want: "s3cret"},
+		{tag: "CLUSTER", def: "auto", valid: env{"CLUSTER": "on"}, want: "on",
+			invalid: []env{{"CLUSTER": "yes"}, {"CLUSTER": "on", "LISTEN": "unix:/run/redis.sock"}}},
+		{tag: "CLUSTER_PORTS", def: "6380-6479", valid: env{"CLUSTER_PORTS": "7000-7005"}, want: "7000-7005",
+			invalid: []env{{"CLUSTER_PORTS": "7000"}, {"CLUSTER_PORTS": "7005-7000"}, {"CLUSTER_PORTS": "6300-6400"}}},
 	}
 
 	// Every variable of Config has a row, so that a new setting cannot go untested.

@@ -153,13 +153,16 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 	if !cfg.LogConnections {
 		connLevel = slog.LevelDebug
 	}
-	srv, err := proxy.New(proxy.Options{
+	opts := proxy.Options{
 		Tokens: src, Dialer: &proxy.TLSDialer{Addr: cfg.Upstream, Config: tc},
 		Logger: log, Observer: m, MaxConnections: limit.limit, DialTimeout: cfg.DialTimeout,
 		IdlePing: cfg.IdlePing, MaxBulk: int64(cfg.MaxBulkBytes), LocalPassword: cfg.LocalPassword,
 		PoolSize: cfg.PoolSize, PoolMax: cfg.poolCeiling(), ReconnectTimeout: reconnectTimeout(cfg.ReconnectTimeout),
 		MaintenanceEvents: cfg.MaintenanceEvents, ConnLogLevel: connLevel,
-	})
+	}
+	cluster := newCluster(cfg, tc, opts)
+	opts.Cluster = cluster
+	srv, err := proxy.New(opts)
 	if err != nil {
 		log.Error("cannot start", "err", err)
 		return exitConfig
@@ -241,6 +244,10 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 
 	tsCtx, stopTokens := context.WithCancel(context.Background())
 	defer stopTokens()
+	if cluster != nil {
+		wg.Add(1)
+		go func() { defer wg.Done(); detectCluster(tsCtx, cfg.Cluster, cluster, src.Ready(), log) }()
+	}
 	wg.Add(3)
 	go func() { defer wg.Done(); src.Run(tsCtx) }()
 	serveDone := make(chan error, 1)
@@ -296,6 +303,9 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 	log.Info("waiting for open connections to finish", "connections", srv.Clients(), "max_wait", cfg.MaxSigtermDelay.String())
 	drainCtx, cancel := context.WithTimeout(forced, cfg.MaxSigtermDelay)
 	cut := srv.Shutdown(drainCtx) // closes the listener: Serve returns
+	if cluster != nil {
+		cut += cluster.Shutdown(drainCtx)
+	}
 	cancel()
 	force() // the drain is over: a later signal has nothing left to force
 	stopTokens()

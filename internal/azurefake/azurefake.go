@@ -54,6 +54,12 @@ type Options struct {
 	// Redis Enterprise). NAME must exist in the server's version (redis-server refuses to start
 	// otherwise: see ServerVersion), and ACL, AUTH and PING, which the harness uses, cannot be renamed.
 	RenameCommands map[string]string
+	// Cluster starts a Redis Cluster instead of one server, like a clustered cache (Azure Managed
+	// Redis with the OSS cluster policy, a clustered Premium cache): 3 primaries with one replica
+	// each, TLS for clients, replication and the cluster bus; every token's ACL user is created on
+	// every node and deleted from every node. RedisAddr is the first primary's (the seed);
+	// ClusterNodes lists all.
+	Cluster bool
 }
 
 // Env is a running fake: redis-server plus identity endpoint. Its exported fields are fixed
@@ -90,9 +96,10 @@ type Env struct {
 	// redisMu serializes redis-server's lifecycle and ACL changes, so a token is never
 	// registered on a server that is being replaced.
 	redisMu sync.Mutex
-	proc    *redisProc    // nil while stopped; guarded by redisMu
-	admin   *redis.Client // admin connection to proc; nil while stopped; guarded by redisMu
-	port    int           // TLS port, kept across StopRedis/StartRedis; guarded by redisMu
+	proc    *redisProc     // nil while stopped; guarded by redisMu
+	admin   *redis.Client  // admin connection to proc; nil while stopped; guarded by redisMu
+	port    int            // TLS port, kept across StopRedis/StartRedis; guarded by redisMu
+	nodes   []*clusterNode // with Options.Cluster: every node, fixed after Start; each node's process guarded by redisMu
 
 	mu        sync.Mutex // guards the fields below
 	lifetime  time.Duration
@@ -177,6 +184,12 @@ func Start(ctx context.Context, opts Options) (_ *Env, err error) {
 
 	e.redisMu.Lock()
 	defer e.redisMu.Unlock()
+	if opts.Cluster {
+		if err := e.startClusterLocked(ctx); err != nil {
+			return nil, err
+		}
+		return e, nil
+	}
 	for attempt := 1; ; attempt++ {
 		port, perr := freePort()
 		if perr != nil {
@@ -278,6 +291,9 @@ func (e *Env) ProxyEnv() []string {
 func (e *Env) Admin(ctx context.Context, args ...string) (any, error) {
 	e.redisMu.Lock()
 	c := e.admin
+	if e.nodes != nil {
+		c = e.nodes[0].admin
+	}
 	e.redisMu.Unlock()
 	if c == nil {
 		return nil, errors.New("azurefake: redis-server is stopped (call StartRedis first)")
@@ -289,24 +305,36 @@ func (e *Env) Admin(ctx context.Context, args ...string) (any, error) {
 	return c.Do(ctx, a...).Result()
 }
 
-// StopRedis stops redis-server (SIGTERM, which closes every connection) and waits for it to
-// exit. Tokens issued meanwhile are recorded and registered by StartRedis.
+// StopRedis stops redis-server, or every cluster node, (SIGTERM, which closes every connection)
+// and waits for it to exit. Tokens issued meanwhile are recorded and registered by StartRedis.
 func (e *Env) StopRedis() error {
 	e.redisMu.Lock()
 	defer e.redisMu.Unlock()
+	if e.nodes != nil {
+		return e.stopClusterLocked()
+	}
 	return e.stopRedisLocked()
 }
 
 // StartRedis starts redis-server again on the same port with the same certificates, then,
 // since Entra tokens outlive a cache restart, re-creates the ACL users of unexpired tokens.
-// It does nothing if redis-server runs.
+// It does nothing if redis-server runs. With Options.Cluster it starts every stopped node
+// (StopNode, StopRedis) the same way; each rejoins the cluster from its nodes.conf.
 func (e *Env) StartRedis(ctx context.Context) error {
 	e.redisMu.Lock()
 	defer e.redisMu.Unlock()
-	if e.proc != nil {
+	if e.nodes != nil {
+		for _, n := range e.nodes {
+			if n.proc != nil {
+				continue
+			}
+			if err := e.startNode(ctx, n); err != nil {
+				return fmt.Errorf("restart cluster node %s: %w", n.addr, err)
+			}
+		}
+	} else if e.proc != nil {
 		return nil
-	}
-	if err := e.startRedisLocked(ctx, e.port); err != nil {
+	} else if err := e.startRedisLocked(ctx, e.port); err != nil {
 		return fmt.Errorf("restart redis-server on port %d: %w", e.port, err)
 	}
 	now := time.Now()

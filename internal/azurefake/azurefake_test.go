@@ -471,18 +471,9 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 // tokenConn mints a token through the identity endpoint and returns a connection authenticated with it.
 func tokenConn(t *testing.T, e *Env) *respConn {
 	t.Helper()
-	q := url.Values{"api-version": {appServiceAPIVersion}, "resource": {"https://redis.azure.com"}}
-	status, body, err := tokenRequest(t.Context(), e, e.IdentityHeader, q)
-	if err != nil || status != 200 {
-		t.Fatalf("token request: %d %q %v", status, body, err)
-	}
-	var r map[string]string
-	if err := json.Unmarshal(body, &r); err != nil {
-		t.Fatalf("token body %q: %v", body, err)
-	}
-	oid, _ := claims(t, r["access_token"])["oid"].(string)
+	oid, token := mintToken(t, e)
 	c := mustDial(t, e)
-	if got, err := c.do("AUTH", oid, r["access_token"]); err != nil || got != "+OK" {
+	if got, err := c.do("AUTH", oid, token); err != nil || got != "+OK" {
 		t.Fatalf("AUTH as the token's user: %q, %v", got, err)
 	}
 	return c

@@ -64,9 +64,10 @@ func (a *authority) issueServer(dnsName string, now time.Time, expired bool) (ce
 		NotBefore:    notBefore,
 		NotAfter:     notAfter,
 		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		DNSNames:     []string{"localhost", dnsName},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+		// ClientAuth too: cluster nodes present it to each other on the TLS cluster bus and for replication.
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		DNSNames:    []string{"localhost", dnsName},
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.cert, &key.PublicKey, a.key)
 	if err != nil {

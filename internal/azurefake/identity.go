@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"strconv"
@@ -218,7 +219,7 @@ func (e *Env) mint(ctx context.Context, resource, clientID string) (IssuedToken,
 
 	e.redisMu.Lock()
 	defer e.redisMu.Unlock()
-	if e.proc != nil {
+	if len(e.admins()) > 0 {
 		if err := e.setUserLocked(ctx, t); err != nil {
 			return IssuedToken{}, err
 		}
@@ -238,7 +239,7 @@ func (e *Env) mint(ctx context.Context, resource, clientID string) (IssuedToken,
 	return t, nil
 }
 
-// setUserLocked creates the ACL user for t. The caller holds e.redisMu with redis running.
+// setUserLocked creates the ACL user for t on every running server. The caller holds e.redisMu.
 func (e *Env) setUserLocked(ctx context.Context, t IssuedToken) error {
 	ctx, cancel := context.WithTimeout(ctx, aclTimeout)
 	defer cancel()
@@ -250,10 +251,11 @@ func (e *Env) setUserLocked(ctx context.Context, t IssuedToken) error {
 	for _, r := range e.userRules {
 		args = append(args, r)
 	}
-	err := e.admin.Do(ctx, args...).Err()
-	if err != nil {
-		// A syntax error would echo the modifier, and with it the token.
-		return fmt.Errorf("ACL SETUSER %s: %s", t.OID, strings.ReplaceAll(err.Error(), t.Token, "[token]"))
+	for _, c := range e.admins() {
+		if err := c.Do(ctx, args...).Err(); err != nil {
+			// A syntax error would echo the modifier, and with it the token.
+			return fmt.Errorf("ACL SETUSER %s on %s: %s", t.OID, c.Options().Addr, strings.ReplaceAll(err.Error(), t.Token, "[token]"))
+		}
 	}
 	return nil
 }
@@ -336,19 +338,20 @@ func (e *Env) expireDue(now time.Time) {
 	}
 }
 
-// deleteUser runs ACL DELUSER for t's user; with redis stopped there is nothing to delete.
+// deleteUser runs ACL DELUSER for t's user on every running server; a stopped one has nothing
+// to delete.
 func (e *Env) deleteUser(t IssuedToken) error {
 	e.redisMu.Lock()
 	defer e.redisMu.Unlock()
-	if e.proc == nil {
-		return nil
-	}
 	ctx, cancel := context.WithTimeout(e.ctx, aclTimeout)
 	defer cancel()
-	if err := e.admin.Do(ctx, "ACL", "DELUSER", t.OID).Err(); err != nil {
-		return fmt.Errorf("ACL DELUSER %s: %w", t.OID, err)
+	var errs []error
+	for _, c := range e.admins() {
+		if err := c.Do(ctx, "ACL", "DELUSER", t.OID).Err(); err != nil {
+			errs = append(errs, fmt.Errorf("ACL DELUSER %s on %s: %w", t.OID, c.Options().Addr, err))
+		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // fakeJWT returns a JWT-shaped token (header.payload.signature, base64url without padding)

@@ -37,9 +37,9 @@ type redisProc struct {
 	done chan struct{} // closed once the process has exited and been reaped
 }
 
-// redisConfig renders redis.conf. Everything Azure-like is here: TLS only, no default
-// user, no persistence, the commands Options.RenameCommands takes away.
-func (e *Env) redisConfig(port int) string {
+// redisConfig renders redis.conf for a server working in dir. Everything Azure-like is here:
+// TLS only, no default user, no persistence, the commands Options.RenameCommands takes away.
+func (e *Env) redisConfig(dir string, port int) string {
 	q := strconv.Quote
 	var b strings.Builder
 	fmt.Fprintf(&b, `# written by azurefake
@@ -59,7 +59,7 @@ logfile %s
 user default off
 user %s on >%s ~* %s+@all
 `, port, q(e.path("server.pem")), q(e.path("server-key.pem")), q(e.CAFile),
-		q(e.Dir), q(e.path("redis.log")), adminUser, e.adminPassword, e.allChannels())
+		q(dir), q(filepath.Join(dir, "redis.log")), adminUser, e.adminPassword, e.allChannels())
 	for _, r := range e.renames {
 		fmt.Fprintf(&b, "rename-command %s %s\n", r[0], q(r[1]))
 	}
@@ -79,19 +79,35 @@ func (e *Env) allChannels() string {
 // startRedisLocked starts redis-server on port and waits until the admin user can PING it.
 // The caller holds e.redisMu.
 func (e *Env) startRedisLocked(ctx context.Context, port int) error {
-	conf := e.path("redis.conf")
-	if err := os.WriteFile(conf, []byte(e.redisConfig(port)), 0o600); err != nil {
-		return fmt.Errorf("write %s: %w", conf, err)
-	}
-	out, err := os.OpenFile(e.path("redis.stdout"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	p, err := e.launch(ctx, e.Dir, port, "")
 	if err != nil {
-		return fmt.Errorf("open redis output file: %w", err)
+		return err
+	}
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	e.proc, e.port = p, port
+	if e.RedisAddr == "" { // set once, in Start: tests read it without locking
+		e.RedisAddr = addr
+	}
+	e.admin = redis.NewClient(e.adminOptions(addr, 3))
+	return nil
+}
+
+// launch writes dir/redis.conf (redisConfig, then extra lines), starts redis-server with it and
+// waits until the admin user can PING it on port.
+func (e *Env) launch(ctx context.Context, dir string, port int, extra string) (*redisProc, error) {
+	conf := filepath.Join(dir, "redis.conf")
+	if err := os.WriteFile(conf, []byte(e.redisConfig(dir, port)+extra), 0o600); err != nil {
+		return nil, fmt.Errorf("write %s: %w", conf, err)
+	}
+	out, err := os.OpenFile(filepath.Join(dir, "redis.stdout"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open redis output file: %w", err)
 	}
 	defer out.Close() // the child keeps its own descriptor
 	cmd := exec.Command(e.redisPath, conf)
-	cmd.Dir, cmd.Stdout, cmd.Stderr = e.Dir, out, out
+	cmd.Dir, cmd.Stdout, cmd.Stderr = dir, out, out
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start %s: %w", e.redisPath, err)
+		return nil, fmt.Errorf("start %s: %w", e.redisPath, err)
 	}
 	p := &redisProc{cmd: cmd, done: make(chan struct{})}
 	go func() { // owned by p: ends when the process exits
@@ -99,16 +115,11 @@ func (e *Env) startRedisLocked(ctx context.Context, port int) error {
 		close(p.done)
 	}()
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-	if err := e.awaitReady(ctx, p, addr); err != nil {
+	if err := e.awaitReady(ctx, p, dir, addr); err != nil {
 		p.stop()
-		return err
+		return nil, err
 	}
-	e.proc, e.port = p, port
-	if e.RedisAddr == "" { // set once, in Start: tests read it without locking
-		e.RedisAddr = addr
-	}
-	e.admin = redis.NewClient(e.adminOptions(addr, 3))
-	return nil
+	return p, nil
 }
 
 // adminOptions are go-redis options for the harness's admin connection.
@@ -129,7 +140,7 @@ func (e *Env) adminOptions(addr string, maxRetries int) *redis.Options {
 }
 
 // awaitReady polls TLS + AUTH + PING until it works, the process exits, or the deadline.
-func (e *Env) awaitReady(ctx context.Context, p *redisProc, addr string) error {
+func (e *Env) awaitReady(ctx context.Context, p *redisProc, dir, addr string) error {
 	ctx, cancel := context.WithTimeout(ctx, redisStartLimit)
 	defer cancel()
 	probe := redis.NewClient(e.adminOptions(addr, -1))
@@ -149,9 +160,9 @@ func (e *Env) awaitReady(ctx context.Context, p *redisProc, addr string) error {
 		}
 		select {
 		case <-p.done:
-			return fmt.Errorf("%w on %s: %s", errExitedEarly, addr, e.redisLogTail())
+			return fmt.Errorf("%w on %s: %s", errExitedEarly, addr, redisLogTail(dir))
 		case <-ctx.Done():
-			return fmt.Errorf("redis-server on %s not ready (last probe: %v): %w; %s", addr, err, ctx.Err(), e.redisLogTail())
+			return fmt.Errorf("redis-server on %s not ready (last probe: %v): %w; %s", addr, err, ctx.Err(), redisLogTail(dir))
 		case <-tick.C:
 		}
 	}
@@ -170,25 +181,29 @@ func (p *redisProc) stop() {
 }
 
 // stopRedisLocked stops redis-server if it runs. The caller holds e.redisMu.
-func (e *Env) stopRedisLocked() error {
-	if e.proc == nil {
+func (e *Env) stopRedisLocked() error { return stopServer(&e.proc, &e.admin) }
+
+// stopServer closes *admin, stops *p if it runs, and sets both to nil (stopped).
+func stopServer(p **redisProc, admin **redis.Client) error {
+	if *p == nil {
 		return nil
 	}
-	err := e.admin.Close()
-	e.proc.stop()
-	e.proc, e.admin = nil, nil
+	addr, err := (*admin).Options().Addr, (*admin).Close()
+	(*p).stop()
+	*p, *admin = nil, nil
 	if err != nil {
-		return fmt.Errorf("close admin connection: %w", err)
+		return fmt.Errorf("close admin connection to %s: %w", addr, err)
 	}
 	return nil
 }
 
-// redisLogTail returns the end of redis-server's log and output, to explain a failure.
-func (e *Env) redisLogTail() string {
+// redisLogTail returns the end of the log and output of the redis-server working in dir, to
+// explain a failure.
+func redisLogTail(dir string) string {
 	const max = 1500
 	var s string
 	for _, name := range []string{"redis.stdout", "redis.log"} {
-		f, err := os.Open(e.path(name))
+		f, err := os.Open(filepath.Join(dir, name))
 		if err != nil {
 			continue
 		}

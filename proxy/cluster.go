@@ -1,0 +1,372 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strconv"
+	"sync"
+	"sync/atomic"
+
+	"github.com/entra-redis-proxy/entra-redis-proxy/resp"
+	"github.com/entra-redis-proxy/entra-redis-proxy/topology"
+)
+
+// ErrNotCluster: the upstream refused CLUSTER SLOTS ("cluster support disabled", or a cache whose
+// cluster policy hides the cluster).
+var ErrNotCluster = errors.New("the upstream is not a Redis Cluster")
+
+// ClusterConfig configures a Cluster.
+type ClusterConfig struct {
+	Seed       Dialer      // the cache's own endpoint (UPSTREAM), where the topology is read
+	SeedHost   string      // its host: what a node address with an empty host means
+	TLS        *tls.Config // for the nodes: ServerName is the cache's host name, since node addresses are IPs
+	ListenHost string      // where node listeners listen (LISTEN's host)
+	FirstPort  int         // the node listeners' port range (topology.ParsePortRange)
+	LastPort   int
+	// Server is the options of each node's Server (Tokens, Observer, pool, limits); its Dialer is
+	// replaced by one for the node.
+	Server Options
+}
+
+// Cluster follows a clustered cache's topology (Azure Managed Redis with the OSS cluster policy, a
+// clustered Premium cache) and runs one local listener per node: a Server like the main one whose
+// upstream is that node. Every Server given the Cluster (the main one through Options.Cluster, and
+// the nodes') rewrites the node addresses its clients see to these listeners (topology package).
+type Cluster struct {
+	cfg ClusterConfig
+	log *slog.Logger
+	on  atomic.Bool // the upstream is a cluster (Detect): rewriting is on
+	// movedOnce logs, once per process, what to do about a MOVED a client got on LISTEN.
+	movedOnce sync.Once
+
+	refreshMu sync.Mutex // one topology read at a time, held across it
+
+	mu     sync.Mutex // guards the fields below
+	ports  *topology.Ports
+	nodes  map[string]*nodeProxy // by upstream address
+	topo   topology.Topology     // as last read
+	closed bool
+	wg     sync.WaitGroup // each node's Serve
+}
+
+// nodeProxy is one node's local listener.
+type nodeProxy struct {
+	id, upstream, local string
+	srv                 *Server
+}
+
+// NewCluster returns a Cluster with no node yet; Detect reads the topology.
+func NewCluster(cfg ClusterConfig) *Cluster {
+	log := cfg.Server.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Cluster{cfg: cfg, log: log, ports: topology.NewPorts(cfg.FirstPort, cfg.LastPort), nodes: map[string]*nodeProxy{}}
+}
+
+// Detect reads the topology on a first connection to the seed. A cluster gets its node listeners
+// and rewriting turns on; otherwise it returns ErrNotCluster and the Cluster stays idle.
+func (c *Cluster) Detect(ctx context.Context) (topology.Topology, error) {
+	t, err := c.Refresh(ctx)
+	if err == nil {
+		c.on.Store(true)
+	}
+	return t, err
+}
+
+// Refresh reads CLUSTER SLOTS from the seed and opens a listener for each node that has none.
+func (c *Cluster) Refresh(ctx context.Context) (topology.Topology, error) {
+	c.refreshMu.Lock()
+	defer c.refreshMu.Unlock()
+	raw, err := c.readSlots(ctx)
+	if err != nil {
+		return topology.Topology{}, err
+	}
+	t, err := topology.ParseSlots(c.cfg.SeedHost, raw)
+	if err != nil {
+		return topology.Topology{}, fmt.Errorf("cluster topology: %w", err)
+	}
+	for _, n := range t.Nodes {
+		if err := c.open(n); err != nil {
+			return t, err
+		}
+	}
+	c.mu.Lock()
+	c.topo = t
+	c.mu.Unlock()
+	c.log.Info("cluster topology", "nodes", len(t.Nodes), "slots_covered", t.Covered, "listeners", c.listeners())
+	return t, nil
+}
+
+// readSlots returns the raw CLUSTER SLOTS reply of a new authenticated connection to the seed.
+func (c *Cluster) readSlots(ctx context.Context) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.Server.DialTimeout)
+	defer cancel()
+	tok, changed := c.cfg.Server.Tokens.Current()
+	for tok.Secret == "" {
+		select {
+		case <-changed:
+			tok, changed = c.cfg.Server.Tokens.Current()
+		case <-ctx.Done():
+			return nil, fmt.Errorf("cluster topology: no Entra token yet: %w", ctx.Err())
+		}
+	}
+	return readSlots(ctx, c.cfg.Seed, tok, c.cfg.Server.Tokens)
+}
+
+// readSlots dials d, authenticates with tok and returns the raw reply to CLUSTER SLOTS.
+func readSlots(ctx context.Context, d Dialer, tok Token, tokens TokenSource) ([]byte, error) {
+	conn, err := d.DialContext(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("cluster topology: %w", err)
+	}
+	defer conn.Close()
+	cc := newCtrlConn(conn)
+	if _, _, err := cc.handshake(ctx, tok, tokens); err != nil {
+		return nil, fmt.Errorf("cluster topology: %w", err)
+	}
+	r, err := cc.do(ctx, "CLUSTER", "SLOTS")
+	if err != nil {
+		return nil, fmt.Errorf("cluster topology: CLUSTER SLOTS: %w", err)
+	}
+	if r.err() != nil { // "cluster support disabled"; Enterprise's cluster policy blocks CLUSTER commands
+		return nil, fmt.Errorf("%w (CLUSTER SLOTS: %s)", ErrNotCluster, r.text)
+	}
+	return bytes.Clone(cc.frame), nil
+}
+
+// ReadTopology reads the topology of the cache at d (whose host is seedHost) with tok, for the
+// check command; ErrNotCluster when it is not a cluster.
+func ReadTopology(ctx context.Context, d Dialer, seedHost string, tok Token) (topology.Topology, error) {
+	raw, err := readSlots(ctx, d, tok, fixedToken(tok))
+	if err != nil {
+		return topology.Topology{}, err
+	}
+	return topology.ParseSlots(seedHost, raw)
+}
+
+// open starts n's listener unless it has one: a port from the range (the same for the node id
+// while it exists) on ListenHost, and a Server dialing n with the cache's TLS name.
+func (c *Cluster) open(n topology.Node) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed || c.nodes[n.Addr] != nil {
+		return nil
+	}
+	port, err := c.ports.Assign(n.ID)
+	if err != nil {
+		return err
+	}
+	local := net.JoinHostPort(c.cfg.ListenHost, strconv.Itoa(port))
+	ln, err := net.Listen("tcp", local)
+	if err != nil {
+		c.ports.Release(n.ID)
+		return fmt.Errorf("listen for cluster node %s on %s (ENTRA_REDIS_PROXY_CLUSTER_PORTS): %w", n.Addr, local, err)
+	}
+	opts := c.cfg.Server
+	opts.Dialer = &TLSDialer{Addr: n.Addr, Config: c.cfg.TLS}
+	opts.Logger = c.log.With("node", n.Addr, "node_listen", local)
+	opts.Cluster = c
+	srv, err := New(opts)
+	if err != nil {
+		ln.Close()
+		c.ports.Release(n.ID)
+		return err
+	}
+	srv.clusterHost, _, _ = net.SplitHostPort(n.Addr)
+	srv.clusterNode = true
+	c.nodes[n.Addr] = &nodeProxy{id: n.ID, upstream: n.Addr, local: local, srv: srv}
+	c.wg.Add(1)
+	go func() { // owned by the Cluster: Shutdown ends it
+		defer c.wg.Done()
+		if err := srv.Serve(ln); !errors.Is(err, ErrServerClosed) {
+			c.log.Error("cluster node listener failed", "node", n.Addr, "listen", local, "err", err)
+		}
+	}()
+	return nil
+}
+
+// listeners describes the node listeners for a log line: upstream=local, in topology order.
+func (c *Cluster) listeners() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []string
+	for _, n := range c.topo.Nodes {
+		if p := c.nodes[n.Addr]; p != nil {
+			out = append(out, p.upstream+"="+p.local)
+		}
+	}
+	return out
+}
+
+// Topology returns the topology as last read and each node's local listener, by upstream address.
+func (c *Cluster) Topology() (topology.Topology, map[string]string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	m := make(map[string]string, len(c.nodes))
+	for a, n := range c.nodes {
+		m[a] = n.local
+	}
+	return c.topo, m
+}
+
+func (c *Cluster) local(upstream string) (string, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if n := c.nodes[upstream]; n != nil {
+		return n.local, true
+	}
+	return "", false
+}
+
+// Shutdown drains every node listener's clients (Server.Shutdown) and returns how many were cut.
+func (c *Cluster) Shutdown(ctx context.Context) int {
+	c.mu.Lock()
+	c.closed = true
+	nodes := make([]*nodeProxy, 0, len(c.nodes))
+	for _, n := range c.nodes {
+		nodes = append(nodes, n)
+	}
+	c.mu.Unlock()
+	var cut atomic.Int64
+	var wg sync.WaitGroup
+	for _, n := range nodes {
+		wg.Add(1)
+		go func() { defer wg.Done(); cut.Add(int64(n.srv.Shutdown(ctx))) }()
+	}
+	wg.Wait()
+	c.wg.Wait()
+	return int(cut.Load())
+}
+
+// movedRemedy is logged once when a client of LISTEN gets MOVED.
+const movedRemedy = "a client on LISTEN got MOVED: the cache is a cluster (OSS cluster policy). A cluster-aware client follows it to the node listener named in it; a client that is not cluster-aware fails for keys on other shards: use a cluster-aware client (e.g. redis-py RedisCluster, go-redis ClusterClient, Lettuce or Jedis cluster, StackExchange.Redis), or give the cache the Enterprise cluster policy (one endpoint)"
+
+// topoKind marks a command whose reply names cluster nodes (entry.topo).
+type topoKind uint8
+
+const (
+	topoNone   topoKind = iota
+	topoSlots           // CLUSTER SLOTS
+	topoShards          // CLUSTER SHARDS
+	topoNodes           // CLUSTER NODES, REPLICAS, SLAVES
+)
+
+// topoCommand classifies a client command for the reply rewriting.
+func topoCommand(args [][]byte) topoKind {
+	if len(args) < 2 || !equalFold(args[0], "cluster") {
+		return topoNone
+	}
+	switch {
+	case equalFold(args[1], "slots"):
+		return topoSlots
+	case equalFold(args[1], "shards"):
+		return topoShards
+	case equalFold(args[1], "nodes"), equalFold(args[1], "replicas"), equalFold(args[1], "slaves"):
+		return topoNodes
+	}
+	return topoNone
+}
+
+// clusterRewrites says whether the reply at p, to entry e, may name cluster nodes: an error to a
+// command whose reply the client gets (a (S)SUBSCRIBE's MOVED included), or a topology reply.
+// Blocking commands are left out: their replies go through the unblock logic (blockedReply).
+func (s *session) clusterRewrites(p []byte, e entry) bool {
+	if e.quiet || e.blk != nil {
+		return false
+	}
+	return p[0] == '-' && (e.act == actForward || e.act == actSubscribe) || e.topo != topoNone && e.act == actForward
+}
+
+// clusterReply rewrites the node addresses in a reply on its way to the client: a -MOVED/-ASK
+// error, or the reply of a topology command, held whole (up to the read buffer's bound, maxHeadBuf).
+// A node not known yet is looked up by a topology refresh first. ok is false while the reply is
+// not all here.
+func (s *session) clusterReply(p []byte, h *resp.Head, e entry) (ok bool, err error) {
+	var frame []byte
+	if e.topo == topoNone {
+		if ok, err := resp.PeekHead(p, 0, h); !ok || err != nil || h.Type != '-' {
+			return ok, err
+		}
+		frame = p[:bytes.IndexByte(p, '\n')+1]
+	} else {
+		var sc resp.Scanner
+		n, done, err := sc.Scan(p)
+		if err != nil || !done {
+			return false, err
+		}
+		frame = p[:n]
+	}
+	c := s.srv.cluster
+	out := c.rewrite(s.srv.ctx, s.srv.clusterHost, e.topo, frame)
+	if e.topo == topoNone && !s.srv.clusterNode && bytes.HasPrefix(frame, []byte("-MOVED ")) {
+		// A cluster-aware client asks the topology first and goes to the right node; one that is not
+		// gets MOVED for most keys.
+		c.movedOnce.Do(func() {
+			s.log.Warn(movedRemedy)
+		})
+	}
+	if &out[0] != &frame[0] {
+		s.rl.frame.fwd = false // the reply loop frames the original; the client gets out
+		s.emit(out)
+	}
+	return true, nil
+}
+
+// rewrite returns frame with its node addresses replaced (frame itself when nothing changed),
+// refreshing the topology once when it names a node without a listener.
+func (c *Cluster) rewrite(ctx context.Context, connected string, kind topoKind, frame []byte) []byte {
+	m := topology.Map{Connected: connected, Local: c.local}
+	for attempt := 0; ; attempt++ {
+		var res topology.Result
+		var err error
+		switch kind {
+		case topoNone:
+			out, unknown, _ := topology.Redirect(m, frame)
+			res.Out = out
+			if unknown != "" {
+				res.Unknown = []string{unknown}
+			}
+		case topoSlots:
+			res, err = topology.Slots(m, frame)
+		case topoShards:
+			res, err = topology.Shards(m, frame)
+		case topoNodes:
+			res, err = topology.Nodes(m, frame)
+		}
+		if err != nil {
+			c.log.Warn("cluster reply not rewritten: passed on as the server sent it", "err", err)
+			return frame
+		}
+		if len(res.Unknown) == 0 {
+			return res.Out
+		}
+		if attempt > 0 {
+			c.log.Warn("cluster nodes without a local listener after a topology refresh: their addresses pass unchanged", "nodes", res.Unknown)
+			return res.Out
+		}
+		if _, err := c.Refresh(ctx); err != nil {
+			c.log.Warn("cluster topology refresh failed", "err", err, "nodes", res.Unknown)
+			return res.Out
+		}
+	}
+}
+
+// nodeDown closes, without a reply, a node listener's client whose node cannot be reached: a
+// direct client would see the connection refused, and a cluster client takes a failed connection,
+// not an error reply, as the sign to reload the topology and move to the node's replacement.
+func (s *session) nodeDown(err error) bool {
+	var de *DialError
+	if !s.srv.clusterNode || !errors.As(err, &de) || de.Stage != "dial" {
+		return false
+	}
+	s.srv.refused.add("node_unreachable", "reason", "node_unreachable", "why", "cluster node unreachable: "+
+		"closing its clients' connections", "err", err.Error()) // a dead node's clients make a line per interval
+	s.close(err)
+	return true
+}

@@ -1,0 +1,250 @@
+package proxy_test
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/entra-redis-proxy/entra-redis-proxy/internal/azurefake"
+	"github.com/entra-redis-proxy/entra-redis-proxy/proxy"
+)
+
+// clusterFixture is the azurefake 3+3 TLS cluster, a proxy at its first primary (the seed) with a
+// Cluster, and the Cluster's node listeners.
+type clusterFixture struct {
+	*fixture
+	cluster *proxy.Cluster
+	tls     *tls.Config // a direct client's
+	logged  *logCount
+}
+
+func newClusterFixture(t *testing.T, lifetime time.Duration) *clusterFixture {
+	t.Helper()
+	env := azurefake.StartT(t, azurefake.Options{Cluster: true, TokenLifetime: lifetime})
+	pem, err := os.ReadFile(env.CAFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(pem)
+	tc := &tls.Config{ServerName: env.ServerName, RootCAs: pool}
+	first, err := azurefake.FreePortRange(8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cl *proxy.Cluster
+	logged := &logCount{n: map[string]int{}}
+	f := newProxyFor(t, env, fixtureOpts{proxyOpt: func(o *proxy.Options) {
+		o.Logger = slog.New(&countHandler{Handler: o.Logger.Handler(), c: logged})
+		cl = proxy.NewCluster(proxy.ClusterConfig{
+			Seed: o.Dialer, SeedHost: "127.0.0.1", TLS: tc, ListenHost: "127.0.0.1",
+			FirstPort: first, LastPort: first + 7, Server: *o,
+		})
+		o.Cluster = cl
+	}})
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if cut := cl.Shutdown(ctx); cut > 0 {
+			t.Errorf("%d node listener clients still open at the end", cut)
+		}
+	})
+	topo, err := cl.Detect(t.Context())
+	if err != nil {
+		t.Fatalf("Detect: %v", err)
+	}
+	if len(topo.Nodes) != 6 || topo.Covered != 16384 {
+		t.Fatalf("Detect: %v", topo)
+	}
+	return &clusterFixture{fixture: f, cluster: cl, tls: tc, logged: logged}
+}
+
+// logCount counts the proxy's log messages by their first words.
+type logCount struct {
+	mu sync.Mutex
+	n  map[string]int
+}
+
+func (c *logCount) count(prefix string) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	total := 0
+	for m, n := range c.n {
+		if strings.HasPrefix(m, prefix) {
+			total += n
+		}
+	}
+	return total
+}
+
+type countHandler struct {
+	slog.Handler
+	c *logCount
+}
+
+func (h *countHandler) Handle(ctx context.Context, r slog.Record) error {
+	h.c.mu.Lock()
+	h.c.n[r.Message]++
+	h.c.mu.Unlock()
+	return h.Handler.Handle(ctx, r)
+}
+
+func (h *countHandler) WithAttrs(as []slog.Attr) slog.Handler {
+	return &countHandler{Handler: h.Handler.WithAttrs(as), c: h.c}
+}
+
+func (h *countHandler) WithGroup(name string) slog.Handler {
+	return &countHandler{Handler: h.Handler.WithGroup(name), c: h.c}
+}
+
+// clusterClient returns a go-redis ClusterClient seeded with addr; with tc, over TLS as the token's
+// user (a direct client).
+func clusterClient(t *testing.T, addr string, protocol int, tc *tls.Config, user, pass string) *redis.ClusterClient {
+	c := redis.NewClusterClient(&redis.ClusterOptions{
+		Addrs: []string{addr}, Protocol: protocol, TLSConfig: tc, Username: user, Password: pass,
+		DisableIdentity: true, ReadTimeout: 10 * time.Second,
+	})
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// TestClusterClients: go-redis ClusterClient (RESP2 and RESP3) at the proxy's LISTEN reaches every
+// node through the node listeners only, and sees what a direct ClusterClient sees: keys over all
+// slots, a transaction on one slot, the topology with local addresses.
+func TestClusterClients(t *testing.T) {
+	f := newClusterFixture(t, 2*time.Minute)
+	tok, _ := f.src.Current()
+	_, locals := f.cluster.Topology()
+	for _, protocol := range []int{2, 3} {
+		t.Run("RESP"+strconv.Itoa(protocol), func(t *testing.T) {
+			ctx := t.Context()
+			px := clusterClient(t, f.addr, protocol, nil, "", "")
+			direct := clusterClient(t, f.env.RedisAddr, protocol, f.tls, tok.Username, tok.Secret)
+			slots, err := px.ClusterSlots(ctx).Result()
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, r := range slots {
+				for _, n := range r.Nodes {
+					if !containsValue(locals, n.Addr) {
+						t.Fatalf("CLUSTER SLOTS through the proxy names %s, not a node listener (%v)", n.Addr, locals)
+					}
+				}
+			}
+			prefix := "p" + strconv.Itoa(protocol) + ":"
+			for i := range 300 { // about 100 keys per primary
+				k := prefix + strconv.Itoa(i)
+				if err := px.Set(ctx, k, i, 0).Err(); err != nil {
+					t.Fatalf("SET %s through the proxy: %v", k, err)
+				}
+				if got, err := direct.Get(ctx, k).Int(); err != nil || got != i {
+					t.Fatalf("GET %s direct: %v, %v; want %d", k, got, err, i)
+				}
+			}
+			// MULTI on one slot: {tag} keeps the keys together.
+			cmds, err := px.TxPipelined(ctx, func(p redis.Pipeliner) error {
+				p.Incr(ctx, prefix+"{tx}a")
+				p.Incr(ctx, prefix+"{tx}b")
+				return nil
+			})
+			if err != nil || len(cmds) != 2 {
+				t.Fatalf("MULTI/EXEC on one slot: %v, %v", cmds, err)
+			}
+			// A plain (non-cluster) client of the proxy's LISTEN gets MOVED with a local address.
+			plain := redis.NewClient(&redis.Options{Addr: f.addr, Protocol: protocol, DisableIdentity: true, MaxRetries: -1})
+			defer plain.Close()
+			moved := 0
+			for i := range 20 {
+				err := plain.Get(ctx, prefix+strconv.Itoa(i)).Err()
+				if err == nil {
+					continue
+				}
+				addr, ok := strings.CutPrefix(err.Error(), "MOVED ")
+				_, addr, _ = strings.Cut(addr, " ")
+				if !ok || !containsValue(locals, addr) {
+					t.Fatalf("GET through the seed's listener: %v; want MOVED to a node listener", err)
+				}
+				moved++
+			}
+			if moved == 0 {
+				t.Fatal("no key of 20 lives on another node than the seed")
+			}
+			if f.atLeast(7, 0) { // a refused SSUBSCRIBE (sharded pub/sub is Redis 7) names the shard's node
+				movedSub := false
+				for i := 0; i < 20 && !movedSub; i++ {
+					c, err := net.Dial("tcp", f.addr)
+					if err != nil {
+						t.Fatal(err)
+					}
+					c.SetDeadline(time.Now().Add(10 * time.Second))
+					ch := prefix + strconv.Itoa(i)
+					fmt.Fprintf(c, "*2\r\n$10\r\nSSUBSCRIBE\r\n$%d\r\n%s\r\n", len(ch), ch)
+					line, err := bufio.NewReader(c).ReadString('\n')
+					c.Close()
+					if err != nil {
+						t.Fatal(err)
+					}
+					if line[0] != '-' {
+						continue // confirmed: the channel's slot is the seed's
+					}
+					addr, ok := strings.CutPrefix(strings.TrimSpace(line), "-MOVED ")
+					_, addr, _ = strings.Cut(addr, " ")
+					if !ok || !containsValue(locals, addr) {
+						t.Fatalf("SSUBSCRIBE %s through the seed's listener: %q; want MOVED to a node listener", ch, line)
+					}
+					movedSub = true
+				}
+				if !movedSub {
+					t.Fatal("no shard channel of 20 lives on another node than the seed")
+				}
+			}
+			if n := f.logged.count("a client on LISTEN got MOVED"); n != 1 {
+				t.Fatalf("the remedy for MOVED on LISTEN was logged %d times, want once per process", n)
+			}
+		})
+	}
+}
+
+func containsValue(m map[string]string, v string) bool {
+	for _, x := range m {
+		if x == v {
+			return true
+		}
+	}
+	return false
+}
+
+// TestClusterRedisCLI: redis-cli -c at the proxy's LISTEN follows the rewritten redirects.
+func TestClusterRedisCLI(t *testing.T) {
+	cli, err := exec.LookPath("redis-cli")
+	if err != nil {
+		t.Fatalf("redis-cli not found (apt-get install redis-tools): %v", err)
+	}
+	f := newClusterFixture(t, 2*time.Minute)
+	host, port, _ := net.SplitHostPort(f.addr)
+	for i := range 10 {
+		k, v := "cli:"+strconv.Itoa(i), "v"+strconv.Itoa(i)
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		out, err := exec.CommandContext(ctx, cli, "-c", "-h", host, "-p", port, "SET", k, v).CombinedOutput()
+		if err == nil {
+			out, err = exec.CommandContext(ctx, cli, "-c", "-h", host, "-p", port, "GET", k).CombinedOutput()
+		}
+		cancel()
+		if err != nil || strings.TrimSpace(string(out)) != v {
+			t.Fatalf("redis-cli -c SET/GET %s: %q, %v", k, out, err)
+		}
+	}
+}
