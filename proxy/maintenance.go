@@ -270,6 +270,9 @@ func (s *session) moveBlocked(tok Token) error {
 	if !s.canMove() {
 		return nil
 	}
+	if b.leased {
+		return nil // CLIENT UNBLOCK is denied (rescue.go): it stays blocked, and the close ends it
+	}
 	ctx, cancel := context.WithTimeout(s.srv.ctx, handoverTimeout)
 	defer cancel()
 	res, ok := s.awaitUnblock(ctx, tok, b)
@@ -285,9 +288,7 @@ func (s *session) moveBlocked(tok Token) error {
 		return err
 	}
 	nb := b.again(res.remaining)
-	c.out = resp.AppendCommand(c.out, nb.args...)
-	s.expect(entry{act: actForward, cmd: lookup([]byte(nb.args[0])).idx, start: s.srv.now(), blk: nb})
-	c.hold.cmd = nb
+	s.reissue(nb, nb.args, s.srv.now())
 	s.srv.obs.Mechanism("unblock_reissue")
 	return s.flush()
 }
