@@ -456,11 +456,31 @@ func (s *session) knowSubscribed() bool {
 	c := &s.cl
 	if c.subSent {
 		if s.flush() == nil {
-			s.led.waitIdle(forever)
+			s.awaitReplies()
 		}
 		c.subSent = s.resp2Sub.Load()
 	}
 	return s.resp2Sub.Load()
+}
+
+// awaitReplies waits for every reply to come. Under CLIENT REPLY OFF a refused (un)subscribe has no answer
+// at all, so the wait can last the ledger's optionalQuiet (2 s); a new token that comes meanwhile is sent at
+// once there (under OFF an AUTH needs no reply), so that such a wait never outlasts the old token.
+func (s *session) awaitReplies() {
+	c := &s.cl
+	from := time.Now()
+	for {
+		if _, nudged := s.led.waitIdleOrNudge(forever, &from); !nudged {
+			return
+		}
+		s.takePokes()
+		if c.want.auth && c.mode == replyOff && !c.tx.open() && !c.hold.holding() && !s.resp2Sub.Load() {
+			c.want.auth = false
+			if s.reauth() != nil || s.flush() != nil {
+				return
+			}
+		}
+	}
 }
 
 // onReset forwards RESET, which turns replies back on before it answers and logs the connection out: the

@@ -76,6 +76,7 @@ type ledger struct {
 	sent    uint64    // deliveries so far: progress, for waits re-armed on progress
 	maybe   int       // entries not settled that are optional (their reply may never come)
 	closed  bool      // push and waits return at once
+	nudged  bool      // the session was poked: waitIdleOrNudge returns so the client loop can act on it
 	link    linkState // reconnecting: push fails until relinked (reconnect.go)
 }
 
@@ -219,14 +220,38 @@ func (l *ledger) idle() bool {
 // quiet (the wait is re-armed on every delivery), or optionalQuiet while only optional entries are
 // outstanding. It reports whether the safe point was reached.
 func (l *ledger) waitIdle(quiet time.Duration) bool {
+	from := time.Now()
+	idle, _ := l.wait(quiet, false, &from)
+	return idle
+}
+
+// waitIdleOrNudge is waitIdle that also returns, with nudged, when the session is poked. *from is when the
+// wait for optional entries began, or last made progress: a wait resumed after a nudge goes on from there.
+func (l *ledger) waitIdleOrNudge(quiet time.Duration, from *time.Time) (idle, nudged bool) {
+	return l.wait(quiet, true, from)
+}
+
+// nudge wakes a waitIdleOrNudge (the session was poked).
+func (l *ledger) nudge() {
+	l.mu.Lock()
+	l.nudged = true
+	l.changed.Broadcast()
+	l.mu.Unlock()
+}
+
+func (l *ledger) wait(quiet time.Duration, byNudge bool, from *time.Time) (idle, nudged bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for !l.closed && (l.n > 0 || l.unsent > 0) {
+		if byNudge && l.nudged {
+			l.nudged = false
+			return false, true
+		}
 		seen := l.sent
 		timedOut := false
 		wait := quiet
 		if l.n == l.maybe && l.unsent == 0 {
-			wait = min(quiet, optionalQuiet)
+			wait = min(quiet, optionalQuiet-time.Since(*from))
 		}
 		t := time.AfterFunc(wait, func() {
 			l.mu.Lock()
@@ -234,15 +259,18 @@ func (l *ledger) waitIdle(quiet time.Duration) bool {
 			l.changed.Broadcast()
 			l.mu.Unlock()
 		})
-		for !l.closed && (l.n > 0 || l.unsent > 0) && l.sent == seen && !timedOut {
+		for !l.closed && (l.n > 0 || l.unsent > 0) && l.sent == seen && !timedOut && !(byNudge && l.nudged) {
 			l.changed.Wait()
 		}
 		t.Stop()
+		if l.sent != seen {
+			*from = time.Now() // progress re-arms the wait
+		}
 		if l.sent == seen && timedOut {
 			break
 		}
 	}
-	return l.n == 0 && l.unsent == 0
+	return l.n == 0 && l.unsent == 0, false
 }
 
 // markLost records that the upstream closed, if the ledger is at a safe point: then nothing was owed, and

@@ -335,6 +335,7 @@ func (s *session) poke(bits uint32) {
 	case s.wake <- struct{}{}:
 	default:
 	}
+	s.led.nudge()
 	s.client.SetReadDeadline(pokeTime)
 }
 
