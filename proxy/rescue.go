@@ -232,11 +232,16 @@ func (s *session) lease(b *blocked, now time.Time) []string {
 	if rem, _ := b.remaining(now); d < minLease || (rem != 0 && rem <= d) {
 		return nil
 	}
-	if tok.Secret != s.cl.secret {
-		s.appendAuth(tok, s.srv.now())
-	}
+	s.authNewest(s.srv.now())
 	b.leased = true
 	return b.argsWith(d)
+}
+
+// authNewest sends the newest token if the connection is not on it yet.
+func (s *session) authNewest(now int64) {
+	if tok, _ := s.srv.opts.Tokens.Current(); tok.Secret != "" && tok.Secret != s.cl.secret {
+		s.appendAuth(tok, now)
+	}
 }
 
 // renewLease sends a leased command again after its lease ran out (the reply loop hid its timeout reply),
@@ -252,13 +257,11 @@ func (s *session) renewLease() {
 		return
 	}
 	now := s.srv.now()
+	s.authNewest(now)
 	nb := b.again(res.remaining)
 	args := s.lease(nb, s.srv.epoch.Add(time.Duration(now)))
 	if args == nil {
 		args = nb.args
-		if tok, _ := s.srv.opts.Tokens.Current(); tok.Secret != "" && tok.Secret != s.cl.secret {
-			s.appendAuth(tok, now)
-		}
 	}
 	s.reissue(nb, args, now)
 	s.srv.obs.Mechanism("lease_renewed")
