@@ -108,7 +108,7 @@ func New(reg prometheus.Registerer) *Metrics {
 
 	bytes := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: namespace, Name: "bytes_total",
-		Help: "Bytes relayed, by direction: in is from clients to the upstream, out is from the upstream to clients.",
+		Help: "Bytes read, by direction: in is read from clients, out is read from upstreams (it includes the replies to the proxy's own AUTH and handover commands, which clients do not see).",
 	}, []string{"direction"})
 	m.collectors = append(m.collectors, bytes)
 	m.bytesIn, m.bytesOut = bytes.WithLabelValues("in"), bytes.WithLabelValues("out")

@@ -45,8 +45,8 @@ type Observer interface {
 	// written: the proxy reports a batch's commands read together once. name is a lower-case command name
 	// from CommandNames, or "other".
 	CommandsDone(name string, d time.Duration, n int)
-	BytesIn(n int)        // bytes from clients to the upstream
-	BytesOut(n int)       // bytes from the upstream to clients
+	BytesIn(n int)        // bytes read from a client
+	BytesOut(n int)       // bytes read from an upstream, the proxy's own replies included
 	ReAuth(result string) // "ok", "error"
 	// Mechanism reports one use of a mechanism: "handover", "handover_refused" (the identity may not
 	// subscribe to the handover's marker channel: a RESP2 subscriber stays on the old token), "unblock_reissue", "unblock_retry" (a CLIENT

@@ -28,7 +28,7 @@ type probe int32
 const (
 	probeClientReply probe = iota // CLIENT REPLY ON: may this identity run CLIENT REPLY?
 	probeReset                    // COMMAND INFO RESET: does the server have RESET?
-	probeUnblock                  // CLIENT UNBLOCK 0: may this identity run CLIENT UNBLOCK? (on the first dial)
+	probeUnblock                  // CLIENT UNBLOCK 0: may this identity run CLIENT UNBLOCK? (on the first dial; no also once it missed, rescue.go)
 	probeCount
 )
 
@@ -36,6 +36,8 @@ const (
 type facts [probeCount]atomic.Uint32
 
 func (f *facts) get(p probe) fact { return fact(f[p].Load()) }
+
+func (f *facts) set(p probe, v fact) { f[p].Store(uint32(v)) }
 
 // learn records what the reply p (its first bytes, at least one) to probe pr says; it returns false when
 // it needs more bytes to tell.
@@ -57,7 +59,7 @@ func (f *facts) learn(pr probe, p []byte) bool {
 		}
 	}
 	if v != factUnknown {
-		f[pr].Store(uint32(v))
+		f.set(pr, v)
 	}
 	return true
 }

@@ -288,8 +288,10 @@ func (s *session) awaitUnblock(ctx context.Context, tok Token, b *blocked) (unbl
 				return res, true
 			}
 			s.srv.obs.Mechanism("unblock_missed")
+			s.srv.facts.set(probeUnblock, factNo)
 			s.log.Warn("CLIENT UNBLOCK refused: the connection stays blocked on the old token, and the server "+
-				"closes it when that token expires unless the command returns first", "err", err)
+				"closes it when that token expires unless the command returns first; blocking commands sent from "+
+				"now on are leased instead", "err", err)
 			return unblockResult{}, false
 		case err != nil:
 			if res, ok := b.withdraw(); ok {
@@ -308,8 +310,10 @@ func (s *session) awaitUnblock(ctx context.Context, tok Token, b *blocked) (unbl
 				return res, true
 			}
 			s.srv.obs.Mechanism("unblock_missed") // (Enterprise: another proxy's client with the same id?)
+			s.srv.facts.set(probeUnblock, factNo)
 			s.log.Warn("blocked command did not return after CLIENT UNBLOCK answered 1; its reply goes to the "+
-				"client as it comes, and the connection stays on the old token", "upstream_client_id", id)
+				"client as it comes, and the connection stays on the old token; blocking commands sent from now on "+
+				"are leased instead", "upstream_client_id", id)
 			return unblockResult{}, false
 		}
 		// 0: no client blocked with that id where the control connection landed. Unless b's reply is on
@@ -333,10 +337,13 @@ func (s *session) awaitUnblock(ctx context.Context, tok Token, b *blocked) (unbl
 			return res, true
 		}
 		s.srv.obs.Mechanism("unblock_missed")
+		// What missed once misses again (Redis Enterprise's proxies don't share CLIENT IDs): later blocking
+		// commands go on leases, which need no CLIENT UNBLOCK.
+		s.srv.facts.set(probeUnblock, factNo)
 		s.log.Warn("CLIENT UNBLOCK found no blocked client with the connection's id (Redis Enterprise does not "+
 			"share CLIENT IDs between its proxies): the connection stays blocked on the old token, and the server "+
-			"closes it when that token expires unless the command returns first",
-			"upstream_client_id", id, "attempts", attempt)
+			"closes it when that token expires unless the command returns first; blocking commands sent from now "+
+			"on are leased instead", "upstream_client_id", id, "attempts", attempt)
 		return unblockResult{}, false
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -207,6 +208,17 @@ func TestUnblockMissedFallsBack(t *testing.T) {
 					return
 				}
 				up := e.fake.Conns()[0]
+				// What missed once misses again: a blocking command sent now goes on a lease, 85% of the time
+				// left to the new token (it expires at 02:01; it is 00:55): 3366 s.
+				later := e.connect("blocked later")
+				later.send(cmd("BLPOP", "other", "0"))
+				synctest.Wait()
+				if n := len(e.fake.Conns()); n != 5 {
+					t.Fatalf("%d upstream connections, want 5 (two clients', three control connections)", n)
+				}
+				if got := e.fake.Conns()[4].Commands(); !slices.Contains(got, "BLPOP other 3366.000") {
+					t.Errorf("the later client's upstream got %q, want BLPOP on a lease", got)
+				}
 				if tc.data {
 					e.fake.push("k", "v")
 					synctest.Wait()
