@@ -100,6 +100,7 @@ type Env struct {
 	admin   *redis.Client  // admin connection to proc; nil while stopped; guarded by redisMu
 	port    int            // TLS port, kept across StopRedis/StartRedis; guarded by redisMu
 	nodes   []*clusterNode // with Options.Cluster: every node, fixed after Start; each node's process guarded by redisMu
+	sharers []*Env         // Envs that trust this one's tokens (Share); guarded by redisMu
 
 	mu        sync.Mutex // guards the fields below
 	lifetime  time.Duration
