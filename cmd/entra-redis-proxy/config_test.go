@@ -91,7 +91,7 @@ func TestConfigVariables(t *testing.T) {
 			invalid: []env{{"UPSTREAM": ""}, {"UPSTREAM": "c:0"}, {"UPSTREAM": "c:65536"}, {"UPSTREAM": "c:port"}, {"UPSTREAM": ":6380"},
 				{"UPSTREAM": "a b"}, {"UPSTREAM": "c/x"}, {"UPSTREAM": "c.example.net:6380:1"}}},
 		{tag: "UPSTREAMS", def: "", valid: env{"UPSTREAM": "", "UPSTREAMS": "127.0.0.1:6370=a.example.net,127.0.0.1:6371=b.example.net:10000"},
-			want: "127.0.0.1:6370=a.example.net,127.0.0.1:6371=b.example.net:10000",
+			want:    "127.0.0.1:6370=a.example.net,127.0.0.1:6371=b.example.net:10000",
 			invalid: []env{{"UPSTREAMS": "127.0.0.1:6370=a.example.net"}}}, // with UPSTREAM: see TestConfigUpstreams
 		{tag: "LISTEN", def: "127.0.0.1:6379", valid: env{"LISTEN": "127.0.0.1:7000"}, want: "127.0.0.1:7000",
 			invalid: []env{{"LISTEN": "0.0.0.0:6379"}, {"LISTEN": ":6379"}, {"LISTEN": "6379"}, {"LISTEN": "unix:"}}},
