@@ -175,7 +175,11 @@ func (c *Cluster) refresh(ctx context.Context, reason string) (t topology.Topolo
 	c.refreshMu.Lock()
 	defer c.refreshMu.Unlock()
 	if c.cfg.Observer != nil {
-		defer func() { c.cfg.Observer.TopologyRefresh(reason, err) }()
+		defer func() {
+			if !errors.Is(err, ErrNotCluster) { // a plain cache's answer to detection is not a failure
+				c.cfg.Observer.TopologyRefresh(reason, err)
+			}
+		}()
 	}
 	raw, err := c.readSlots(ctx)
 	if err != nil {
