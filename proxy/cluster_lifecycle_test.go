@@ -63,12 +63,7 @@ func (e *clusterEvents) awaitClosed(t *testing.T) {
 // dialPing connects to addr and checks a PING is answered; the test's cleanup closes it.
 func dialPing(t *testing.T, addr string) (net.Conn, *bufio.Reader) {
 	t.Helper()
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	r := bufio.NewReader(c)
+	c, r := dialRaw(t, addr)
 	ping(t, c, r, "+PONG\r\n")
 	return c, r
 }

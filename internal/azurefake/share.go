@@ -2,8 +2,6 @@ package azurefake
 
 import (
 	"context"
-	"fmt"
-	"time"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -17,21 +15,7 @@ func (e *Env) Share(ctx context.Context, other *Env) error {
 	e.redisMu.Lock()
 	defer e.redisMu.Unlock()
 	e.sharers = append(e.sharers, other)
-	now := time.Now()
-	e.mu.Lock()
-	var live []IssuedToken
-	for _, t := range e.tokens {
-		if !t.Deleted && t.ExpiresOn.After(now) {
-			live = append(live, t)
-		}
-	}
-	e.mu.Unlock()
-	for _, t := range live {
-		if err := e.setUserLocked(ctx, t); err != nil {
-			return fmt.Errorf("share token %d: %w", t.Seq, err)
-		}
-	}
-	return nil
+	return e.registerLiveLocked(ctx)
 }
 
 // tokenAdmins returns the admin connections of every running server that takes e's tokens: e's own
