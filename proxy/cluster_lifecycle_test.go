@@ -89,6 +89,7 @@ func TestClusterNodeLifecycle(t *testing.T) {
 	const limit = 3
 	f := newClusterFixture(t, 2*time.Minute, func(o *proxy.Options, cc *proxy.ClusterConfig) {
 		o.Limit = proxy.NewConnLimit(limit)
+		o.PoolSize = 1 // pooled upstreams are not clients: they take nothing from the budget
 		o.Observer = ev
 		cc.Observer = ev
 		cc.NodeObserver = func(int) proxy.Observer { return ev }
@@ -129,7 +130,7 @@ func TestClusterNodeLifecycle(t *testing.T) {
 	t.Run("departed node", func(t *testing.T) {
 		ev.awaitListeners(t, 6, 0)
 		old, r := dialPing(t, locals[replica])
-		baseG := runtime.NumGoroutine() // with the replica's Server, its session and its rotate loop
+		baseG := runtime.NumGoroutine() // with the replica's Server: its session, rotate loop and pool
 		if err := f.env.RemoveNode(t.Context(), replica); err != nil {
 			t.Fatal(err)
 		}

@@ -115,7 +115,8 @@ type Server struct {
 	closing   chan struct{}              // closed when the state leaves serving: wakes Serve's backoff
 	drained   chan struct{}              // closed once the state left serving and conns is empty
 
-	pool *pool // nil without Options.PoolSize
+	pool     *pool              // nil without Options.PoolSize
+	stopPool context.CancelFunc // ends the pool's upkeep (and closes its idle connections); nil without a pool
 	// cluster is Options.Cluster; clusterHost the host its upstream connections reach, which an empty
 	// host in a redirect means.
 	cluster     *Cluster
@@ -185,7 +186,13 @@ func New(opts Options) (*Server, error) {
 	}
 	if opts.PoolSize > 0 {
 		s.pool = newPool(s, opts.PoolSize, max(opts.PoolSize, opts.PoolMax))
-		s.goTracked(s.pool.fill)
+		pctx, stop := context.WithCancel(ctx) // Retire stops it before Close: no new client will take from it
+		s.stopPool = stop
+		s.bgWG.Add(1)
+		go func() {
+			defer s.bgWG.Done()
+			s.pool.fill(pctx)
+		}()
 	}
 	s.goTracked(s.rotateLoop)
 	if opts.IdlePing > 0 {
@@ -410,6 +417,9 @@ func (s *Server) Unreachable() error {
 // returned channel is closed once none is left; then the owner calls Close. For a cluster node that
 // left the topology: new clients must go elsewhere, existing ones may still finish their work.
 func (s *Server) Retire() <-chan struct{} {
+	if s.stopPool != nil {
+		s.stopPool()
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.advanceLocked(stateRetired)
