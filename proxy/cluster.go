@@ -260,15 +260,14 @@ func (c *Cluster) open(n topology.Node) error {
 	if c.closed || c.nodes[n.Addr] != nil {
 		return nil
 	}
-	key := nodeKey(c.cfg.Name, n.ID)
-	port, err := c.ports.assign(key)
+	port, err := c.ports.Assign(c.cfg.Name, n.ID)
 	if err != nil {
 		return err
 	}
 	local := net.JoinHostPort(c.cfg.ListenHost, strconv.Itoa(port))
 	ln, err := net.Listen("tcp", local)
 	if err != nil {
-		c.ports.release(key)
+		c.ports.release(c.cfg.Name, n.ID)
 		return fmt.Errorf("listen for cluster node %s on %s (ENTRA_REDIS_PROXY_CLUSTER_PORTS): %w", n.Addr, local, err)
 	}
 	opts := c.cfg.Server
@@ -281,7 +280,7 @@ func (c *Cluster) open(n topology.Node) error {
 	srv, err := New(opts)
 	if err != nil {
 		ln.Close()
-		c.ports.release(key)
+		c.ports.release(c.cfg.Name, n.ID)
 		return err
 	}
 	srv.clusterHost, _, _ = net.SplitHostPort(n.Addr)
@@ -316,7 +315,7 @@ func (c *Cluster) retireDeparted(t topology.Topology) {
 		}
 		delete(c.nodes, addr)
 		c.departed[np] = true
-		c.ports.depart(nodeKey(c.cfg.Name, np.id))
+		c.ports.depart(c.cfg.Name, np.id)
 		gone := np.srv.Retire()
 		c.log.Info("cluster node left the topology: its listener is closed; its open connections go on until they end",
 			"node", np.upstream, "node_id", np.id, "node_listen", np.local, "connections", np.srv.Clients(),

@@ -38,9 +38,10 @@ func NewNodePorts(first, last int, hold time.Duration) *NodePorts {
 // nodeKey names a node across caches: node ids are random, but a cache is the id's scope.
 func nodeKey(cache, id string) string { return cache + "/" + id }
 
-// assign returns key's port: the one it holds (also after it left and came back within the hold),
-// or the lowest free one.
-func (p *NodePorts) assign(key string) (int, error) {
+// Assign returns the port of node id of cache: the one it holds (also after it left and came back
+// within the hold), or the lowest free one.
+func (p *NodePorts) Assign(cache, id string) (int, error) {
+	key := nodeKey(cache, id)
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.expireLocked()
@@ -48,15 +49,16 @@ func (p *NodePorts) assign(key string) (int, error) {
 	return p.ports.Assign(key)
 }
 
-// depart starts key's hold: its node left the topology.
-func (p *NodePorts) depart(key string) {
+// depart starts the hold of node id of cache: it left the topology.
+func (p *NodePorts) depart(cache, id string) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.departed[key] = p.now()
+	p.departed[nodeKey(cache, id)] = p.now()
 }
 
-// release frees key's port at once (its listener could not open).
-func (p *NodePorts) release(key string) {
+// release frees the port of node id of cache at once (its listener could not open).
+func (p *NodePorts) release(cache, id string) {
+	key := nodeKey(cache, id)
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	delete(p.departed, key)

@@ -14,30 +14,30 @@ func TestNodePorts(t *testing.T) {
 	now := time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
 	p := NewNodePorts(7000, 7002, 0)
 	p.now = func() time.Time { return now }
-	assign := func(key string, want int) {
+	assign := func(cache, id string, want int) {
 		t.Helper()
-		if got, err := p.assign(key); err != nil || got != want {
-			t.Fatalf("assign(%s) = %d, %v; want %d", key, got, err, want)
+		if got, err := p.Assign(cache, id); err != nil || got != want {
+			t.Fatalf("Assign(%s, %s) = %d, %v; want %d", cache, id, got, err, want)
 		}
 	}
-	assign(nodeKey("a:6380", "n1"), 7000)
-	assign(nodeKey("b:10000", "n1"), 7001) // the same id in another cache is another node
-	assign(nodeKey("a:6380", "n2"), 7002)
-	if _, err := p.assign(nodeKey("a:6380", "n3")); !errors.Is(err, topology.ErrNoPort) {
+	assign("a:6380", "n1", 7000)
+	assign("b:10000", "n1", 7001) // the same id in another cache is another node
+	assign("a:6380", "n2", 7002)
+	if _, err := p.Assign("a:6380", "n3"); !errors.Is(err, topology.ErrNoPort) {
 		t.Fatalf("a 4th node in 3 ports: %v, want ErrNoPort", err)
 	}
 
-	p.depart(nodeKey("a:6380", "n1"))
+	p.depart("a:6380", "n1")
 	now = now.Add(DefaultPortHold - time.Second)
-	if _, err := p.assign(nodeKey("a:6380", "n3")); !errors.Is(err, topology.ErrNoPort) {
+	if _, err := p.Assign("a:6380", "n3"); !errors.Is(err, topology.ErrNoPort) {
 		t.Fatalf("a new node while the departed one's port is held: %v, want ErrNoPort", err)
 	}
-	assign(nodeKey("a:6380", "n1"), 7000) // back within the hold: the same port, held no more
+	assign("a:6380", "n1", 7000) // back within the hold: the same port, held no more
 
-	p.depart(nodeKey("a:6380", "n1"))
+	p.depart("a:6380", "n1")
 	now = now.Add(DefaultPortHold)
-	assign(nodeKey("a:6380", "n3"), 7000) // the hold has passed: the port is free
-	if _, err := p.assign(nodeKey("a:6380", "n1")); !errors.Is(err, topology.ErrNoPort) {
+	assign("a:6380", "n3", 7000) // the hold has passed: the port is free
+	if _, err := p.Assign("a:6380", "n1"); !errors.Is(err, topology.ErrNoPort) {
 		t.Fatalf("n1 back after its hold, range full: %v, want ErrNoPort", err)
 	}
 }

@@ -48,7 +48,7 @@ func runCheck(ctx context.Context, cfg *Config, w io.Writer) int {
 
 	// One token for every cache; one port range for all their node listeners, handed out in this order.
 	first, last, _ := topology.ParsePortRange(cfg.ClusterPorts)
-	ports := topology.NewPorts(first, last)
+	ports := proxy.NewNodePorts(first, last, 0)
 	code := exitOK
 	for _, k := range cfg.caches {
 		if cfg.Upstreams != "" {
@@ -62,7 +62,7 @@ func runCheck(ctx context.Context, cfg *Config, w io.Writer) int {
 }
 
 // checkCache checks one cache: TLS, AUTH and PING, then its cluster topology.
-func checkCache(ctx context.Context, cfg *Config, k cache, tok proxy.Token, ports *topology.Ports, ok func(string, string), fail func(string, error, string) int) int {
+func checkCache(ctx context.Context, cfg *Config, k cache, tok proxy.Token, ports *proxy.NodePorts, ok func(string, string), fail func(string, error, string) int) int {
 	tc, err := tlsConfig(cfg, k.Upstream)
 	if err != nil {
 		return fail("tls settings", err, "")
@@ -83,7 +83,7 @@ func checkCache(ctx context.Context, cfg *Config, k cache, tok proxy.Token, port
 
 // checkCluster reports the cluster topology and the local port each node would get on a fresh
 // start (the running proxy keeps a node's port while the node exists).
-func checkCluster(ctx context.Context, cfg *Config, k cache, d proxy.Dialer, tok proxy.Token, ports *topology.Ports, ok func(string, string), fail func(string, error, string) int) int {
+func checkCluster(ctx context.Context, cfg *Config, k cache, d proxy.Dialer, tok proxy.Token, ports *proxy.NodePorts, ok func(string, string), fail func(string, error, string) int) int {
 	seedHost, _, _ := net.SplitHostPort(k.Upstream)
 	t, err := proxy.ReadTopology(ctx, d, seedHost, tok)
 	switch {
@@ -99,7 +99,7 @@ func checkCluster(ctx context.Context, cfg *Config, k cache, d proxy.Dialer, tok
 		host = h
 	}
 	for _, n := range t.Nodes {
-		port, err := ports.Assign(k.Upstream + "/" + n.ID)
+		port, err := ports.Assign(k.Upstream, n.ID)
 		if err != nil {
 			return fail("cluster", err, "")
 		}
