@@ -189,18 +189,24 @@ func (c *Cluster) refresh(ctx context.Context, reason string) (t topology.Topolo
 	if err != nil {
 		return topology.Topology{}, fmt.Errorf("cluster topology: %w", err)
 	}
-	c.retireDeparted(t)
+	changed := c.retireDeparted(t)
 	for _, n := range t.Nodes {
-		if err := c.open(n); err != nil {
+		opened, err := c.open(n)
+		if err != nil {
 			c.noteListeners()
 			return t, err
 		}
+		changed = changed || opened
 	}
 	c.mu.Lock()
 	c.topo = t
 	c.mu.Unlock()
 	c.noteListeners()
-	c.log.Info("cluster topology", "reason", reason, "nodes", len(t.Nodes), "slots_covered", t.Covered, "listeners", c.listeners())
+	level := slog.LevelDebug // a periodic read that changes nothing is not worth a line a minute
+	if changed || reason == RefreshDetect {
+		level = slog.LevelInfo
+	}
+	c.log.Log(ctx, level, "cluster topology", "reason", reason, "nodes", len(t.Nodes), "slots_covered", t.Covered, "listeners", c.listeners())
 	return t, nil
 }
 
@@ -251,24 +257,24 @@ func ReadTopology(ctx context.Context, d Dialer, seedHost string, tok Token) (to
 	return topology.ParseSlots(seedHost, raw)
 }
 
-// open starts n's listener unless it has one: a port from the range (the same for the node id
-// while it exists, and for a hold after it left) on ListenHost, and a Server dialing n with the
-// cache's TLS name.
-func (c *Cluster) open(n topology.Node) error {
+// open starts n's listener unless it has one (opened: it had none): a port from the range (the same
+// for the node id while it exists, and for a hold after it left) on ListenHost, and a Server dialing n
+// with the cache's TLS name.
+func (c *Cluster) open(n topology.Node) (opened bool, err error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed || c.nodes[n.Addr] != nil {
-		return nil
+		return false, nil
 	}
 	port, err := c.ports.Assign(c.cfg.Name, n.ID)
 	if err != nil {
-		return err
+		return false, err
 	}
 	local := net.JoinHostPort(c.cfg.ListenHost, strconv.Itoa(port))
 	ln, err := net.Listen("tcp", local)
 	if err != nil {
 		c.ports.release(c.cfg.Name, n.ID)
-		return fmt.Errorf("listen for cluster node %s on %s (ENTRA_REDIS_PROXY_CLUSTER_PORTS): %w", n.Addr, local, err)
+		return false, fmt.Errorf("listen for cluster node %s on %s (ENTRA_REDIS_PROXY_CLUSTER_PORTS): %w", n.Addr, local, err)
 	}
 	opts := c.cfg.Server
 	opts.Dialer = &TLSDialer{Addr: n.Addr, Config: c.cfg.TLS}
@@ -281,7 +287,7 @@ func (c *Cluster) open(n topology.Node) error {
 	if err != nil {
 		ln.Close()
 		c.ports.release(c.cfg.Name, n.ID)
-		return err
+		return false, err
 	}
 	srv.clusterHost, _, _ = net.SplitHostPort(n.Addr)
 	srv.clusterNode = true
@@ -293,13 +299,14 @@ func (c *Cluster) open(n topology.Node) error {
 			c.log.Error("cluster node listener failed", "node", n.Addr, "listen", local, "err", err)
 		}
 	}()
-	return nil
+	return true, nil
 }
 
 // retireDeparted closes the listeners of the nodes t no longer names (or names at another address):
 // new dials are refused at once, while their open sessions go on until their clients or the node
 // end them; each Server is closed after its last session. The port stays held for the node id.
-func (c *Cluster) retireDeparted(t topology.Topology) {
+// It reports whether any listener was retired.
+func (c *Cluster) retireDeparted(t topology.Topology) (retired bool) {
 	present := make(map[string]string, len(t.Nodes)) // address -> node id
 	for _, n := range t.Nodes {
 		present[n.Addr] = n.ID
@@ -307,12 +314,13 @@ func (c *Cluster) retireDeparted(t topology.Topology) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
-		return
+		return false
 	}
 	for addr, np := range c.nodes {
 		if id, ok := present[addr]; ok && id == np.id {
 			continue
 		}
+		retired = true
 		delete(c.nodes, addr)
 		c.departed[np] = true
 		c.ports.depart(c.cfg.Name, np.id)
@@ -336,6 +344,7 @@ func (c *Cluster) retireDeparted(t topology.Topology) {
 			c.log.Info("departed cluster node's listener closed: its last connection ended", "node", np.upstream, "node_listen", np.local)
 		}()
 	}
+	return retired
 }
 
 // noteListeners reports the listener counts to the Observer.
