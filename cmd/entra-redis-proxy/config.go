@@ -23,7 +23,7 @@ const envPrefix = "ENTRA_REDIS_PROXY"
 // also read the bare name (a pod's USERNAME would become the AUTH username).
 type Config struct {
 	Upstream      string        `envconfig:"ENTRA_REDIS_PROXY_UPSTREAM" desc:"Azure Cache for Redis host[:port] (required unless UPSTREAMS is set); the port defaults to 6380 (Azure Managed Redis listens on 10000)"`
-	Upstreams     string        `envconfig:"ENTRA_REDIS_PROXY_UPSTREAMS" desc:"several caches, instead of UPSTREAM and LISTEN: LISTEN=HOST[:PORT],... e.g. 127.0.0.1:6379=a.redis.cache.windows.net,127.0.0.1:6390=b.westeurope.redis.azure.net:10000; one identity and token for all"`
+	Upstreams     string        `envconfig:"ENTRA_REDIS_PROXY_UPSTREAMS" desc:"several caches, instead of UPSTREAM and LISTEN: LISTEN=HOST[:PORT],... e.g. 127.0.0.1:6379=a.redis.cache.windows.net,127.0.0.1:6378=b.westeurope.redis.azure.net:10000 (listen ports outside CLUSTER_PORTS); one identity and token for all"`
 	Listen        string        `envconfig:"ENTRA_REDIS_PROXY_LISTEN" default:"127.0.0.1:6379" desc:"where apps connect: host:port on loopback, or unix:/path/to/socket (created with mode 0600)"`
 	HTTPListen    string        `envconfig:"ENTRA_REDIS_PROXY_HTTP_LISTEN" default:"127.0.0.1:9090" desc:"host:port for /metrics, /startup, /liveness, /readiness; empty turns the HTTP server off"`
 	AdminListen   string        `envconfig:"ENTRA_REDIS_PROXY_ADMIN_LISTEN" default:"127.0.0.1:9091" desc:"loopback host:port or unix:/path/to/socket for POST /quitquitquit and /debug/pprof; opened only when QUITQUITQUIT or PPROF is on"`
@@ -241,7 +241,7 @@ func (c *Config) validateCaches() error {
 		e = strings.TrimSpace(e)
 		listen, up, ok := strings.Cut(e, "=")
 		if !ok || listen == "" || up == "" {
-			return fmt.Errorf("%s: entry %q is not LISTEN=HOST[:PORT] (e.g. 127.0.0.1:6390=mycache.redis.cache.windows.net)", v("UPSTREAMS"), e)
+			return fmt.Errorf("%s: entry %q is not LISTEN=HOST[:PORT] (e.g. 127.0.0.1:6378=mycache.redis.cache.windows.net)", v("UPSTREAMS"), e)
 		}
 		host, port, err := splitUpstream(up)
 		if err != nil {
