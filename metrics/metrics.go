@@ -56,6 +56,7 @@ type Metrics struct {
 	mechanisms      labelled
 	announcements   labelled
 	maxConnections  prometheus.Gauge
+	listeners       listenerFamilies // by cache and listener (listeners.go)
 }
 
 var _ proxy.Observer = (*Metrics)(nil)
@@ -127,7 +128,8 @@ func New(reg prometheus.Registerer) *Metrics {
 		"mechanism", mechanisms)
 	m.announcements = counterVec("maintenance_announcements_total",
 		"Maintenance announcements seen on AzureRedisEvents, by notification type.", "type", proxy.AnnouncementTypes)
-	m.maxConnections = gauge("max_connections", "Most client connections allowed at once; 0 means unlimited.")
+	m.maxConnections = gauge("max_connections", "Most client connections allowed at once, on all listeners together; 0 means unlimited.")
+	m.listeners = newListenerFamilies(func(c prometheus.Collector) { m.collectors = append(m.collectors, c) })
 
 	reg.MustRegister(m)
 	for _, c := range []prometheus.Collector{

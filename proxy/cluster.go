@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/entra-redis-proxy/entra-redis-proxy/resp"
 	"github.com/entra-redis-proxy/entra-redis-proxy/topology"
@@ -26,32 +27,73 @@ type ClusterConfig struct {
 	SeedHost   string      // its host: what a node address with an empty host means
 	TLS        *tls.Config // for the nodes: ServerName is the cache's host name, since node addresses are IPs
 	ListenHost string      // where node listeners listen (LISTEN's host)
-	FirstPort  int         // the node listeners' port range (topology.ParsePortRange)
+	FirstPort  int         // the node listeners' port range (topology.ParsePortRange), when Ports is nil
 	LastPort   int
+	// Ports, if set, is the process's allocator of node listener ports, shared by the Clusters of
+	// several caches; nil: one of FirstPort..LastPort for this Cluster.
+	Ports *NodePorts
+	// Name names the cache in port keys (and so must differ between the caches sharing Ports); default
+	// SeedHost.
+	Name string
+	// RefreshEvery is how often the topology is read again once the cache is a cluster, so that nodes
+	// that left are seen (new nodes are also found when a reply names one); default DefaultRefreshEvery,
+	// negative: never.
+	RefreshEvery time.Duration
+	// Observer receives topology refreshes and listener counts; nil: none.
+	Observer ClusterObserver
+	// NodeObserver returns the Observer of the node listener on port; nil: Server.Observer. Called once
+	// per listener, so that the hot path does no label lookup.
+	NodeObserver func(port int) Observer
 	// Server is the options of each node's Server (Tokens, Observer, pool, limits); its Dialer is
 	// replaced by one for the node.
 	Server Options
+}
+
+// DefaultRefreshEvery is ClusterConfig.RefreshEvery's default: a minute bounds how long a departed
+// node's listener keeps accepting clients that would only fail, at one CLUSTER SLOTS a minute.
+const DefaultRefreshEvery = time.Minute
+
+// Why a topology was read (ClusterObserver.TopologyRefresh).
+const (
+	RefreshDetect   = "detect"       // the first read (Detect)
+	RefreshUnknown  = "unknown_node" // a reply named a node without a listener
+	RefreshPeriodic = "periodic"     // RefreshEvery
+)
+
+// ClusterObserver receives a Cluster's events, for metrics; its methods must be safe for concurrent use.
+type ClusterObserver interface {
+	// TopologyRefresh reports one topology read: reason is RefreshDetect, RefreshUnknown or
+	// RefreshPeriodic; err is nil when it was read and applied.
+	TopologyRefresh(reason string, err error)
+	// NodeListeners reports the node listeners: open (accepting) and departed (their node left the
+	// topology; closed to new clients, still serving the sessions opened before).
+	NodeListeners(open, departed int)
 }
 
 // Cluster follows a clustered cache's topology (Azure Managed Redis with the OSS cluster policy, a
 // clustered Premium cache) and runs one local listener per node: a Server like the main one whose
 // upstream is that node. Every Server given the Cluster (the main one through Options.Cluster, and
 // the nodes') rewrites the node addresses its clients see to these listeners (topology package).
+// A node that leaves the topology stops accepting at once; its Server ends with its last session.
 type Cluster struct {
 	cfg ClusterConfig
 	log *slog.Logger
 	on  atomic.Bool // the upstream is a cluster (Detect): rewriting is on
 	// movedOnce logs, once per process, what to do about a MOVED a client got on LISTEN.
 	movedOnce sync.Once
+	ports     *NodePorts
+	ctx       context.Context // ends the periodic refresh; canceled by Shutdown
+	cancel    context.CancelFunc
+	loopOnce  sync.Once // the periodic refresh starts with the first successful Detect
 
 	refreshMu sync.Mutex // one topology read at a time, held across it
 
-	mu     sync.Mutex // guards the fields below
-	ports  *topology.Ports
-	nodes  map[string]*nodeProxy // by upstream address
-	topo   topology.Topology     // as last read
-	closed bool
-	wg     sync.WaitGroup // each node's Serve
+	mu       sync.Mutex            // guards the fields below
+	nodes    map[string]*nodeProxy // accepting, by upstream address
+	departed map[*nodeProxy]bool   // retired: their node left; until their last session ends
+	topo     topology.Topology     // as last read
+	closed   bool
+	wg       sync.WaitGroup // each node's Serve and retirement, and the periodic refresh
 }
 
 // nodeProxy is one node's local listener.
@@ -66,40 +108,105 @@ func NewCluster(cfg ClusterConfig) *Cluster {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Cluster{cfg: cfg, log: log, ports: topology.NewPorts(cfg.FirstPort, cfg.LastPort), nodes: map[string]*nodeProxy{}}
+	if cfg.Name == "" {
+		cfg.Name = cfg.SeedHost
+	}
+	if cfg.RefreshEvery == 0 {
+		cfg.RefreshEvery = DefaultRefreshEvery
+	}
+	ports := cfg.Ports
+	if ports == nil {
+		ports = NewNodePorts(cfg.FirstPort, cfg.LastPort, 0)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Cluster{cfg: cfg, log: log, ports: ports, ctx: ctx, cancel: cancel,
+		nodes: map[string]*nodeProxy{}, departed: map[*nodeProxy]bool{}}
 }
 
-// Detect reads the topology on a first connection to the seed. A cluster gets its node listeners
-// and rewriting turns on; otherwise it returns ErrNotCluster and the Cluster stays idle.
+// Detect reads the topology on a first connection to the seed. A cluster gets its node listeners,
+// rewriting turns on and the periodic refresh starts; otherwise it returns ErrNotCluster and the
+// Cluster stays idle.
 func (c *Cluster) Detect(ctx context.Context) (topology.Topology, error) {
-	t, err := c.Refresh(ctx)
+	t, err := c.refresh(ctx, RefreshDetect)
 	if err == nil {
 		c.on.Store(true)
+		c.loopOnce.Do(c.startRefreshLoop)
 	}
 	return t, err
 }
 
-// Refresh reads CLUSTER SLOTS from the seed and opens a listener for each node that has none.
+// Refresh reads the topology again because a reply named a node without a listener (RefreshUnknown).
 func (c *Cluster) Refresh(ctx context.Context) (topology.Topology, error) {
+	return c.refresh(ctx, RefreshUnknown)
+}
+
+// startRefreshLoop reads the topology every RefreshEvery until Shutdown.
+func (c *Cluster) startRefreshLoop() {
+	if c.cfg.RefreshEvery < 0 {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return
+	}
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		tick := time.NewTicker(c.cfg.RefreshEvery)
+		defer tick.Stop()
+		for {
+			select {
+			case <-c.ctx.Done():
+				return
+			case <-tick.C:
+			}
+			if _, err := c.refresh(c.ctx, RefreshPeriodic); err != nil && c.ctx.Err() == nil {
+				c.log.Warn("cluster topology refresh failed; node listeners stay as they are", "reason", RefreshPeriodic,
+					"err", err, "retry_in", c.cfg.RefreshEvery.String(), "remedy", Remedy(err))
+			}
+		}
+	}()
+}
+
+// refresh reads CLUSTER SLOTS from the seed, retires the listeners of nodes that left and opens one
+// for each node that has none.
+func (c *Cluster) refresh(ctx context.Context, reason string) (t topology.Topology, err error) {
 	c.refreshMu.Lock()
 	defer c.refreshMu.Unlock()
+	if c.cfg.Observer != nil {
+		defer func() {
+			if !errors.Is(err, ErrNotCluster) { // a plain cache's answer to detection is not a failure
+				c.cfg.Observer.TopologyRefresh(reason, err)
+			}
+		}()
+	}
 	raw, err := c.readSlots(ctx)
 	if err != nil {
 		return topology.Topology{}, err
 	}
-	t, err := topology.ParseSlots(c.cfg.SeedHost, raw)
+	t, err = topology.ParseSlots(c.cfg.SeedHost, raw)
 	if err != nil {
 		return topology.Topology{}, fmt.Errorf("cluster topology: %w", err)
 	}
+	changed := c.retireDeparted(t)
 	for _, n := range t.Nodes {
-		if err := c.open(n); err != nil {
+		opened, err := c.open(n)
+		if err != nil {
+			c.noteListeners()
 			return t, err
 		}
+		changed = changed || opened
 	}
 	c.mu.Lock()
 	c.topo = t
 	c.mu.Unlock()
-	c.log.Info("cluster topology", "nodes", len(t.Nodes), "slots_covered", t.Covered, "listeners", c.listeners())
+	c.noteListeners()
+	level := slog.LevelDebug // a periodic read that changes nothing is not worth a line a minute
+	if changed || reason == RefreshDetect {
+		level = slog.LevelInfo
+	}
+	c.log.Log(ctx, level, "cluster topology", "reason", reason, "nodes", len(t.Nodes), "slots_covered", t.Covered, "listeners", c.listeners())
 	return t, nil
 }
 
@@ -150,45 +257,105 @@ func ReadTopology(ctx context.Context, d Dialer, seedHost string, tok Token) (to
 	return topology.ParseSlots(seedHost, raw)
 }
 
-// open starts n's listener unless it has one: a port from the range (the same for the node id
-// while it exists) on ListenHost, and a Server dialing n with the cache's TLS name.
-func (c *Cluster) open(n topology.Node) error {
+// open starts n's listener unless it has one (opened: it had none): a port from the range (the same
+// for the node id while it exists, and for a hold after it left) on ListenHost, and a Server dialing n
+// with the cache's TLS name.
+func (c *Cluster) open(n topology.Node) (opened bool, err error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed || c.nodes[n.Addr] != nil {
-		return nil
+		return false, nil
 	}
-	port, err := c.ports.Assign(n.ID)
+	port, err := c.ports.Assign(c.cfg.Name, n.ID)
 	if err != nil {
-		return err
+		return false, err
 	}
 	local := net.JoinHostPort(c.cfg.ListenHost, strconv.Itoa(port))
 	ln, err := net.Listen("tcp", local)
 	if err != nil {
-		c.ports.Release(n.ID)
-		return fmt.Errorf("listen for cluster node %s on %s (ENTRA_REDIS_PROXY_CLUSTER_PORTS): %w", n.Addr, local, err)
+		c.ports.release(c.cfg.Name, n.ID)
+		return false, fmt.Errorf("listen for cluster node %s on %s (ENTRA_REDIS_PROXY_CLUSTER_PORTS): %w", n.Addr, local, err)
 	}
 	opts := c.cfg.Server
 	opts.Dialer = &TLSDialer{Addr: n.Addr, Config: c.cfg.TLS}
 	opts.Logger = c.log.With("node", n.Addr, "node_listen", local)
 	opts.Cluster = c
+	if c.cfg.NodeObserver != nil {
+		opts.Observer = c.cfg.NodeObserver(port)
+	}
 	srv, err := New(opts)
 	if err != nil {
 		ln.Close()
-		c.ports.Release(n.ID)
-		return err
+		c.ports.release(c.cfg.Name, n.ID)
+		return false, err
 	}
 	srv.clusterHost, _, _ = net.SplitHostPort(n.Addr)
 	srv.clusterNode = true
 	c.nodes[n.Addr] = &nodeProxy{id: n.ID, upstream: n.Addr, local: local, srv: srv}
 	c.wg.Add(1)
-	go func() { // owned by the Cluster: Shutdown ends it
+	go func() { // owned by the Cluster: Shutdown, or the node's retirement, ends it
 		defer c.wg.Done()
 		if err := srv.Serve(ln); !errors.Is(err, ErrServerClosed) {
 			c.log.Error("cluster node listener failed", "node", n.Addr, "listen", local, "err", err)
 		}
 	}()
-	return nil
+	return true, nil
+}
+
+// retireDeparted closes the listeners of the nodes t no longer names (or names at another address):
+// new dials are refused at once, while their open sessions go on until their clients or the node
+// end them; each Server is closed after its last session. The port stays held for the node id.
+// It reports whether any listener was retired.
+func (c *Cluster) retireDeparted(t topology.Topology) (retired bool) {
+	present := make(map[string]string, len(t.Nodes)) // address -> node id
+	for _, n := range t.Nodes {
+		present[n.Addr] = n.ID
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return false
+	}
+	for addr, np := range c.nodes {
+		if id, ok := present[addr]; ok && id == np.id {
+			continue
+		}
+		retired = true
+		delete(c.nodes, addr)
+		c.departed[np] = true
+		c.ports.depart(c.cfg.Name, np.id)
+		gone := np.srv.Retire()
+		c.log.Info("cluster node left the topology: its listener is closed; its open connections go on until they end",
+			"node", np.upstream, "node_id", np.id, "node_listen", np.local, "connections", np.srv.Clients(),
+			"port_held_for", c.ports.hold.String())
+		c.wg.Add(1)
+		go func() { // owned by the Cluster: ends with the node's last session, or at Shutdown
+			defer c.wg.Done()
+			select {
+			case <-gone:
+			case <-c.ctx.Done():
+				return // Shutdown drains and closes it
+			}
+			np.srv.Close()
+			c.mu.Lock()
+			delete(c.departed, np)
+			c.mu.Unlock()
+			c.noteListeners()
+			c.log.Info("departed cluster node's listener closed: its last connection ended", "node", np.upstream, "node_listen", np.local)
+		}()
+	}
+	return retired
+}
+
+// noteListeners reports the listener counts to the Observer.
+func (c *Cluster) noteListeners() {
+	if c.cfg.Observer == nil {
+		return
+	}
+	c.mu.Lock()
+	open, departed := len(c.nodes), len(c.departed)
+	c.mu.Unlock()
+	c.cfg.Observer.NodeListeners(open, departed)
 }
 
 // listeners describes the node listeners for a log line: upstream=local, in topology order.
@@ -204,7 +371,7 @@ func (c *Cluster) listeners() []string {
 	return out
 }
 
-// Topology returns the topology as last read and each node's local listener, by upstream address.
+// Topology returns the topology as last read and each accepting node listener, by upstream address.
 func (c *Cluster) Topology() (topology.Topology, map[string]string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -224,15 +391,32 @@ func (c *Cluster) local(upstream string) (string, bool) {
 	return "", false
 }
 
-// Shutdown drains every node listener's clients (Server.Shutdown) and returns how many were cut.
+// Unreachable returns the first node listener whose last upstream dial failed, for readiness.
+func (c *Cluster) Unreachable() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, n := range c.nodes {
+		if err := n.srv.Unreachable(); err != nil {
+			return fmt.Errorf("cluster node %s: %w", n.upstream, err)
+		}
+	}
+	return nil
+}
+
+// Shutdown stops the periodic refresh and drains every node listener's clients, departed ones'
+// included (Server.Shutdown), and returns how many were cut.
 func (c *Cluster) Shutdown(ctx context.Context) int {
 	c.mu.Lock()
 	c.closed = true
-	nodes := make([]*nodeProxy, 0, len(c.nodes))
+	nodes := make([]*nodeProxy, 0, len(c.nodes)+len(c.departed))
 	for _, n := range c.nodes {
 		nodes = append(nodes, n)
 	}
+	for n := range c.departed {
+		nodes = append(nodes, n)
+	}
 	c.mu.Unlock()
+	c.cancel()
 	var cut atomic.Int64
 	var wg sync.WaitGroup
 	for _, n := range nodes {

@@ -31,7 +31,9 @@ type clusterFixture struct {
 	logged  *logCount
 }
 
-func newClusterFixture(t *testing.T, lifetime time.Duration) *clusterFixture {
+// newClusterFixture starts the fixture; each configure may change the proxy's options and the
+// Cluster's before they are used.
+func newClusterFixture(t *testing.T, lifetime time.Duration, configure ...func(*proxy.Options, *proxy.ClusterConfig)) *clusterFixture {
 	t.Helper()
 	env := azurefake.StartT(t, azurefake.Options{Cluster: true, TokenLifetime: lifetime})
 	pem, err := os.ReadFile(env.CAFile)
@@ -49,10 +51,13 @@ func newClusterFixture(t *testing.T, lifetime time.Duration) *clusterFixture {
 	logged := &logCount{n: map[string]int{}}
 	f := newProxyFor(t, env, fixtureOpts{proxyOpt: func(o *proxy.Options) {
 		o.Logger = slog.New(&countHandler{Handler: o.Logger.Handler(), c: logged})
-		cl = proxy.NewCluster(proxy.ClusterConfig{
-			Seed: o.Dialer, SeedHost: "127.0.0.1", TLS: tc, ListenHost: "127.0.0.1",
-			FirstPort: first, LastPort: first + 7, Server: *o,
-		})
+		cc := proxy.ClusterConfig{Seed: o.Dialer, SeedHost: "127.0.0.1", TLS: tc, ListenHost: "127.0.0.1",
+			FirstPort: first, LastPort: first + 7}
+		for _, c := range configure {
+			c(o, &cc)
+		}
+		cc.Server = *o
+		cl = proxy.NewCluster(cc)
 		o.Cluster = cl
 	}})
 	t.Cleanup(func() {

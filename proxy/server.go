@@ -27,10 +27,13 @@ type Options struct {
 	Logger   *slog.Logger // default: slog.Default()
 	Observer Observer     // default: NopObserver
 
-	MaxConnections int           // client connections at once; 0 = unlimited
+	MaxConnections int           // client connections at once; 0 = unlimited; ignored when Limit is set
 	DialTimeout    time.Duration // dial + TLS + AUTH of an upstream; default 10s
 	IdlePing       time.Duration // PING an upstream idle this long; 0 = never
 	MaxBulk        int64         // largest bulk a client may send; default 512 MiB
+	// Limit, if set, is a connection budget shared with other Servers (the process's); nil: one of
+	// MaxConnections for this Server alone.
+	Limit *ConnLimit
 	// PoolSize is how many authenticated upstream connections are kept ready for new clients; 0 = none.
 	PoolSize int
 	// PoolMax is how far the pool may grow, from the connect rate it sees, when clients connect per request
@@ -74,6 +77,7 @@ type serverState uint8
 
 const (
 	stateServing  serverState = iota // accepting clients
+	stateRetired                     // Retire: no new client; sessions go on until their clients or upstreams end them
 	stateDraining                    // Shutdown began: no new client; sessions end at their next safe point
 	stateStopped                     // Close (or Shutdown's deadline) cut the sessions; background loops stop
 )
@@ -87,6 +91,9 @@ type Server struct {
 
 	nextID  atomic.Uint64
 	clients atomic.Int64 // open client connections, counted from accept to close
+	limit   *ConnLimit   // Options.Limit, or this Server's own
+	// unreachable holds the last upstream dial's failure, nil after a dial that succeeded (readiness).
+	unreachable atomic.Pointer[error]
 	// tookPokes, if set (by tests), is told each time a session's client loop takes work handed to it:
 	// the event tests await instead of a stand-in for it.
 	tookPokes atomic.Pointer[func(conn uint64, bits uint32)]
@@ -108,7 +115,8 @@ type Server struct {
 	closing   chan struct{}              // closed when the state leaves serving: wakes Serve's backoff
 	drained   chan struct{}              // closed once the state left serving and conns is empty
 
-	pool *pool // nil without Options.PoolSize
+	pool     *pool              // nil without Options.PoolSize
+	stopPool context.CancelFunc // ends the pool's upkeep (and closes its idle connections); nil without a pool
 	// cluster is Options.Cluster; clusterHost the host its upstream connections reach, which an empty
 	// host in a redirect means.
 	cluster     *Cluster
@@ -162,7 +170,7 @@ func New(opts Options) (*Server, error) {
 		opts: opts, log: opts.Logger, obs: opts.Observer, epoch: time.Now(),
 		listeners: make(map[*net.Listener]struct{}), conns: make(map[*session]struct{}),
 		sessions: make(map[*session]struct{}), closing: make(chan struct{}), drained: make(chan struct{}),
-		ctx: ctx, cancel: cancel, eventsUp: make(chan struct{}), cluster: opts.Cluster,
+		ctx: ctx, cancel: cancel, eventsUp: make(chan struct{}), cluster: opts.Cluster, limit: opts.Limit,
 		refused: newTally(opts.Logger, slog.LevelWarn, "clients refused", refusalEvery, true),
 		noToken: newTally(opts.Logger, slog.LevelWarn,
 			"clients refused without dialing the cache: no valid Entra token", refusalEvery, true),
@@ -170,12 +178,21 @@ func New(opts Options) (*Server, error) {
 			"upstream connections closed by the cache: the Entra token expired", expiryDropWindow, false),
 		authFails: newTally(opts.Logger, slog.LevelWarn, "wrong LOCAL_PASSWORD", time.Minute, true),
 	}
+	if s.limit == nil {
+		s.limit = NewConnLimit(opts.MaxConnections)
+	}
 	if opts.Cluster != nil {
 		s.clusterHost = opts.Cluster.cfg.SeedHost
 	}
 	if opts.PoolSize > 0 {
 		s.pool = newPool(s, opts.PoolSize, max(opts.PoolSize, opts.PoolMax))
-		s.goTracked(s.pool.fill)
+		pctx, stop := context.WithCancel(ctx) // Retire stops it before Close: no new client will take from it
+		s.stopPool = stop
+		s.bgWG.Add(1)
+		go func() {
+			defer s.bgWG.Done()
+			s.pool.fill(pctx)
+		}()
 	}
 	s.goTracked(s.rotateLoop)
 	if opts.IdlePing > 0 {
@@ -331,9 +348,9 @@ func (s *Server) noteDrainedLocked() {
 }
 
 func (s *Server) accept(c net.Conn) {
-	if max := s.opts.MaxConnections; max > 0 && s.clients.Load() >= int64(max) {
+	if !s.limit.acquire() {
 		s.reject(c, "max_connections", "-ERR max number of clients reached\r\n",
-			"connection limit reached", "max_connections", max)
+			"connection limit reached", "max_connections", s.limit.Max())
 		return
 	}
 	id := s.nextID.Add(1)
@@ -342,6 +359,7 @@ func (s *Server) accept(c net.Conn) {
 	if s.state != stateServing {
 		// Accepted as Shutdown closed the listener: such a client is told why, like one over the limit.
 		s.mu.Unlock()
+		s.limit.release()
 		s.reject(c, "shutting_down", "-ERR entra-redis-proxy: shutting down\r\n", "shutting down")
 		return
 	}
@@ -354,6 +372,7 @@ func (s *Server) accept(c net.Conn) {
 		defer s.sessWG.Done()
 		defer s.leave(sess)
 		defer s.obs.ClientClosed()
+		defer s.limit.release()
 		defer s.clients.Add(-1)
 		sess.run(s.ctx)
 	}()
@@ -380,9 +399,31 @@ func (s *Server) leave(sess *session) {
 // Clients returns the number of open client connections.
 func (s *Server) Clients() int { return int(s.clients.Load()) }
 
-// AtLimit reports whether the connection limit is reached (for readiness).
-func (s *Server) AtLimit() bool {
-	return s.opts.MaxConnections > 0 && s.clients.Load() >= int64(s.opts.MaxConnections)
+// AtLimit reports whether the connection limit (shared with the Servers that share Options.Limit) is
+// reached (for readiness).
+func (s *Server) AtLimit() bool { return s.limit.AtLimit() }
+
+// Unreachable returns why the last upstream dial failed, or nil when it succeeded or none was made
+// yet (for readiness: the pool dials ahead of clients, so this follows the cache without a probe).
+func (s *Server) Unreachable() error {
+	if p := s.unreachable.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// Retire stops accepting (the listeners given to Serve close, and Serve returns ErrServerClosed)
+// but leaves the open sessions alone: they end when their clients or upstreams end them. The
+// returned channel is closed once none is left; then the owner calls Close. For a cluster node that
+// left the topology: new clients must go elsewhere, existing ones may still finish their work.
+func (s *Server) Retire() <-chan struct{} {
+	if s.stopPool != nil {
+		s.stopPool()
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.advanceLocked(stateRetired)
+	return s.drained
 }
 
 // track adds a session with a live upstream; false means the server has stopped and the session must end.
@@ -559,8 +600,12 @@ func (s *Server) dialUpstream(ctx context.Context) (*pooled, error) {
 			kind = de.Stage
 		}
 		s.obs.UpstreamError(kind)
+		if ctx.Err() == nil {
+			s.unreachable.Store(&err)
+		}
 		return nil, err
 	}
+	s.unreachable.Store(nil)
 	cc := newCtrlConn(conn)
 	id, tok, err := cc.handshake(ctx, tok, s.opts.Tokens)
 	if err != nil {

@@ -2,34 +2,15 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"log/slog"
-	"net"
-	"strings"
 	"time"
 
 	"github.com/entra-redis-proxy/entra-redis-proxy/proxy"
-	"github.com/entra-redis-proxy/entra-redis-proxy/topology"
 )
 
 // clusterRetry is the wait between two failed cluster detections.
 const clusterRetry = 10 * time.Second
-
-// newCluster returns the Cluster of CLUSTER=auto|on, nil for off or a unix socket LISTEN (node
-// listeners need a host; validate refuses on with one). opts are the main Server's.
-func newCluster(cfg *Config, tc *tls.Config, opts proxy.Options) *proxy.Cluster {
-	if cfg.Cluster == "off" || strings.HasPrefix(cfg.Listen, "unix:") {
-		return nil
-	}
-	first, last, _ := topology.ParsePortRange(cfg.ClusterPorts) // validated
-	listenHost, _, _ := net.SplitHostPort(cfg.Listen)
-	seedHost, _, _ := net.SplitHostPort(cfg.Upstream)
-	return proxy.NewCluster(proxy.ClusterConfig{
-		Seed: opts.Dialer, SeedHost: seedHost, TLS: tc, ListenHost: listenHost,
-		FirstPort: first, LastPort: last, Server: opts,
-	})
-}
 
 // detectCluster asks the cache, once the first token is there, whether it is a cluster; a cluster
 // gets its node listeners. A failure is retried every clusterRetry; "not a cluster" ends it under

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -21,7 +22,8 @@ const envPrefix = "ENTRA_REDIS_PROXY"
 // `entra-redis-proxy --help` prints this table. The tags hold full names: with a prefix, envconfig would
 // also read the bare name (a pod's USERNAME would become the AUTH username).
 type Config struct {
-	Upstream      string        `envconfig:"ENTRA_REDIS_PROXY_UPSTREAM" required:"true" desc:"Azure Cache for Redis host[:port]; the port defaults to 6380 (Azure Managed Redis listens on 10000)"`
+	Upstream      string        `envconfig:"ENTRA_REDIS_PROXY_UPSTREAM" desc:"Azure Cache for Redis host[:port] (required unless UPSTREAMS is set); the port defaults to 6380 (Azure Managed Redis listens on 10000)"`
+	Upstreams     string        `envconfig:"ENTRA_REDIS_PROXY_UPSTREAMS" desc:"several caches, instead of UPSTREAM and LISTEN: LISTEN=HOST[:PORT],... e.g. 127.0.0.1:6379=a.redis.cache.windows.net,127.0.0.1:6378=b.westeurope.redis.azure.net:10000 (listen ports outside CLUSTER_PORTS); one identity and token for all"`
 	Listen        string        `envconfig:"ENTRA_REDIS_PROXY_LISTEN" default:"127.0.0.1:6379" desc:"where apps connect: host:port on loopback, or unix:/path/to/socket (created with mode 0600)"`
 	HTTPListen    string        `envconfig:"ENTRA_REDIS_PROXY_HTTP_LISTEN" default:"127.0.0.1:9090" desc:"host:port for /metrics, /startup, /liveness, /readiness; empty turns the HTTP server off"`
 	AdminListen   string        `envconfig:"ENTRA_REDIS_PROXY_ADMIN_LISTEN" default:"127.0.0.1:9091" desc:"loopback host:port or unix:/path/to/socket for POST /quitquitquit and /debug/pprof; opened only when QUITQUITQUIT or PPROF is on"`
@@ -54,7 +56,18 @@ type Config struct {
 	LocalPassword    string   `envconfig:"ENTRA_REDIS_PROXY_LOCAL_PASSWORD" desc:"if set, clients must AUTH with this password before other commands"`
 
 	Cluster      string `envconfig:"ENTRA_REDIS_PROXY_CLUSTER" default:"auto" desc:"clustered caches (Managed Redis OSS cluster policy, clustered Premium): auto (asks the cache once its first token is there), on (keeps asking until it is a cluster), off; needs a host:port LISTEN"`
-	ClusterPorts string `envconfig:"ENTRA_REDIS_PROXY_CLUSTER_PORTS" default:"6380-6479" desc:"FIRST-LAST: the ports of the local listener of each cluster node, on LISTEN's host (one per node, primaries and replicas)"`
+	ClusterPorts string `envconfig:"ENTRA_REDIS_PROXY_CLUSTER_PORTS" default:"6380-6479" desc:"FIRST-LAST: the ports of the local listener of each cluster node, on LISTEN's host (one per node, primaries and replicas, of every cache)"`
+
+	// caches is what validate derives from UPSTREAMS, or from UPSTREAM and LISTEN: the caches served.
+	caches []cache
+	// listenSet: LISTEN was given (UPSTREAMS names each listen address instead).
+	listenSet bool
+}
+
+// cache is one cache the proxy serves and where its clients connect.
+type cache struct {
+	Listen   string // host:port or unix:/path
+	Upstream string // host:port
 }
 
 // ByteSize is a size in bytes read from strings like 512MiB, 64KB or 1048576.
@@ -88,6 +101,7 @@ func loadConfig() (*Config, error) {
 	if err := envconfig.Process("", &c); err != nil {
 		return nil, configError(err)
 	}
+	c.listenSet = os.Getenv(envPrefix+"_LISTEN") != ""
 	if err := c.validate(); err != nil {
 		return nil, err
 	}
@@ -107,13 +121,8 @@ var credentials = []string{"default", "managed-identity", "workload-identity", "
 
 func (c *Config) validate() error {
 	v := func(name string) string { return envPrefix + "_" + name }
-	host, port, err := splitUpstream(c.Upstream)
-	if err != nil {
-		return fmt.Errorf("%s: %v", v("UPSTREAM"), err)
-	}
-	c.Upstream = net.JoinHostPort(host, port)
-	if err := c.validateListen(); err != nil {
-		return fmt.Errorf("%s: %v", v("LISTEN"), err)
+	if err := c.validateCaches(); err != nil {
+		return err
 	}
 	if err := c.validateAdminListen(); err != nil {
 		return fmt.Errorf("%s: %v", v("ADMIN_LISTEN"), err)
@@ -177,8 +186,8 @@ func (c *Config) validate() error {
 	return c.validateCluster()
 }
 
-// validateCluster checks CLUSTER and CLUSTER_PORTS: node listeners listen on LISTEN's host, on
-// ports other than LISTEN's.
+// validateCluster checks CLUSTER and CLUSTER_PORTS: node listeners listen on their cache's LISTEN
+// host, on ports other than any LISTEN's.
 func (c *Config) validateCluster() error {
 	v := func(name string) string { return envPrefix + "_" + name }
 	if c.Cluster != "auto" && c.Cluster != "on" && c.Cluster != "off" {
@@ -188,14 +197,68 @@ func (c *Config) validateCluster() error {
 	if err != nil {
 		return fmt.Errorf("%s: %v", v("CLUSTER_PORTS"), err)
 	}
-	unix := strings.HasPrefix(c.Listen, "unix:")
-	if c.Cluster == "on" && unix {
-		return fmt.Errorf("%s: on needs %s as host:port (node listeners listen on its host)", v("CLUSTER"), v("LISTEN"))
-	}
-	if _, port, err := net.SplitHostPort(c.Listen); err == nil && !unix {
-		if p, _ := strconv.Atoi(port); p >= first && p <= last && c.Cluster != "off" {
-			return fmt.Errorf("%s: %s holds LISTEN's port %d", v("CLUSTER_PORTS"), c.ClusterPorts, p)
+	for _, k := range c.caches {
+		unix := strings.HasPrefix(k.Listen, "unix:")
+		if c.Cluster == "on" && unix {
+			return fmt.Errorf("%s: on needs each listen address (%s) as host:port (node listeners listen on its host)", v("CLUSTER"), k.Listen)
 		}
+		if _, port, err := net.SplitHostPort(k.Listen); err == nil && !unix {
+			if p, _ := strconv.Atoi(port); p >= first && p <= last && c.Cluster != "off" {
+				return fmt.Errorf("%s: %s holds the listen port %d (of %s): move the listener out of the range, or the range (CLUSTER_PORTS) away from it", v("CLUSTER_PORTS"), c.ClusterPorts, p, k.Listen)
+			}
+		}
+	}
+	return nil
+}
+
+// validateCaches derives c.caches from UPSTREAMS, or from UPSTREAM and LISTEN, and checks each entry.
+func (c *Config) validateCaches() error {
+	v := func(name string) string { return envPrefix + "_" + name }
+	if c.Upstreams == "" {
+		host, port, err := splitUpstream(c.Upstream)
+		if err != nil {
+			return fmt.Errorf("%s: %v (or set %s)", v("UPSTREAM"), err, v("UPSTREAMS"))
+		}
+		c.Upstream = net.JoinHostPort(host, port)
+		if err := c.validateListen(c.Listen); err != nil {
+			return fmt.Errorf("%s: %v", v("LISTEN"), err)
+		}
+		c.caches = []cache{{Listen: c.Listen, Upstream: c.Upstream}}
+		return nil
+	}
+	switch {
+	case c.Upstream != "":
+		return fmt.Errorf("%s and %s are both set: use one. UPSTREAMS serves several caches (LISTEN=HOST[:PORT],...); "+
+			"for one cache unset it, or move UPSTREAM into it with its LISTEN", v("UPSTREAMS"), v("UPSTREAM"))
+	case c.listenSet:
+		return fmt.Errorf("%s: not used with %s, whose entries name their listen addresses (LISTEN=HOST[:PORT]): unset it", v("LISTEN"), v("UPSTREAMS"))
+	case c.TLSServerName != "":
+		return fmt.Errorf("%s: not used with %s, where each cache is verified by its own host name: unset it, and "+
+			"reach private endpoints by their privatelink DNS names", v("TLS_SERVER_NAME"), v("UPSTREAMS"))
+	}
+	listens, upstreams := map[string]bool{}, map[string]bool{}
+	for _, e := range strings.Split(c.Upstreams, ",") {
+		e = strings.TrimSpace(e)
+		listen, up, ok := strings.Cut(e, "=")
+		if !ok || listen == "" || up == "" {
+			return fmt.Errorf("%s: entry %q is not LISTEN=HOST[:PORT] (e.g. 127.0.0.1:6378=mycache.redis.cache.windows.net)", v("UPSTREAMS"), e)
+		}
+		host, port, err := splitUpstream(up)
+		if err != nil {
+			return fmt.Errorf("%s: entry %q: cache %v", v("UPSTREAMS"), e, err)
+		}
+		up = net.JoinHostPort(host, port)
+		if err := c.validateListen(listen); err != nil {
+			return fmt.Errorf("%s: entry %q: listen address %v", v("UPSTREAMS"), e, err)
+		}
+		if listens[listen] {
+			return fmt.Errorf("%s: listen address %s is in two entries: give each cache its own", v("UPSTREAMS"), listen)
+		}
+		if upstreams[up] {
+			return fmt.Errorf("%s: cache %s is in two entries: serve it once (several clients can share a listener)", v("UPSTREAMS"), up)
+		}
+		listens[listen], upstreams[up] = true, true
+		c.caches = append(c.caches, cache{Listen: listen, Upstream: up})
 	}
 	return nil
 }
@@ -237,9 +300,9 @@ func listenHost(addr string) (string, error) {
 	return host, nil
 }
 
-func (c *Config) validateListen() error {
-	host, err := listenHost(c.Listen)
-	if err != nil || strings.HasPrefix(c.Listen, "unix:") {
+func (c *Config) validateListen(listen string) error {
+	host, err := listenHost(listen)
+	if err != nil || strings.HasPrefix(listen, "unix:") {
 		return err
 	}
 	if c.AllowNonLoopback || isLoopbackHost(host) {

@@ -27,6 +27,9 @@ func settings(t *testing.T) []setting {
 	ct := reflect.TypeFor[Config]()
 	for i := range ct.NumField() {
 		f := ct.Field(i)
+		if !f.IsExported() { // derived by validate, not read
+			continue
+		}
 		tag := f.Tag.Get("envconfig")
 		if tag == "" {
 			t.Fatalf("Config.%s has no envconfig tag: every setting must name its variable", f.Name)
@@ -87,6 +90,9 @@ func TestConfigVariables(t *testing.T) {
 		{tag: "UPSTREAM", def: nil, valid: env{"UPSTREAM": "c.redis.cache.windows.net:10000"}, want: "c.redis.cache.windows.net:10000",
 			invalid: []env{{"UPSTREAM": ""}, {"UPSTREAM": "c:0"}, {"UPSTREAM": "c:65536"}, {"UPSTREAM": "c:port"}, {"UPSTREAM": ":6380"},
 				{"UPSTREAM": "a b"}, {"UPSTREAM": "c/x"}, {"UPSTREAM": "c.example.net:6380:1"}}},
+		{tag: "UPSTREAMS", def: "", valid: env{"UPSTREAM": "", "UPSTREAMS": "127.0.0.1:6370=a.example.net,127.0.0.1:6371=b.example.net:10000"},
+			want:    "127.0.0.1:6370=a.example.net,127.0.0.1:6371=b.example.net:10000",
+			invalid: []env{{"UPSTREAMS": "127.0.0.1:6370=a.example.net"}}}, // with UPSTREAM: see TestConfigUpstreams
 		{tag: "LISTEN", def: "127.0.0.1:6379", valid: env{"LISTEN": "127.0.0.1:7000"}, want: "127.0.0.1:7000",
 			invalid: []env{{"LISTEN": "0.0.0.0:6379"}, {"LISTEN": ":6379"}, {"LISTEN": "6379"}, {"LISTEN": "unix:"}}},
 		{tag: "HTTP_LISTEN", def: "127.0.0.1:9090", valid: env{"HTTP_LISTEN": "0.0.0.0:9091"}, want: "0.0.0.0:9091",
@@ -226,6 +232,68 @@ func TestConfigUpstream(t *testing.T) {
 			}
 			if c.Upstream != tc.want {
 				t.Errorf("UPSTREAM=%s: %q, want %q", tc.in, c.Upstream, tc.want)
+			}
+		})
+	}
+}
+
+// TestConfigUpstreams: UPSTREAMS's entries become the caches served, and each way to get it wrong is
+// refused with a line that names the variable and says what to do.
+func TestConfigUpstreams(t *testing.T) {
+	two := "127.0.0.1:6370=a.example.net,127.0.0.1:6371=b.example.net:10000"
+	for _, tc := range []struct {
+		desc    string
+		env     map[string]string
+		want    []cache // nil: refused
+		wantErr string  // in the error
+	}{
+		{desc: "UPSTREAM and LISTEN alone", env: map[string]string{"UPSTREAM": "a.example.net", "LISTEN": "127.0.0.1:7000"},
+			want: []cache{{Listen: "127.0.0.1:7000", Upstream: "a.example.net:6380"}}},
+		{desc: "two caches", env: map[string]string{"UPSTREAMS": two},
+			want: []cache{{Listen: "127.0.0.1:6370", Upstream: "a.example.net:6380"}, {Listen: "127.0.0.1:6371", Upstream: "b.example.net:10000"}}},
+		{desc: "spaces and a unix socket", env: map[string]string{"UPSTREAMS": " unix:/run/a.sock=a.example.net , 127.0.0.1:6371=[2001:db8::4]:10000"},
+			want: []cache{{Listen: "unix:/run/a.sock", Upstream: "a.example.net:6380"}, {Listen: "127.0.0.1:6371", Upstream: "[2001:db8::4]:10000"}}},
+		{desc: "neither", env: map[string]string{}, wantErr: "ENTRA_REDIS_PROXY_UPSTREAM: required (host[:port] of the cache) (or set ENTRA_REDIS_PROXY_UPSTREAMS)"},
+		{desc: "both", env: map[string]string{"UPSTREAMS": two, "UPSTREAM": "a.example.net"},
+			wantErr: "ENTRA_REDIS_PROXY_UPSTREAMS and ENTRA_REDIS_PROXY_UPSTREAM are both set: use one"},
+		{desc: "LISTEN with UPSTREAMS", env: map[string]string{"UPSTREAMS": two, "LISTEN": "127.0.0.1:6379"},
+			wantErr: "ENTRA_REDIS_PROXY_LISTEN: not used with ENTRA_REDIS_PROXY_UPSTREAMS"},
+		{desc: "TLS_SERVER_NAME with UPSTREAMS", env: map[string]string{"UPSTREAMS": two, "TLS_SERVER_NAME": "a.example.net"},
+			wantErr: "ENTRA_REDIS_PROXY_TLS_SERVER_NAME: not used with ENTRA_REDIS_PROXY_UPSTREAMS"},
+		{desc: "no =", env: map[string]string{"UPSTREAMS": "a.example.net"}, wantErr: `entry "a.example.net" is not LISTEN=HOST[:PORT]`},
+		{desc: "no listen", env: map[string]string{"UPSTREAMS": "=a.example.net"}, wantErr: `entry "=a.example.net" is not LISTEN=HOST[:PORT]`},
+		{desc: "no cache", env: map[string]string{"UPSTREAMS": "127.0.0.1:6370="}, wantErr: `entry "127.0.0.1:6370=" is not LISTEN=HOST[:PORT]`},
+		{desc: "empty entry", env: map[string]string{"UPSTREAMS": two + ","}, wantErr: `entry "" is not LISTEN=HOST[:PORT]`},
+		{desc: "bad cache port", env: map[string]string{"UPSTREAMS": "127.0.0.1:6370=a.example.net:0"}, wantErr: `cache "a.example.net:0" has an invalid port`},
+		{desc: "listen without host", env: map[string]string{"UPSTREAMS": "6390=a.example.net"}, wantErr: `listen address "6390" is not host:port or unix:/path`},
+		{desc: "listen not loopback", env: map[string]string{"UPSTREAMS": "0.0.0.0:6390=a.example.net"},
+			wantErr: `listen address "0.0.0.0" is not a loopback address`},
+		{desc: "duplicate listen", env: map[string]string{"UPSTREAMS": "127.0.0.1:6370=a.example.net,127.0.0.1:6370=b.example.net"},
+			wantErr: "listen address 127.0.0.1:6370 is in two entries"},
+		{desc: "duplicate cache", env: map[string]string{"UPSTREAMS": "127.0.0.1:6370=a.example.net,127.0.0.1:6371=a.example.net:6380"},
+			wantErr: "cache a.example.net:6380 is in two entries"},
+		{desc: "listen port in CLUSTER_PORTS", env: map[string]string{"UPSTREAMS": "127.0.0.1:6370=a.example.net,127.0.0.1:7003=b.example.net", "CLUSTER_PORTS": "7000-7009"},
+			wantErr: "ENTRA_REDIS_PROXY_CLUSTER_PORTS: 7000-7009 holds the listen port 7003 (of 127.0.0.1:7003)"},
+		{desc: "listen port in CLUSTER_PORTS, cluster off", env: map[string]string{"UPSTREAMS": "127.0.0.1:7003=b.example.net", "CLUSTER_PORTS": "7000-7009", "CLUSTER": "off"},
+			want: []cache{{Listen: "127.0.0.1:7003", Upstream: "b.example.net:6380"}}},
+		{desc: "CLUSTER=on with a unix socket entry", env: map[string]string{"UPSTREAMS": "unix:/run/a.sock=a.example.net", "CLUSTER": "on"},
+			wantErr: "ENTRA_REDIS_PROXY_CLUSTER: on needs each listen address (unix:/run/a.sock) as host:port"},
+	} {
+		t.Run(tc.desc, func(t *testing.T) {
+			cleanEnv(t)
+			setEnv(t, tc.env)
+			c, err := loadConfig()
+			if tc.want == nil {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("err %v, want one containing %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(c.caches, tc.want) {
+				t.Errorf("caches %+v, want %+v", c.caches, tc.want)
 			}
 		})
 	}

@@ -14,6 +14,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -24,6 +25,7 @@ import (
 	"github.com/entra-redis-proxy/entra-redis-proxy/metrics"
 	"github.com/entra-redis-proxy/entra-redis-proxy/proxy"
 	"github.com/entra-redis-proxy/entra-redis-proxy/tokensource"
+	"github.com/entra-redis-proxy/entra-redis-proxy/topology"
 )
 
 func parseLevel(s string) (slog.Level, error) {
@@ -46,9 +48,10 @@ func newLogger(cfg *Config, w io.Writer) (*slog.Logger, error) {
 	return slog.New(slog.NewTextHandler(w, opts)), nil
 }
 
-// tlsConfig returns the upstream TLS settings: system roots plus TLS_CA_FILE, the verified name and SNI.
-func tlsConfig(cfg *Config) (*tls.Config, error) {
-	host, _, _ := net.SplitHostPort(cfg.Upstream)
+// tlsConfig returns the TLS settings of the cache at upstream: system roots plus TLS_CA_FILE, the verified
+// name and SNI (TLS_SERVER_NAME, or the cache's host).
+func tlsConfig(cfg *Config, upstream string) (*tls.Config, error) {
+	host, _, _ := net.SplitHostPort(upstream)
 	name := cfg.TLSServerName
 	if name == "" {
 		name = host
@@ -128,7 +131,8 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 		log.Error("cannot read the open-file limit", "err", fmt.Errorf("getrlimit RLIMIT_NOFILE: %w", err))
 		return exitConfig
 	}
-	limit, err := deriveConnLimit(nofile, cfg.poolCeiling(), cfg.MaxConnections)
+	// Each cache's LISTEN has its own pool (node listeners' pools are not counted: their number is not known yet).
+	limit, err := deriveConnLimit(nofile, cfg.poolCeiling()*len(cfg.caches), cfg.MaxConnections)
 	if err != nil {
 		log.Error("cannot start", "err", err)
 		return exitConfig
@@ -144,38 +148,46 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 		log.Error("cannot get Entra tokens", "err", err)
 		return exitConfig
 	}
-	tc, err := tlsConfig(cfg)
-	if err != nil {
-		log.Error("invalid TLS settings", "err", err)
-		return exitConfig
-	}
 	connLevel := slog.LevelInfo
 	if !cfg.LogConnections {
 		connLevel = slog.LevelDebug
 	}
-	opts := proxy.Options{
-		Tokens: src, Dialer: &proxy.TLSDialer{Addr: cfg.Upstream, Config: tc},
-		Logger: log, Observer: m, MaxConnections: limit.limit, DialTimeout: cfg.DialTimeout,
+	// Shared by every cache: one identity and token, one connection budget (the process's descriptors),
+	// one range of node listener ports.
+	base := proxy.Options{
+		Tokens: src, Limit: proxy.NewConnLimit(limit.limit), DialTimeout: cfg.DialTimeout,
 		IdlePing: cfg.IdlePing, MaxBulk: int64(cfg.MaxBulkBytes), LocalPassword: cfg.LocalPassword,
 		PoolSize: cfg.PoolSize, PoolMax: cfg.poolCeiling(), ReconnectTimeout: reconnectTimeout(cfg.ReconnectTimeout),
 		MaintenanceEvents: cfg.MaintenanceEvents, ConnLogLevel: connLevel,
 	}
-	cluster := newCluster(cfg, tc, opts)
-	opts.Cluster = cluster
-	srv, err := proxy.New(opts)
-	if err != nil {
-		log.Error("cannot start", "err", err)
-		return exitConfig
+	first, last, _ := topology.ParsePortRange(cfg.ClusterPorts) // validated
+	ports := proxy.NewNodePorts(first, last, 0)
+	var caches []*served
+	closeAll := func() {
+		for _, sv := range caches {
+			sv.close()
+		}
 	}
-	ln, cleanup, err := listen("LISTEN", cfg.Listen)
-	if err != nil {
-		log.Error("cannot listen", "err", err)
-		srv.Close()
-		return exitConfig
+	for _, k := range cfg.caches {
+		sv, err := startCache(cfg, k, base, m, ports, log)
+		if err != nil {
+			log.Error("cannot start", "upstream", k.Upstream, "err", err)
+			closeAll()
+			return exitConfig
+		}
+		caches = append(caches, sv)
+		defer sv.cleanup()
 	}
-	defer cleanup()
 
-	check := health.New(src.Valid, srv.AtLimit)
+	check := health.New(src.Valid, base.Limit.AtLimit)
+	check.SetUnreachable(func() error {
+		for _, sv := range caches {
+			if err := sv.unreachable(); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 	quit := make(chan struct{})
 	var quitOnce sync.Once
 	var wg sync.WaitGroup // every goroutine serve starts; each ends before serve returns
@@ -205,8 +217,7 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 	defer stopHTTP() // on an early return; a second Shutdown returns at once
 	fail := func(msg string, err error) int {
 		log.Error(msg, "err", err)
-		ln.Close()
-		srv.Close()
+		closeAll()
 		return exitConfig
 	}
 	if cfg.HTTPListen != "" {
@@ -244,16 +255,25 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 
 	tsCtx, stopTokens := context.WithCancel(context.Background())
 	defer stopTokens()
-	if cluster != nil {
+	serveDone := make(chan error, len(caches))
+	for _, sv := range caches {
+		if sv.cluster != nil {
+			wg.Add(1)
+			go func() { defer wg.Done(); detectCluster(tsCtx, cfg.Cluster, sv.cluster, src.Ready(), sv.log) }()
+		}
 		wg.Add(1)
-		go func() { defer wg.Done(); detectCluster(tsCtx, cfg.Cluster, cluster, src.Ready(), log) }()
+		go func() {
+			defer wg.Done()
+			if err := sv.srv.Serve(sv.ln); !errors.Is(err, proxy.ErrServerClosed) {
+				serveDone <- fmt.Errorf("listener %s of %s: %w", sv.Listen, sv.Upstream, err)
+			}
+		}()
+		sv.log.Info("serving a cache", "listen", sv.Listen)
 	}
-	wg.Add(3)
+	wg.Add(2)
 	go func() { defer wg.Done(); src.Run(tsCtx) }()
-	serveDone := make(chan error, 1)
-	go func() { defer wg.Done(); serveDone <- srv.Serve(ln) }()
 
-	log.Info("entra-redis-proxy started", "version", version, "listen", cfg.Listen, "upstream", cfg.Upstream,
+	log.Info("entra-redis-proxy started", "version", version, "caches", len(caches),
 		"credential", cfg.Credential, "http", cfg.HTTPListen, "admin", admin)
 	go func() {
 		defer wg.Done()
@@ -300,22 +320,29 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 		}
 		t.Stop()
 	}
-	log.Info("waiting for open connections to finish", "connections", srv.Clients(), "max_wait", cfg.MaxSigtermDelay.String())
-	drainCtx, cancel := context.WithTimeout(forced, cfg.MaxSigtermDelay)
-	cut := srv.Shutdown(drainCtx) // closes the listener: Serve returns
-	if cluster != nil {
-		cut += cluster.Shutdown(drainCtx)
+	clients := 0
+	for _, sv := range caches {
+		clients += sv.srv.Clients()
 	}
+	log.Info("waiting for open connections to finish", "connections", clients, "max_wait", cfg.MaxSigtermDelay.String())
+	drainCtx, cancel := context.WithTimeout(forced, cfg.MaxSigtermDelay)
+	var cut atomic.Int64
+	var drains sync.WaitGroup // every cache drains at once, within the same MAX_SIGTERM_DELAY
+	for _, sv := range caches {
+		drains.Add(1)
+		go func() { defer drains.Done(); cut.Add(int64(sv.shutdown(drainCtx))) }()
+	}
+	drains.Wait()
 	cancel()
 	force() // the drain is over: a later signal has nothing left to force
 	stopTokens()
 	stopHTTP()
 	switch {
 	case listenErr != nil:
-		log.Error("shut down after the listener failed", "cut", cut)
+		log.Error("shut down after the listener failed", "cut", cut.Load())
 		return exitRuntime
-	case cut > 0:
-		log.Warn("shut down; open connections were cut", "cut", cut)
+	case cut.Load() > 0:
+		log.Warn("shut down; open connections were cut", "cut", cut.Load())
 		if !cfg.ExitZeroOnSigterm {
 			return exitRuntime
 		}

@@ -100,6 +100,7 @@ type Env struct {
 	admin   *redis.Client  // admin connection to proc; nil while stopped; guarded by redisMu
 	port    int            // TLS port, kept across StopRedis/StartRedis; guarded by redisMu
 	nodes   []*clusterNode // with Options.Cluster: every node, fixed after Start; each node's process guarded by redisMu
+	sharers []*Env         // Envs that trust this one's tokens (Share); guarded by redisMu
 
 	mu        sync.Mutex // guards the fields below
 	lifetime  time.Duration
@@ -337,6 +338,12 @@ func (e *Env) StartRedis(ctx context.Context) error {
 	} else if err := e.startRedisLocked(ctx, e.port); err != nil {
 		return fmt.Errorf("restart redis-server on port %d: %w", e.port, err)
 	}
+	return e.registerLiveLocked(ctx)
+}
+
+// registerLiveLocked creates the ACL users of the unexpired tokens on every server that takes e's
+// tokens. The caller holds e.redisMu.
+func (e *Env) registerLiveLocked(ctx context.Context) error {
 	now := time.Now()
 	e.mu.Lock()
 	var live []IssuedToken
@@ -348,7 +355,7 @@ func (e *Env) StartRedis(ctx context.Context) error {
 	e.mu.Unlock()
 	for _, t := range live {
 		if err := e.setUserLocked(ctx, t); err != nil {
-			return fmt.Errorf("re-register token %d: %w", t.Seq, err)
+			return fmt.Errorf("register token %d: %w", t.Seq, err)
 		}
 	}
 	return nil

@@ -251,7 +251,7 @@ func (e *Env) setUserLocked(ctx context.Context, t IssuedToken) error {
 	for _, r := range e.userRules {
 		args = append(args, r)
 	}
-	for _, c := range e.admins() {
+	for _, c := range e.tokenAdmins() {
 		if err := c.Do(ctx, args...).Err(); err != nil {
 			// A syntax error would echo the modifier, and with it the token.
 			return fmt.Errorf("ACL SETUSER %s on %s: %s", t.OID, c.Options().Addr, strings.ReplaceAll(err.Error(), t.Token, "[token]"))
@@ -346,7 +346,7 @@ func (e *Env) deleteUser(t IssuedToken) error {
 	ctx, cancel := context.WithTimeout(e.ctx, aclTimeout)
 	defer cancel()
 	var errs []error
-	for _, c := range e.admins() {
+	for _, c := range e.tokenAdmins() {
 		if err := c.Do(ctx, "ACL", "DELUSER", t.OID).Err(); err != nil {
 			errs = append(errs, fmt.Errorf("ACL DELUSER %s on %s: %w", t.OID, c.Options().Addr, err))
 		}

@@ -4,7 +4,7 @@
 //   - /startup is 200 once the proxy has started (listening and holding a token), 503 before;
 //   - /liveness is 200 whenever the process serves HTTP;
 //   - /readiness is 503 while starting, after shutdown began, when no valid token is held,
-//     or at the connection limit, and 200 otherwise;
+//     at the connection limit, or when a cache's last dial failed (SetUnreachable), and 200 otherwise;
 //   - POST /quitquitquit starts the same shutdown as SIGTERM. RegisterQuit serves it, on its own mux:
 //     the proxy keeps it on a loopback-only admin listener, apart from the probes the kubelet reaches.
 //
@@ -31,6 +31,8 @@ type Check struct {
 	stopping   atomic.Bool
 	tokenValid func() bool
 	atLimit    func() bool
+	// unreachable returns why a cache cannot be reached now, nil when every one can; set before serving.
+	unreachable func() error
 }
 
 // New returns a Check in the starting state. tokenValid reports whether the proxy holds a
@@ -44,8 +46,12 @@ func New(tokenValid, atLimit func() bool) *Check {
 	if atLimit == nil {
 		atLimit = func() bool { return false }
 	}
-	return &Check{tokenValid: tokenValid, atLimit: atLimit}
+	return &Check{tokenValid: tokenValid, atLimit: atLimit, unreachable: func() error { return nil }}
 }
+
+// SetUnreachable makes readiness 503 while f returns an error (a cache the proxy cannot reach now);
+// f is called on every /readiness request and must be cheap. Call it before Register.
+func (c *Check) SetUnreachable(f func() error) { c.unreachable = f }
 
 // NotifyStarted marks the proxy as started: call it once the client listener is open and
 // the first token has been fetched.
@@ -94,6 +100,10 @@ func (c *Check) readiness(w http.ResponseWriter, _ *http.Request) {
 	case c.atLimit():
 		reply(w, http.StatusServiceUnavailable, "at the client connection limit (the proxy's start log says which limit and how to raise it)")
 	default:
+		if err := c.unreachable(); err != nil {
+			reply(w, http.StatusServiceUnavailable, "a cache is unreachable: "+err.Error())
+			return
+		}
 		reply(w, http.StatusOK, "ok")
 	}
 }

@@ -1,6 +1,7 @@
 package health
 
 import (
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -68,6 +69,14 @@ func TestReadinessFollowsInputs(t *testing.T) {
 	var tokenValid, atLimit atomic.Bool
 	tokenValid.Store(true)
 	c := New(tokenValid.Load, atLimit.Load)
+	var unreachable atomic.Pointer[error]
+	c.SetUnreachable(func() error {
+		if p := unreachable.Load(); p != nil {
+			return *p
+		}
+		return nil
+	})
+	dialErr := errors.New("b.example.net:6380: dial tcp: connection refused")
 	mux := http.NewServeMux()
 	c.Register(mux)
 	steps := []struct {
@@ -81,6 +90,8 @@ func TestReadinessFollowsInputs(t *testing.T) {
 		{"new token", func() { tokenValid.Store(true) }, 200},
 		{"limit reached", func() { atLimit.Store(true) }, 503},
 		{"below limit", func() { atLimit.Store(false) }, 200},
+		{"a cache unreachable", func() { unreachable.Store(&dialErr) }, 503},
+		{"reachable again", func() { unreachable.Store(nil) }, 200},
 		{"stopping", c.NotifyStopping, 503},
 	}
 	for _, s := range steps {
