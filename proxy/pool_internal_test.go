@@ -285,7 +285,9 @@ func TestPoolSizedFromConnectRate(t *testing.T) {
 		wantPool(t, srv, 2, 0)
 
 		// A burst of 12 clients: 2 get a connection, 10 find none (and dial their own). The pool grows to
-		// its ceiling, 8, not to 2 + 2 lent + 10 missed.
+		// its ceiling, 8, not to 2 + 2 lent + 10 missed. Its dials wait at the gate until the burst is
+		// over: a burst comes faster than a dial (here they would race the pool's own goroutine).
+		up.hold()
 		var out []*pooled
 		for range 2 {
 			out = append(out, srv.pool.get())
@@ -295,6 +297,7 @@ func TestPoolSizedFromConnectRate(t *testing.T) {
 				t.Fatal("a connection lent from an empty pool")
 			}
 		}
+		up.unhold()
 		synctest.Wait()
 		wantPool(t, srv, 6, 2)
 		for _, c := range out {
