@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
+	"time"
 
 	"github.com/entra-redis-proxy/entra-redis-proxy/resp"
 	"github.com/entra-redis-proxy/entra-redis-proxy/topology"
@@ -51,14 +53,36 @@ type Cluster struct {
 	nodes  map[string]*nodeProxy // by upstream address
 	topo   topology.Topology     // as last read
 	closed bool
-	wg     sync.WaitGroup // each node's Serve
+	done   chan struct{} // closed by Shutdown: ends the probes of refusing nodes
+	// onState, when set (tests), is called, under mu, when a node listener starts or stops refusing.
+	onState func(upstream string, s nodeState)
+	wg      sync.WaitGroup // each node's Serve and probe
 }
 
 // nodeProxy is one node's local listener.
 type nodeProxy struct {
 	id, upstream, local string
 	srv                 *Server
+	ln                  net.Listener // while serving; guarded by Cluster.mu, like state
+	state               nodeState
 }
+
+// nodeState is where a node listener stands.
+type nodeState uint8
+
+const (
+	nodeServing nodeState = iota // its listener accepts clients
+	// nodeRefusing: the node refused a connection (it is down), so the listener is closed and clients
+	// are refused at once, as the node itself refuses a direct client, until a probe reaches the node.
+	// A cluster client then fails, backs off and reloads its topology exactly as it does directly (a
+	// listener that accepted and then closed made go-redis fail faster and count several times the
+	// errors of a direct client until the failover).
+	nodeRefusing
+)
+
+// nodeProbeEvery paces the connects to a refusing node: how late after the node is back its clients are
+// let in again.
+const nodeProbeEvery = 100 * time.Millisecond
 
 // NewCluster returns a Cluster with no node yet; Detect reads the topology.
 func NewCluster(cfg ClusterConfig) *Cluster {
@@ -66,7 +90,8 @@ func NewCluster(cfg ClusterConfig) *Cluster {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Cluster{cfg: cfg, log: log, ports: topology.NewPorts(cfg.FirstPort, cfg.LastPort), nodes: map[string]*nodeProxy{}}
+	return &Cluster{cfg: cfg, log: log, ports: topology.NewPorts(cfg.FirstPort, cfg.LastPort), nodes: map[string]*nodeProxy{},
+		done: make(chan struct{})}
 }
 
 // Detect reads the topology on a first connection to the seed. A cluster gets its node listeners
@@ -180,15 +205,97 @@ func (c *Cluster) open(n topology.Node) error {
 	}
 	srv.clusterHost, _, _ = net.SplitHostPort(n.Addr)
 	srv.clusterNode = true
-	c.nodes[n.Addr] = &nodeProxy{id: n.ID, upstream: n.Addr, local: local, srv: srv}
+	np := &nodeProxy{id: n.ID, upstream: n.Addr, local: local, srv: srv, ln: ln}
+	c.nodes[n.Addr] = np
+	c.serve(np)
+	return nil
+}
+
+// serve runs n's Server on n.ln. The caller holds c.mu.
+func (c *Cluster) serve(n *nodeProxy) {
+	ln := n.ln
 	c.wg.Add(1)
-	go func() { // owned by the Cluster: Shutdown ends it
+	go func() { // owned by the Cluster: Shutdown, or refuse, ends it
 		defer c.wg.Done()
-		if err := srv.Serve(ln); !errors.Is(err, ErrServerClosed) {
-			c.log.Error("cluster node listener failed", "node", n.Addr, "listen", local, "err", err)
+		err := n.srv.Serve(ln)
+		c.mu.Lock()
+		closed := n.ln != ln // refuse closed it
+		c.mu.Unlock()
+		if !errors.Is(err, ErrServerClosed) && !closed {
+			c.log.Error("cluster node listener failed", "node", n.upstream, "listen", n.local, "err", err)
 		}
 	}()
-	return nil
+}
+
+// refuse closes the listener of srv's node, which refused a connection, until a probe reaches the node
+// again (nodeRefusing).
+func (c *Cluster) refuse(srv *Server) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var n *nodeProxy
+	for _, x := range c.nodes {
+		if x.srv == srv {
+			n = x
+		}
+	}
+	if n == nil || c.closed || n.state == nodeRefusing {
+		return
+	}
+	n.state = nodeRefusing
+	n.ln.Close()
+	n.ln = nil
+	if c.onState != nil {
+		c.onState(n.upstream, n.state)
+	}
+	c.log.Warn("cluster node refuses connections: its listener refuses clients until the node accepts again",
+		"node", n.upstream, "listen", n.local)
+	c.wg.Add(1)
+	go c.probe(n) // owned by the Cluster: ends when the node is back, or at Shutdown
+}
+
+// probe connects to a refusing node every nodeProbeEvery (TCP only: a direct client's connect succeeds
+// from then on too) and opens its listener again, on the same port, once it accepts.
+func (c *Cluster) probe(n *nodeProxy) {
+	defer c.wg.Done()
+	t := time.NewTicker(nodeProbeEvery)
+	defer t.Stop()
+	d := net.Dialer{Timeout: nodeProbeEvery}
+	for {
+		select {
+		case <-c.done:
+			return
+		case <-t.C:
+		}
+		conn, err := d.Dial("tcp", n.upstream)
+		if err != nil {
+			continue
+		}
+		conn.Close()
+		if c.reopen(n) {
+			return
+		}
+	}
+}
+
+// reopen listens on n's port again; false when it cannot yet (the port is taken meanwhile).
+func (c *Cluster) reopen(n *nodeProxy) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return true
+	}
+	ln, err := net.Listen("tcp", n.local)
+	if err != nil {
+		c.log.Warn("cluster node accepts again but its listener cannot reopen; retrying", "node", n.upstream, "listen", n.local, "err", err)
+		return false
+	}
+	n.ln, n.state = ln, nodeServing
+	c.serve(n)
+	if c.onState != nil {
+		c.onState(n.upstream, n.state)
+	}
+	c.log.Info("cluster node accepts again: its listener is open", "node", n.upstream, "listen", n.local)
+	return true
 }
 
 // listeners describes the node listeners for a log line: upstream=local, in topology order.
@@ -227,6 +334,9 @@ func (c *Cluster) local(upstream string) (string, bool) {
 // Shutdown drains every node listener's clients (Server.Shutdown) and returns how many were cut.
 func (c *Cluster) Shutdown(ctx context.Context) int {
 	c.mu.Lock()
+	if !c.closed {
+		close(c.done)
+	}
 	c.closed = true
 	nodes := make([]*nodeProxy, 0, len(c.nodes))
 	for _, n := range c.nodes {
@@ -358,8 +468,10 @@ func (c *Cluster) rewrite(ctx context.Context, connected string, kind topoKind, 
 }
 
 // nodeDown closes, without a reply, a node listener's client whose node cannot be reached: a
-// direct client would see the connection refused, and a cluster client takes a failed connection,
-// not an error reply, as the sign to reload the topology and move to the node's replacement.
+// direct client would see the connection fail, and a cluster client takes a failed connection,
+// not an error reply, as the sign to reload the topology and move to the node's replacement. A node
+// that refused the connection has its listener closed until it accepts again (nodeRefusing); one that
+// timed out keeps it, as a direct client's connect would time out too.
 func (s *session) nodeDown(err error) bool {
 	var de *DialError
 	if !s.srv.clusterNode || !errors.As(err, &de) || de.Stage != "dial" {
@@ -367,6 +479,9 @@ func (s *session) nodeDown(err error) bool {
 	}
 	s.srv.refused.add("node_unreachable", "reason", "node_unreachable", "why", "cluster node unreachable: "+
 		"closing its clients' connections", "err", err.Error()) // a dead node's clients make a line per interval
+	if errors.Is(err, syscall.ECONNREFUSED) {
+		s.srv.cluster.refuse(s.srv)
+	}
 	s.close(err)
 	return true
 }

@@ -13,3 +13,11 @@ func OnReauthDue(s *Server, f func(conn uint64)) {
 
 // EventsListening is closed once the server's AzureRedisEvents subscription is first confirmed.
 func EventsListening(s *Server) <-chan struct{} { return s.eventsUp }
+
+// OnNodeRefusing calls f each time a cluster node listener starts (true) or stops (false) refusing
+// clients because its node refused a connection.
+func OnNodeRefusing(c *Cluster, f func(upstream string, refusing bool)) {
+	c.mu.Lock()
+	c.onState = func(upstream string, s nodeState) { f(upstream, s == nodeRefusing) }
+	c.mu.Unlock()
+}
