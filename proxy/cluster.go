@@ -322,6 +322,9 @@ func (c *Cluster) Topology() (topology.Topology, map[string]string) {
 	return c.topo, m
 }
 
+// clustered reports whether s rewrites node addresses: it has a Cluster, and the upstream is one.
+func (s *Server) clustered() bool { return s.cluster != nil && s.cluster.on.Load() }
+
 func (c *Cluster) local(upstream string) (string, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -398,34 +401,74 @@ func (s *session) clusterRewrites(p []byte, e entry) bool {
 // A node not known yet is looked up by a topology refresh first. ok is false while the reply is
 // not all here.
 func (s *session) clusterReply(p []byte, h *resp.Head, e entry) (ok bool, err error) {
-	var frame []byte
-	if e.topo == topoNone {
-		if ok, err := resp.PeekHead(p, 0, h); !ok || err != nil || h.Type != '-' {
-			return ok, err
-		}
-		frame = p[:bytes.IndexByte(p, '\n')+1]
-	} else {
-		var sc resp.Scanner
-		n, done, err := sc.Scan(p)
-		if err != nil || !done {
-			return false, err
-		}
-		frame = p[:n]
+	frame, ok, err := clusterFrame(p, h, e.topo)
+	if frame == nil || err != nil {
+		return ok, err
 	}
+	if out, changed := s.clusterRewrite(e.topo, frame); changed {
+		s.rl.frame.fwd = false // the reply loop frames the original; the client gets out
+		s.emit(out)
+	}
+	return true, nil
+}
+
+// clusterElement is clusterReply for element f.at of a transaction's reply (actExec): a topology
+// command queued in MULTI answers there, and a redirect there is rewritten too (OSS redis answers a
+// transaction on a moved slot with one MOVED for EXEC itself, but nothing in the protocol says a
+// server may not put one in the array).
+func (s *session) clusterElement(p []byte) (ok bool, err error) {
+	f := &s.rl.frame
+	kind := topoNone
+	for _, t := range f.e.topos {
+		if t.at == f.at {
+			kind = t.kind
+		}
+	}
+	if kind == topoNone && p[0] != '-' {
+		return true, nil
+	}
+	var h resp.Head
+	frame, ok, err := clusterFrame(p, &h, kind)
+	if frame == nil || err != nil {
+		return ok, err
+	}
+	if out, changed := s.clusterRewrite(kind, frame); changed {
+		f.replaced = true
+		s.emit(out)
+	}
+	return true, nil
+}
+
+// clusterFrame returns the whole frame at p's start that may name cluster nodes: a topology reply
+// (kind), or, for any other reply, an error line (a redirect); nil when it is neither, or while it is
+// not all here (ok false).
+func clusterFrame(p []byte, h *resp.Head, kind topoKind) (frame []byte, ok bool, err error) {
+	if kind == topoNone {
+		if ok, err := resp.PeekHead(p, 0, h); !ok || err != nil || h.Type != '-' {
+			return nil, ok, err
+		}
+		return p[:bytes.IndexByte(p, '\n')+1], true, nil
+	}
+	var sc resp.Scanner
+	n, done, err := sc.Scan(p)
+	if err != nil || !done {
+		return nil, false, err
+	}
+	return p[:n], true, nil
+}
+
+// clusterRewrite returns frame with its node addresses rewritten, and whether any changed.
+func (s *session) clusterRewrite(kind topoKind, frame []byte) ([]byte, bool) {
 	c := s.srv.cluster
-	out := c.rewrite(s.srv.ctx, s.srv.clusterHost, e.topo, frame)
-	if e.topo == topoNone && !s.srv.clusterNode && bytes.HasPrefix(frame, []byte("-MOVED ")) {
+	out := c.rewrite(s.srv.ctx, s.srv.clusterHost, kind, frame)
+	if kind == topoNone && !s.srv.clusterNode && bytes.HasPrefix(frame, []byte("-MOVED ")) {
 		// A cluster-aware client asks the topology first and goes to the right node; one that is not
 		// gets MOVED for most keys.
 		c.movedOnce.Do(func() {
 			s.log.Warn(movedRemedy)
 		})
 	}
-	if &out[0] != &frame[0] {
-		s.rl.frame.fwd = false // the reply loop frames the original; the client gets out
-		s.emit(out)
-	}
-	return true, nil
+	return out, &out[0] != &frame[0]
 }
 
 // rewrite returns frame with its node addresses replaced (frame itself when nothing changed),

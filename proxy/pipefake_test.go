@@ -39,6 +39,7 @@ type fakeUpstream struct {
 	pushes   bool                   // on RESP3 connections, send a push before every reply
 	noReply  bool                   // CLIENT REPLY is denied (a data access policy): -NOPERM
 	down     bool                   // dials fail (a failover in progress, a restart)
+	execCut  int                    // > 0: EXEC's reply is written in two pieces, cut there
 	shutdown bool
 }
 
@@ -408,7 +409,10 @@ func (c *fakeConn) exec() {
 	c.capture = nil
 	n := len(c.txq)
 	c.inMulti, c.txq = false, nil
-	c.reply("*" + strconv.Itoa(n) + "\r\n" + string(replies))
+	c.f.mu.Lock()
+	cut := c.f.execCut
+	c.f.mu.Unlock()
+	c.chunked("*"+strconv.Itoa(n)+"\r\n"+string(replies), []int{cut}, time.Millisecond)
 }
 
 // command runs one command outside MULTI (or inside EXEC: inTx, where blocking commands do not block).
