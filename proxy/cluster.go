@@ -387,10 +387,10 @@ func topoCommand(args [][]byte) topoKind {
 }
 
 // clusterRewrites says whether the reply at p, to entry e, may name cluster nodes: an error to a
-// command whose reply the client gets (a (S)SUBSCRIBE's MOVED included), or a topology reply.
-// Blocking commands are left out: their replies go through the unblock logic (blockedReply).
+// command whose reply the client gets (a (S)SUBSCRIBE's or a blocking command's MOVED included), or
+// a topology reply. (A redirect is no timeout reply: the unblock logic, blockedReply, passes it.)
 func (s *session) clusterRewrites(p []byte, e entry) bool {
-	if e.quiet || e.blk != nil {
+	if e.quiet {
 		return false
 	}
 	return p[0] == '-' && (e.act == actForward || e.act == actSubscribe) || e.topo != topoNone && e.act == actForward

@@ -227,7 +227,7 @@ func TestClusterClients(t *testing.T) {
 // (the test's own mapping, not the proxy's) and zeroing what changes from one call to the next
 // (CLUSTER NODES ping/pong times, CLUSTER SHARDS replication offsets): topology commands queued in
 // MULTI (their EXEC elements), queued commands on other nodes (-MOVED, then EXEC's error: -EXECABORT, or -CROSSSLOT when the seed's keys are in two slots), the
-// topology commands outside MULTI, and a pipeline of 3,000 GETs, most of them redirected, whose
+// topology commands outside MULTI, BLPOPs (redirected, or timing out), and a pipeline of 3,000 GETs, most of them redirected, whose
 // replies span many reads.
 func clusterExact(t *testing.T, f *clusterFixture, protocol int, prefix string) {
 	t.Helper()
@@ -251,6 +251,9 @@ func clusterExact(t *testing.T, f *clusterFixture, protocol int, prefix string) 
 		script = append(script, []string{"GET", prefix + strconv.Itoa(i)})
 	}
 	script = append(append(script, []string{"EXEC"}), topoCmds...)
+	for i := range 6 { // blocking commands: MOVED at once, or a timeout after 10 ms
+		script = append(script, []string{"BLPOP", prefix + "list" + strconv.Itoa(i), "0.01"})
+	}
 	for i := range 3000 {
 		script = append(script, []string{"GET", prefix + strconv.Itoa(i%300)})
 	}
