@@ -387,13 +387,15 @@ func topoCommand(args [][]byte) topoKind {
 }
 
 // clusterRewrites says whether the reply at p, to entry e, may name cluster nodes: an error to a
-// command whose reply the client gets (a (S)SUBSCRIBE's or a blocking command's MOVED included), or
-// a topology reply. (A redirect is no timeout reply: the unblock logic, blockedReply, passes it.)
+// command whose reply the client gets (a (S)SUBSCRIBE's, a blocking command's and EXEC's MOVED
+// included), or a topology reply. (A redirect is no timeout reply: the unblock logic, blockedReply,
+// passes it.)
 func (s *session) clusterRewrites(p []byte, e entry) bool {
 	if e.quiet {
 		return false
 	}
-	return p[0] == '-' && (e.act == actForward || e.act == actSubscribe) || e.topo != topoNone && e.act == actForward
+	return p[0] == '-' && (e.act == actForward || e.act == actSubscribe || e.act == actExec) ||
+		e.topo != topoNone && e.act == actForward
 }
 
 // clusterReply rewrites the node addresses in a reply on its way to the client: a -MOVED/-ASK

@@ -115,3 +115,21 @@ func TestPipeClusterExecLargeTopology(t *testing.T) {
 			"*3\r\n+PONG\r\n"+verbatim(local)+"+PONG\r\n")
 	})
 }
+
+// TestPipeClusterExecMoved: EXEC itself answered -MOVED (OSS redis, when a queued key's slot moved
+// before EXEC): the redirect names the node listener, with a topology command queued (whose
+// element never comes) and without.
+func TestPipeClusterExecMoved(t *testing.T) {
+	const up, local = "-MOVED 866 10.0.0.2:7001\r\n", "-MOVED 866 127.0.0.1:16381\r\n"
+	synctest.Test(t, func(t *testing.T) {
+		e := newClusterPipeEnv(t)
+		e.fake.mu.Lock()
+		e.fake.execErr = up
+		e.fake.mu.Unlock()
+		c := e.connect("moved exec")
+		c.send(cmd("MULTI"), cmd("GET", "k"), cmd("EXEC"), cmd("MULTI"), cmd("CLUSTER", "SLOTS"), cmd("EXEC"))
+		time.Sleep(time.Second)
+		synctest.Wait()
+		c.expect("EXEC answered MOVED", "+OK\r\n+QUEUED\r\n"+local+"+OK\r\n+QUEUED\r\n"+local)
+	})
+}

@@ -40,6 +40,7 @@ type fakeUpstream struct {
 	noReply  bool                   // CLIENT REPLY is denied (a data access policy): -NOPERM
 	down     bool                   // dials fail (a failover in progress, a restart)
 	execCut  int                    // > 0: EXEC's reply is written in two pieces, cut there
+	execErr  string                 // set: EXEC answers this error line, the transaction discarded (a moved slot)
 	shutdown bool
 }
 
@@ -396,6 +397,14 @@ func (c *fakeConn) run(args []string) {
 
 // exec runs the queued transaction; the replies go into one array.
 func (c *fakeConn) exec() {
+	c.f.mu.Lock()
+	refusal := c.f.execErr
+	c.f.mu.Unlock()
+	if refusal != "" {
+		c.inMulti, c.txq = false, nil
+		c.reply(refusal)
+		return
+	}
 	var replies []byte
 	c.capture = &replies
 	for _, q := range c.txq {
