@@ -110,21 +110,20 @@ func TestClusterFaults(t *testing.T) {
 	ctx := t.Context()
 	nodes := f.env.ClusterNodes()
 	_, locals := f.cluster.Topology()
-	var loads []*clusterLoad
+	// Through the proxy, and the same load on a direct client of the same protocol (TLS, the current
+	// token for each new connection): what each proxied client is compared with when a primary dies.
+	var loads, directs []*clusterLoad
 	for _, proto := range []int{2, 3} {
 		loads = append(loads, startLoad(ctx, "resp"+strconv.Itoa(proto), clusterClient(t, f.addr, proto, nil, "", "")))
+		direct := redis.NewClusterClient(&redis.ClusterOptions{
+			Addrs: []string{f.env.RedisAddr}, Protocol: proto, TLSConfig: f.tls, DisableIdentity: true,
+			CredentialsProvider: func() (string, string) { tok, _ := f.src.Current(); return tok.Username, tok.Secret },
+		})
+		t.Cleanup(func() { direct.Close() })
+		directs = append(directs, startLoad(ctx, "direct resp"+strconv.Itoa(proto), direct))
 	}
-	// The same load on a direct client (TLS, the current token for each new connection): what the
-	// proxied clients are compared with when a primary dies.
-	direct := redis.NewClusterClient(&redis.ClusterOptions{
-		Addrs: []string{f.env.RedisAddr}, Protocol: 3, TLSConfig: f.tls, DisableIdentity: true,
-		CredentialsProvider: func() (string, string) { tok, _ := f.src.Current(); return tok.Username, tok.Secret },
-	})
-	defer direct.Close()
-	directLoad := startLoad(ctx, "direct", direct)
-	defer directLoad.halt()
 	defer func() {
-		for _, l := range loads {
+		for _, l := range append(loads, directs...) {
 			l.halt()
 		}
 	}()
@@ -269,9 +268,10 @@ func TestClusterFaults(t *testing.T) {
 
 	// A killed primary: writes to its slots fail, directly as through the proxy, until its replica
 	// takes over (a new direct client writes to every slot). Then a new client works through the
-	// proxy as a new direct one does. (Long-lived ClusterClients, direct ones included, took over
-	// 40 s to drop the dead node in a trial run: their error counts are logged, not compared.)
-	directLoad.phase(t, "before the kill (the direct client's connections end with each token)")
+	// proxy as a new direct one does.
+	for _, l := range append(loads, directs...) { // every count starts at the kill
+		l.phase(t, "before the kill")
+	}
 	refusing := make(chan string, 4)
 	proxy.OnNodeRefusing(f.cluster, func(upstream string, r bool) { refusing <- fmt.Sprintf("%s refusing=%t", upstream, r) })
 	awaitState := func(want string) {
@@ -322,14 +322,15 @@ func TestClusterFaults(t *testing.T) {
 	}
 	awaitState(victim + " refusing=true") // the dead node's listener refuses, as the node does
 	// The same clients on the same slots, through the same failover: each proxied client may see no
-	// more errors than the direct one. (Before the listener refused, it accepted and closed: go-redis
-	// then failed each operation in a few ms instead of backing off its dials, and counted 40-67
-	// errors where the direct client counted 5-28.) A margin of a quarter and 3 covers where the
-	// phase's ends fall in each client's retry cycle (an operation retries for up to about a second).
-	d := directLoad.phase(t, "killed primary")
-	for _, l := range loads {
-		if n := l.phase(t, "killed primary"); n > d+d/4+3 {
-			t.Errorf("killed primary: %s had %d errors, the direct client %d", l.name, n, d)
+	// more errors than the direct one of its protocol. (Before the listener refused, it accepted and
+	// closed: go-redis then failed each operation in a few ms instead of backing off its dials, and
+	// counted 40-67 errors where the direct client counted 5-28.) The margin, half and 3, covers where
+	// the phase's ends fall in each client's retry cycle (an operation retries for up to about a
+	// second): the two direct clients differ by as much from each other (logged).
+	for i, l := range loads {
+		d := directs[i].phase(t, "killed primary")
+		if n := l.phase(t, "killed primary"); n > d+d/2+3 {
+			t.Errorf("killed primary: %s had %d errors, %s %d", l.name, n, directs[i].name, d)
 		}
 	}
 	// The node comes back (as a replica of its successor): its listener opens again, on its port.
