@@ -262,15 +262,15 @@ func clusterExact(t *testing.T, f *clusterFixture, protocol int, prefix string) 
 		req = resp.AppendCommand(req, c...)
 	}
 	tok, _ := f.src.Current()
-	run := func(c net.Conn, hello []string) []byte {
+	run := func(c net.Conn, setup ...[]string) []byte {
 		t.Helper()
 		defer c.Close()
 		d := &diffConn{c: c}
 		deadline := time.Now().Add(30 * time.Second)
-		if len(hello) > 0 { // not compared: the server's connection id and the proxy's own HELLO differ
-			d.write(resp.AppendCommand(nil, hello...))
-			if _, ok, err := d.readFrames(1, deadline); !ok {
-				t.Fatalf("%v: %v", hello, err)
+		for _, cmd := range setup { // not compared: HELLO's connection id differs
+			d.write(resp.AppendCommand(nil, cmd...))
+			if got, ok, err := d.readFrames(1, deadline); !ok || got[0] == '-' {
+				t.Fatalf("%s: %q, %v", cmd[0], got, err)
 			}
 		}
 		d.write(req)
@@ -288,13 +288,13 @@ func clusterExact(t *testing.T, f *clusterFixture, protocol int, prefix string) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	directHello := []string{"AUTH", tok.Username, tok.Secret}
-	var proxyHello []string
+	directSetup := [][]string{{"AUTH", tok.Username, tok.Secret}}
+	var proxySetup [][]string
 	if protocol == 3 {
-		directHello = []string{"HELLO", "3", "AUTH", tok.Username, tok.Secret}
-		proxyHello = []string{"HELLO", "3"}
+		directSetup = append(directSetup, []string{"HELLO", "3"})
+		proxySetup = [][]string{{"HELLO", "3"}}
 	}
-	direct, proxied := run(dc, directHello), run(pc, proxyHello)
+	direct, proxied := run(dc, directSetup...), run(pc, proxySetup...)
 	want, got := normTopo(mapToLocals(direct, locals)), normTopo(proxied)
 	if d := diffBytes(string(got), string(want)); d != "" {
 		t.Fatalf("RESP%d: through the proxy vs direct with addresses mapped: %s", protocol, d)
