@@ -316,6 +316,10 @@ func (s *session) handleCommand(cmd resp.Command, now int64) {
 	}
 	// Inside MULTI redis queues every command but these; what the proxy sent for it is kept for a replay.
 	queued := c.tx.open() && !oneOfSp(info.sp, spExec, spDiscard, spMulti, spWatch, spReset, spQuit)
+	if queued && e.topo != topoNone {
+		c.tx.queueTopo(e.topo) // its reply now is +QUEUED; its element of EXEC's reply names the nodes
+		e.topo = topoNone
+	}
 	mark := len(c.out)
 	handlers[info.sp](s, cmd, e)
 	if queued {
@@ -575,8 +579,9 @@ func (s *session) onExec(cmd resp.Command, e entry) {
 		e.watch = watchExec
 	}
 	if c.tx.open() {
-		if lookup(cmd.Args[0]).sp == spExec && len(c.tx.settings) > 0 {
-			e.act, e.sets = actExec, c.tx.settings // end drops the slice: it is the entry's now
+		if lookup(cmd.Args[0]).sp == spExec && (len(c.tx.settings) > 0 || s.srv.clustered()) {
+			// end drops the slices: they are the entry's now
+			e.act, e.sets, e.topos = actExec, c.tx.settings, c.tx.topos
 		}
 		c.tx.end()
 	}

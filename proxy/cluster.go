@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/entra-redis-proxy/entra-redis-proxy/resp"
@@ -93,14 +94,35 @@ type Cluster struct {
 	departed map[*nodeProxy]bool   // retired: their node left; until their last session ends
 	topo     topology.Topology     // as last read
 	closed   bool
-	wg       sync.WaitGroup // each node's Serve and retirement, and the periodic refresh
+	// onState, when set (tests), is called, under mu, when a node listener starts or stops refusing.
+	onState func(upstream string, s nodeState)
+	wg      sync.WaitGroup // each node's Serve, probe and retirement, and the periodic refresh
 }
 
 // nodeProxy is one node's local listener.
 type nodeProxy struct {
 	id, upstream, local string
 	srv                 *Server
+	ln                  net.Listener // while serving; guarded by Cluster.mu, like state
+	state               nodeState
 }
+
+// nodeState is where a node listener stands.
+type nodeState uint8
+
+const (
+	nodeServing nodeState = iota // its listener accepts clients
+	// nodeRefusing: the node refused a connection (it is down), so the listener is closed and clients
+	// are refused at once, as the node itself refuses a direct client, until a probe reaches the node.
+	// A cluster client then fails, backs off and reloads its topology exactly as it does directly (a
+	// listener that accepted and then closed made go-redis fail faster and count several times the
+	// errors of a direct client until the failover).
+	nodeRefusing
+)
+
+// nodeProbeEvery paces the connects to a refusing node: how late after the node is back its clients are
+// let in again.
+const nodeProbeEvery = 100 * time.Millisecond
 
 // NewCluster returns a Cluster with no node yet; Detect reads the topology.
 func NewCluster(cfg ClusterConfig) *Cluster {
@@ -291,15 +313,26 @@ func (c *Cluster) open(n topology.Node) (opened bool, err error) {
 	}
 	srv.clusterHost, _, _ = net.SplitHostPort(n.Addr)
 	srv.clusterNode = true
-	c.nodes[n.Addr] = &nodeProxy{id: n.ID, upstream: n.Addr, local: local, srv: srv}
+	np := &nodeProxy{id: n.ID, upstream: n.Addr, local: local, srv: srv, ln: ln}
+	c.nodes[n.Addr] = np
+	c.serve(np)
+	return true, nil
+}
+
+// serve runs n's Server on n.ln. The caller holds c.mu.
+func (c *Cluster) serve(n *nodeProxy) {
+	ln := n.ln
 	c.wg.Add(1)
-	go func() { // owned by the Cluster: Shutdown, or the node's retirement, ends it
+	go func() { // owned by the Cluster: Shutdown, refuse, or the node's retirement ends it
 		defer c.wg.Done()
-		if err := srv.Serve(ln); !errors.Is(err, ErrServerClosed) {
-			c.log.Error("cluster node listener failed", "node", n.Addr, "listen", local, "err", err)
+		err := n.srv.Serve(ln)
+		c.mu.Lock()
+		closed := n.ln != ln // refuse closed it
+		c.mu.Unlock()
+		if !errors.Is(err, ErrServerClosed) && !closed {
+			c.log.Error("cluster node listener failed", "node", n.upstream, "listen", n.local, "err", err)
 		}
 	}()
-	return true, nil
 }
 
 // retireDeparted closes the listeners of the nodes t no longer names (or names at another address):
@@ -358,6 +391,84 @@ func (c *Cluster) noteListeners() {
 	c.cfg.Observer.NodeListeners(open, departed)
 }
 
+// refuse closes the listener of srv's node, which refused a connection, until a probe reaches the node
+// again (nodeRefusing).
+func (c *Cluster) refuse(srv *Server) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var n *nodeProxy
+	for _, x := range c.nodes {
+		if x.srv == srv {
+			n = x
+		}
+	}
+	if n == nil || c.closed || n.state == nodeRefusing {
+		return
+	}
+	n.state = nodeRefusing
+	n.ln.Close()
+	n.ln = nil
+	if c.onState != nil {
+		c.onState(n.upstream, n.state)
+	}
+	c.log.Warn("cluster node refuses connections: its listener refuses clients until the node accepts again",
+		"node", n.upstream, "listen", n.local)
+	c.wg.Add(1)
+	go c.probe(n) // owned by the Cluster: ends when the node is back, or at Shutdown
+}
+
+// probe connects to a refusing node every nodeProbeEvery (TCP only: a direct client's connect succeeds
+// from then on too) and opens its listener again, on the same port, once it accepts; it stops when the
+// node leaves the topology.
+func (c *Cluster) probe(n *nodeProxy) {
+	defer c.wg.Done()
+	t := time.NewTicker(nodeProbeEvery)
+	defer t.Stop()
+	d := net.Dialer{Timeout: nodeProbeEvery}
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-t.C:
+		}
+		c.mu.Lock()
+		gone := c.nodes[n.upstream] != n
+		c.mu.Unlock()
+		if gone { // it left the topology: its listener stays closed
+			return
+		}
+		conn, err := d.Dial("tcp", n.upstream)
+		if err != nil {
+			continue
+		}
+		conn.Close()
+		if c.reopen(n) {
+			return
+		}
+	}
+}
+
+// reopen listens on n's port again; false when it cannot yet (the port is taken meanwhile).
+func (c *Cluster) reopen(n *nodeProxy) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed || c.nodes[n.upstream] != n { // shut down, or the node left the topology meanwhile
+		return true
+	}
+	ln, err := net.Listen("tcp", n.local)
+	if err != nil {
+		c.log.Warn("cluster node accepts again but its listener cannot reopen; retrying", "node", n.upstream, "listen", n.local, "err", err)
+		return false
+	}
+	n.ln, n.state = ln, nodeServing
+	c.serve(n)
+	if c.onState != nil {
+		c.onState(n.upstream, n.state)
+	}
+	c.log.Info("cluster node accepts again: its listener is open", "node", n.upstream, "listen", n.local)
+	return true
+}
+
 // listeners describes the node listeners for a log line: upstream=local, in topology order.
 func (c *Cluster) listeners() []string {
 	c.mu.Lock()
@@ -381,6 +492,9 @@ func (c *Cluster) Topology() (topology.Topology, map[string]string) {
 	}
 	return c.topo, m
 }
+
+// clustered reports whether s rewrites node addresses: it has a Cluster, and the upstream is one.
+func (s *Server) clustered() bool { return s.cluster != nil && s.cluster.on.Load() }
 
 func (c *Cluster) local(upstream string) (string, bool) {
 	c.mu.Lock()
@@ -458,13 +572,15 @@ func topoCommand(args [][]byte) topoKind {
 }
 
 // clusterRewrites says whether the reply at p, to entry e, may name cluster nodes: an error to a
-// command whose reply the client gets (a (S)SUBSCRIBE's MOVED included), or a topology reply.
-// Blocking commands are left out: their replies go through the unblock logic (blockedReply).
+// command whose reply the client gets (a (S)SUBSCRIBE's, a blocking command's and EXEC's MOVED
+// included), or a topology reply. (A redirect is no timeout reply: the unblock logic, blockedReply,
+// passes it.)
 func (s *session) clusterRewrites(p []byte, e entry) bool {
-	if e.quiet || e.blk != nil {
+	if e.quiet {
 		return false
 	}
-	return p[0] == '-' && (e.act == actForward || e.act == actSubscribe) || e.topo != topoNone && e.act == actForward
+	return p[0] == '-' && (e.act == actForward || e.act == actSubscribe || e.act == actExec) ||
+		e.topo != topoNone && e.act == actForward
 }
 
 // clusterReply rewrites the node addresses in a reply on its way to the client: a -MOVED/-ASK
@@ -472,34 +588,74 @@ func (s *session) clusterRewrites(p []byte, e entry) bool {
 // A node not known yet is looked up by a topology refresh first. ok is false while the reply is
 // not all here.
 func (s *session) clusterReply(p []byte, h *resp.Head, e entry) (ok bool, err error) {
-	var frame []byte
-	if e.topo == topoNone {
-		if ok, err := resp.PeekHead(p, 0, h); !ok || err != nil || h.Type != '-' {
-			return ok, err
-		}
-		frame = p[:bytes.IndexByte(p, '\n')+1]
-	} else {
-		var sc resp.Scanner
-		n, done, err := sc.Scan(p)
-		if err != nil || !done {
-			return false, err
-		}
-		frame = p[:n]
+	frame, ok, err := clusterFrame(p, h, e.topo)
+	if frame == nil || err != nil {
+		return ok, err
 	}
+	if out, changed := s.clusterRewrite(e.topo, frame); changed {
+		s.rl.frame.fwd = false // the reply loop frames the original; the client gets out
+		s.emit(out)
+	}
+	return true, nil
+}
+
+// clusterElement is clusterReply for element f.at of a transaction's reply (actExec): a topology
+// command queued in MULTI answers there, and a redirect there is rewritten too (OSS redis answers a
+// transaction on a moved slot with one MOVED for EXEC itself, but nothing in the protocol says a
+// server may not put one in the array).
+func (s *session) clusterElement(p []byte) (ok bool, err error) {
+	f := &s.rl.frame
+	kind := topoNone
+	for _, t := range f.e.topos {
+		if t.at == f.at {
+			kind = t.kind
+		}
+	}
+	if kind == topoNone && p[0] != '-' {
+		return true, nil
+	}
+	var h resp.Head
+	frame, ok, err := clusterFrame(p, &h, kind)
+	if frame == nil || err != nil {
+		return ok, err
+	}
+	if out, changed := s.clusterRewrite(kind, frame); changed {
+		f.replaced = true
+		s.emit(out)
+	}
+	return true, nil
+}
+
+// clusterFrame returns the whole frame at p's start that may name cluster nodes: a topology reply
+// (kind), or, for any other reply, an error line (a redirect); nil when it is neither, or while it is
+// not all here (ok false).
+func clusterFrame(p []byte, h *resp.Head, kind topoKind) (frame []byte, ok bool, err error) {
+	if kind == topoNone {
+		if ok, err := resp.PeekHead(p, 0, h); !ok || err != nil || h.Type != '-' {
+			return nil, ok, err
+		}
+		return p[:bytes.IndexByte(p, '\n')+1], true, nil
+	}
+	var sc resp.Scanner
+	n, done, err := sc.Scan(p)
+	if err != nil || !done {
+		return nil, false, err
+	}
+	return p[:n], true, nil
+}
+
+// clusterRewrite returns frame with its node addresses rewritten, and whether any changed.
+func (s *session) clusterRewrite(kind topoKind, frame []byte) ([]byte, bool) {
 	c := s.srv.cluster
-	out := c.rewrite(s.srv.ctx, s.srv.clusterHost, e.topo, frame)
-	if e.topo == topoNone && !s.srv.clusterNode && bytes.HasPrefix(frame, []byte("-MOVED ")) {
+	out := c.rewrite(s.srv.ctx, s.srv.clusterHost, kind, frame)
+	if kind == topoNone && !s.srv.clusterNode && bytes.HasPrefix(frame, []byte("-MOVED ")) {
 		// A cluster-aware client asks the topology first and goes to the right node; one that is not
 		// gets MOVED for most keys.
 		c.movedOnce.Do(func() {
 			s.log.Warn(movedRemedy)
 		})
 	}
-	if &out[0] != &frame[0] {
-		s.rl.frame.fwd = false // the reply loop frames the original; the client gets out
-		s.emit(out)
-	}
-	return true, nil
+	return out, &out[0] != &frame[0]
 }
 
 // rewrite returns frame with its node addresses replaced (frame itself when nothing changed),
@@ -542,8 +698,10 @@ func (c *Cluster) rewrite(ctx context.Context, connected string, kind topoKind, 
 }
 
 // nodeDown closes, without a reply, a node listener's client whose node cannot be reached: a
-// direct client would see the connection refused, and a cluster client takes a failed connection,
-// not an error reply, as the sign to reload the topology and move to the node's replacement.
+// direct client would see the connection fail, and a cluster client takes a failed connection,
+// not an error reply, as the sign to reload the topology and move to the node's replacement. A node
+// that refused the connection has its listener closed until it accepts again (nodeRefusing); one that
+// timed out keeps it, as a direct client's connect would time out too.
 func (s *session) nodeDown(err error) bool {
 	var de *DialError
 	if !s.srv.clusterNode || !errors.As(err, &de) || de.Stage != "dial" {
@@ -551,6 +709,9 @@ func (s *session) nodeDown(err error) bool {
 	}
 	s.srv.refused.add("node_unreachable", "reason", "node_unreachable", "why", "cluster node unreachable: "+
 		"closing its clients' connections", "err", err.Error()) // a dead node's clients make a line per interval
+	if errors.Is(err, syscall.ECONNREFUSED) {
+		s.srv.cluster.refuse(s.srv)
+	}
 	s.close(err)
 	return true
 }

@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -10,6 +11,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -20,6 +22,7 @@ import (
 
 	"github.com/entra-redis-proxy/entra-redis-proxy/internal/azurefake"
 	"github.com/entra-redis-proxy/entra-redis-proxy/proxy"
+	"github.com/entra-redis-proxy/entra-redis-proxy/resp"
 )
 
 // clusterFixture is the azurefake 3+3 TLS cluster, a proxy at its first primary (the seed) with a
@@ -219,8 +222,134 @@ func TestClusterClients(t *testing.T) {
 			if n := f.logged.count("a client on LISTEN got MOVED"); n != 1 {
 				t.Fatalf("the remedy for MOVED on LISTEN was logged %d times, want once per process", n)
 			}
+			clusterExact(t, f, protocol, prefix)
 		})
 	}
+}
+
+// clusterExact sends the same bytes to the seed directly (TLS) and through the proxy's LISTEN, and
+// compares what comes back, after mapping the direct reply's node addresses to the node listeners
+// (the test's own mapping, not the proxy's) and zeroing what changes from one call to the next
+// (CLUSTER NODES ping/pong times, CLUSTER SHARDS replication offsets): topology commands queued in
+// MULTI (their EXEC elements), queued commands on other nodes (-MOVED, then EXEC's error: -EXECABORT, or -CROSSSLOT when the seed's keys are in two slots), the
+// topology commands outside MULTI, BLPOPs (redirected, or timing out), and a pipeline of 3,000 GETs, most of them redirected, whose
+// replies span many reads.
+func clusterExact(t *testing.T, f *clusterFixture, protocol int, prefix string) {
+	t.Helper()
+	topo, locals := f.cluster.Topology()
+	var primary string
+	for _, n := range topo.Nodes {
+		if n.Primary {
+			primary = n.ID
+		}
+	}
+	topoCmds := [][]string{{"CLUSTER", "SLOTS"}, {"CLUSTER", "NODES"}, {"CLUSTER", "REPLICAS", primary}}
+	if !f.atLeast(7, 0) {
+		topoCmds[2][1] = "SLAVES"
+	} else {
+		topoCmds = append(topoCmds, []string{"CLUSTER", "SHARDS"})
+	}
+	var script [][]string
+	script = append(append(append(script, []string{"MULTI"}), topoCmds...), []string{"EXEC"})
+	script = append(script, []string{"MULTI"})
+	for i := range 10 { // (a third of the keys are on the seed: some MOVED is all but certain)
+		script = append(script, []string{"GET", prefix + strconv.Itoa(i)})
+	}
+	script = append(append(script, []string{"EXEC"}), topoCmds...)
+	for i := range 6 { // blocking commands: MOVED at once, or a timeout after 10 ms
+		script = append(script, []string{"BLPOP", prefix + "list" + strconv.Itoa(i), "0.01"})
+	}
+	for i := range 3000 {
+		script = append(script, []string{"GET", prefix + strconv.Itoa(i%300)})
+	}
+	var req []byte
+	for _, c := range script {
+		req = resp.AppendCommand(req, c...)
+	}
+	tok, _ := f.src.Current()
+	run := func(c net.Conn, setup ...[]string) []byte {
+		t.Helper()
+		defer c.Close()
+		d := &diffConn{c: c}
+		deadline := time.Now().Add(30 * time.Second)
+		for _, cmd := range setup { // not compared: HELLO's connection id differs
+			d.write(resp.AppendCommand(nil, cmd...))
+			if got, ok, err := d.readFrames(1, deadline); !ok || got[0] == '-' {
+				t.Fatalf("%s: %q, %v", cmd[0], got, err)
+			}
+		}
+		d.write(req)
+		got, ok, err := d.readFrames(len(script), deadline)
+		if !ok {
+			t.Fatalf("the script's replies (%d bytes so far): %v", len(got), err)
+		}
+		return got
+	}
+	dc, err := tls.Dial("tcp", f.env.RedisAddr, f.tls)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc, err := net.Dial("tcp", f.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	directSetup := [][]string{{"AUTH", tok.Username, tok.Secret}}
+	var proxySetup [][]string
+	if protocol == 3 {
+		directSetup = append(directSetup, []string{"HELLO", "3"})
+		proxySetup = [][]string{{"HELLO", "3"}}
+	}
+	direct, proxied := run(dc, directSetup...), run(pc, proxySetup...)
+	want, got := normTopo(mapToLocals(direct, locals)), normTopo(proxied)
+	if d := diffBytes(string(got), string(want)); d != "" {
+		t.Fatalf("RESP%d: through the proxy vs direct with addresses mapped: %s", protocol, d)
+	}
+	if !bytes.Contains(proxied, []byte("-MOVED ")) {
+		t.Fatalf("RESP%d: no MOVED in the replies: the script did not test them", protocol)
+	}
+	t.Logf("RESP%d: %d bytes of replies alike", protocol, len(proxied))
+}
+
+var (
+	hostPort  = regexp.MustCompile(`127\.0\.0\.1:(\d+)`)                                 // NODES lines, MOVED
+	slotsPort = regexp.MustCompile(`(\$9\r\n127\.0\.0\.1\r\n:)(\d+)(\r\n)`)              // SLOTS: host, then port
+	shardPort = regexp.MustCompile(`(\$4\r\nport\r\n:|\$8\r\ntls-port\r\n:)(\d+)(\r\n)`) // SHARDS
+	pingPong  = regexp.MustCompile(`([0-9a-f]{40} \S+ \S+ \S+) \d+ \d+ `)
+	replOff   = regexp.MustCompile(`(replication-offset\r\n:)\d+`)
+	nodesStr  = regexp.MustCompile(`[$=]\d+\r\n((?:txt:)?[0-9a-f]{40} [^\r]*)\r\n`)
+)
+
+// mapToLocals replaces, in a direct reply, each node's port with its listener's (all hosts are
+// 127.0.0.1 on both sides), and a TLS-only node's "tls-port" key in CLUSTER SHARDS with "port", as
+// the node listeners are plain. CLUSTER NODES lengths are recomputed by normTopo.
+func mapToLocals(b []byte, locals map[string]string) []byte {
+	local := func(port string) string {
+		l, ok := locals["127.0.0.1:"+port]
+		if !ok {
+			return port
+		}
+		return l[len("127.0.0.1:"):]
+	}
+	b = hostPort.ReplaceAllFunc(b, func(m []byte) []byte { return []byte("127.0.0.1:" + local(string(m[len("127.0.0.1:"):]))) })
+	b = slotsPort.ReplaceAllFunc(b, func(m []byte) []byte {
+		g := slotsPort.FindSubmatch(m)
+		return []byte(string(g[1]) + local(string(g[2])) + "\r\n")
+	})
+	return shardPort.ReplaceAllFunc(b, func(m []byte) []byte {
+		g := shardPort.FindSubmatch(m)
+		return []byte("$4\r\nport\r\n:" + local(string(g[2])) + "\r\n")
+	})
+}
+
+// normTopo zeroes the CLUSTER NODES ping/pong times and CLUSTER SHARDS replication offsets, and
+// recomputes the length of each CLUSTER NODES string.
+func normTopo(b []byte) []byte {
+	b = pingPong.ReplaceAll(b, []byte("$1 0 0 "))
+	b = replOff.ReplaceAll(b, []byte("${1}0"))
+	return nodesStr.ReplaceAllFunc(b, func(m []byte) []byte {
+		text := nodesStr.FindSubmatch(m)[1]
+		return []byte(fmt.Sprintf("%c%d\r\n%s\r\n", m[0], len(text), text))
+	})
 }
 
 func containsValue(m map[string]string, v string) bool {

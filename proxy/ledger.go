@@ -21,7 +21,7 @@ const (
 	actMarker                  // the handover marker's (un)subscription: consume the confirmation
 	actExecNull                // EXEC of a transaction a rescue aborted, sent as a PING: answer null
 	actQuit                    // the client's QUIT, sent as a PING: answer +OK, then end the session
-	actExec                    // EXEC of a transaction with settings queued: pass the reply, which says which ran
+	actExec                    // EXEC of a transaction with settings queued, or with a Cluster: pass the reply, element by element (which settings ran, which addresses to rewrite)
 	actMulti                   // MULTI number arg: pass the reply, and tell the client loop whether it was accepted
 	actProbe                   // a hidden probe for the fact arg (see facts.go): consume the reply, learn from it
 )
@@ -48,6 +48,8 @@ type entry struct {
 	// sets: what the command changes in the state a handover carries, applied if its reply is not an
 	// error; for actExec, the transaction's settings, each applied by its element of the reply.
 	sets []setting
+	// topos: for actExec with a Cluster, the transaction's topology commands, whose elements are rewritten.
+	topos []txTopo
 }
 
 // linkState is where a session's upstream connection stands.

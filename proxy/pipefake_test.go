@@ -39,6 +39,8 @@ type fakeUpstream struct {
 	pushes   bool                   // on RESP3 connections, send a push before every reply
 	noReply  bool                   // CLIENT REPLY is denied (a data access policy): -NOPERM
 	down     bool                   // dials fail (a failover in progress, a restart)
+	execCut  int                    // > 0: EXEC's reply is written in two pieces, cut there
+	execErr  string                 // set: EXEC answers this error line, the transaction discarded (a moved slot)
 	shutdown bool
 }
 
@@ -395,6 +397,14 @@ func (c *fakeConn) run(args []string) {
 
 // exec runs the queued transaction; the replies go into one array.
 func (c *fakeConn) exec() {
+	c.f.mu.Lock()
+	refusal := c.f.execErr
+	c.f.mu.Unlock()
+	if refusal != "" {
+		c.inMulti, c.txq = false, nil
+		c.reply(refusal)
+		return
+	}
 	var replies []byte
 	c.capture = &replies
 	for _, q := range c.txq {
@@ -408,7 +418,10 @@ func (c *fakeConn) exec() {
 	c.capture = nil
 	n := len(c.txq)
 	c.inMulti, c.txq = false, nil
-	c.reply("*" + strconv.Itoa(n) + "\r\n" + string(replies))
+	c.f.mu.Lock()
+	cut := c.f.execCut
+	c.f.mu.Unlock()
+	c.chunked("*"+strconv.Itoa(n)+"\r\n"+string(replies), []int{cut}, time.Millisecond)
 }
 
 // command runs one command outside MULTI (or inside EXEC: inTx, where blocking commands do not block).

@@ -28,9 +28,10 @@ func (s *session) replyLoop(up net.Conn, b *readBuf) error {
 	sc := resp.Scanner{MaxBulk: 1 << 40}
 	var h resp.Head
 	inFrame, switched := false, b.r < b.w
+	hold := false         // an element of a transaction's reply to rewrite is not all here yet
 	var stallBy time.Time // the read deadline guarding a reply that stopped halfway; zero when none
 	for {
-		if b.full() && !inFrame && !b.grow(s.srv.maxHead()) {
+		if b.full() && (!inFrame || hold) && !b.grow(s.srv.maxHead()) {
 			s.srv.obs.UpstreamError("protocol")
 			return errors.New("upstream reply head too large")
 		}
@@ -76,14 +77,21 @@ func (s *session) replyLoop(up net.Conn, b *readBuf) error {
 				}
 			}
 			if s.rl.frame.elems > 0 && !sc.InFrame() {
-				s.execElement(b.buf[b.r])
+				ok, err := s.execElement(b.buf[b.r:b.w])
+				if err != nil {
+					s.srv.obs.UpstreamError("protocol")
+					return fmt.Errorf("upstream protocol error: %w", err)
+				}
+				if hold = !ok; hold {
+					break
+				}
 			}
 			k, done, err := sc.Scan(b.buf[b.r:b.w])
 			if err != nil {
 				s.srv.obs.UpstreamError("protocol")
 				return fmt.Errorf("upstream protocol error: %w", err)
 			}
-			if s.rl.frame.fwd {
+			if s.rl.frame.fwd && !s.rl.frame.replaced {
 				s.emit(b.buf[b.r : b.r+k])
 			}
 			b.r += k
@@ -91,6 +99,7 @@ func (s *session) replyLoop(up net.Conn, b *readBuf) error {
 				continue
 			}
 			if f := &s.rl.frame; f.elems > 0 {
+				f.replaced = false
 				if f.elems, f.at = f.elems-1, f.at+1; f.elems > 0 {
 					continue
 				}
@@ -274,7 +283,7 @@ func (s *session) classify(p []byte, h *resp.Head) (bool, error) {
 		return true, nil
 	}
 	f.e, f.reply, f.last = e, true, true
-	if s.srv.cluster != nil && s.srv.cluster.on.Load() && s.clusterRewrites(p, e) {
+	if s.srv.clustered() && s.clusterRewrites(p, e) {
 		if ok, err := s.clusterReply(p, h, e); !ok || err != nil {
 			return ok, err
 		}
@@ -524,18 +533,25 @@ func (s *session) stateReply(h *resp.Head, e entry) {
 	}
 }
 
-// execElement looks at the first byte of element f.at of a transaction's reply: unless it is an error, the
-// settings queued at that place took.
-func (s *session) execElement(typ byte) {
+// execElement looks at element f.at of a transaction's reply, at p's start: unless it is an error, the
+// settings queued at that place took. With a Cluster, a topology reply or a redirect there is rewritten
+// first (clusterElement); ok is false while such an element is not all here.
+func (s *session) execElement(p []byte) (ok bool, err error) {
 	f := &s.rl.frame
-	if typ == '-' {
-		return
+	if s.srv.clustered() && f.fwd {
+		if ok, err := s.clusterElement(p); !ok || err != nil {
+			return ok, err
+		}
+	}
+	if p[0] == '-' {
+		return true, nil
 	}
 	for _, set := range f.e.sets {
 		if set.at == f.at {
 			s.applySetting(set)
 		}
 	}
+	return true, nil
 }
 
 // applySetting records a setting the server accepted.

@@ -166,6 +166,9 @@ type frame struct {
 	headLen int   // its header line, still to pass
 	elems   int64 // its elements still to end
 	at      int   // the element being passed
+	// replaced: the element being passed went to the client rewritten (clusterElement): its own bytes are
+	// framed, not passed.
+	replaced bool
 }
 
 // addConn registers an upstream connection to be closed with the session; false if it is closed already.

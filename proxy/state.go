@@ -38,6 +38,7 @@ type transaction struct {
 	// settings are the queued commands that change what a handover carries (SELECT, CLIENT SETNAME, HELLO):
 	// EXEC's reply says, element by element, which of them ran.
 	settings []setting
+	topos    []txTopo // the queued topology commands, whose elements of EXEC's reply are rewritten (Cluster)
 }
 
 // open reports whether a MULTI is open upstream, so that an AUTH would be queued.
@@ -46,7 +47,7 @@ func (t *transaction) open() bool { return t.state == txOpen }
 // multi records a MULTI sent (a nested one is an error that changes nothing).
 func (t *transaction) multi() {
 	if t.state == txNone {
-		t.state, t.queued, t.count, t.overflow, t.settings = txOpen, t.queued[:0], 0, false, nil
+		t.state, t.queued, t.count, t.overflow, t.settings, t.topos = txOpen, t.queued[:0], 0, false, nil, nil
 		t.gen, t.answered = t.gen+1, false
 	}
 }
@@ -82,7 +83,7 @@ func (t *transaction) queue(part []byte, first bool) {
 
 // end records EXEC or DISCARD: the transaction and its watches end.
 func (t *transaction) end() {
-	t.state, t.count, t.overflow, t.nullExec, t.settings = txNone, 0, false, false, nil
+	t.state, t.count, t.overflow, t.nullExec, t.settings, t.topos = txNone, 0, false, false, nil, nil
 	if cap(t.queued) > 64<<10 {
 		t.queued = nil // a large transaction's buffer is not kept by an idle connection
 	}
@@ -101,7 +102,7 @@ func (t *transaction) loseWatch() { t.state = txWatchLost }
 // as if one had changed.
 func (t *transaction) abort(watching bool) {
 	t.state, t.nullExec = txAborted, watching
-	t.queued, t.count, t.settings = nil, 0, nil
+	t.queued, t.count, t.settings, t.topos = nil, 0, nil, nil
 }
 
 // watchEffect is what a command's reply may do to the connection's watched keys.
@@ -142,6 +143,17 @@ func (t *transaction) queueSetting(set setting) {
 		set.at = t.count
 		t.settings = append(t.settings, set)
 	}
+}
+
+// queueTopo records that the command being queued (the next one queue counts) is a topology command.
+func (t *transaction) queueTopo(kind topoKind) {
+	t.topos = append(t.topos, txTopo{at: t.count, kind: kind})
+}
+
+// txTopo is a topology command queued in MULTI: its element of EXEC's reply names cluster nodes.
+type txTopo struct {
+	at   int // its place in the transaction
+	kind topoKind
 }
 
 // replyMode is the client's CLIENT REPLY setting, as far as the commands sent so far set it.

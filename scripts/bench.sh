@@ -13,7 +13,9 @@
 # BENCH_POOL_SIZE sets the proxy's POOL_SIZE (default: the proxy's default). BENCH_PROXY2_ENV (NAME=VALUE
 # words, e.g. GOMAXPROCS=1) adds a second proxy with those variables set, in the same rounds, and a
 # table comparing it with the first; BENCH_PROXY2_BIN runs another build as proxy2 (e.g. the one before
-# a change).
+# a change). Row g runs a clustered cache (fakeazure -cluster: 3 primaries, 3 replicas) with
+# redis-benchmark --cluster, direct (TLS to each node) and through the proxy in cluster mode (a plain
+# listener per node); BENCH_CLUSTER=0 skips it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -23,7 +25,8 @@ IDLE_CLIENTS=5000 # row f; each also holds an upstream: the proxy needs 2 descri
 D_CLIENTS=1000    # row d; each C proxy and the proxy hold 2 descriptors per client
 # Requests per redis-benchmark run, per row: a few seconds each on 2 shared cores, so that 3
 # rounds take about 10 minutes.
-N_A=30000 N_B=150000 N_C=10000 N_D=3000 N_E=800
+N_A=30000 N_B=150000 N_C=10000 N_D=3000 N_E=800 N_G=30000
+CLUSTER=${BENCH_CLUSTER:-1}
 TARGETS=(direct stunnel haproxy nginx proxy)
 PROXIES=(stunnel haproxy nginx proxy) # the targets that are a hop, with a process whose CPU is counted
 PROXY2_ENV=${BENCH_PROXY2_ENV:-} PROXY2_BIN=${BENCH_PROXY2_BIN:-}
@@ -38,14 +41,17 @@ BIN=$OUT/bin
 RAW=$OUT/raw.csv
 CPU=$OUT/cpu.csv
 FAKE_PID='' STUNNEL_PID='' HAPROXY_PID='' NGINX_PID='' PROXY_PID='' PROXY2_PID='' IDLE_PID='' COUNT_PID=''
+CFAKE_PID='' CPROXY_PID=''
 
 cleanup() {
-	stop_pids "$COUNT_PID" "$IDLE_PID" "$PROXY2_PID" "$PROXY_PID" "$NGINX_PID" "$HAPROXY_PID" "$STUNNEL_PID" "$FAKE_PID"
+	stop_pids "$COUNT_PID" "$IDLE_PID" "$CPROXY_PID" "$PROXY2_PID" "$PROXY_PID" "$NGINX_PID" "$HAPROXY_PID" "$STUNNEL_PID" \
+		"$CFAKE_PID" "$FAKE_PID"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive number, not '$ROUNDS'"
+[[ $CLUSTER == [01] ]] || die "BENCH_CLUSTER must be 1 (run row g, the default) or 0 (skip it), not '$CLUSTER'"
 need_go
 NGINX_STREAM=/usr/lib/nginx/modules/ngx_stream_module.so # Debian builds nginx's stream module as a module
 need_packages redis-server:redis-server redis-cli:redis-tools redis-benchmark:redis-tools stunnel4:stunnel4 \
@@ -189,6 +195,8 @@ target_args() {
 	nginx) echo "-h 127.0.0.1 -p $NGINX_PORT $auth" ;;
 	proxy) echo "-h 127.0.0.1 -p $PROXY_PORT" ;; # no password: the proxy authenticates with the token
 	proxy2) echo "-h 127.0.0.1 -p $PROXY2_PORT" ;;
+	cdirect) echo "--cluster -h 127.0.0.1 -p $CSEED_PORT --tls --cacert $CCA --sni $NAME --user $CUSER -a $CPASS" ;;
+	cproxy) echo "--cluster -h 127.0.0.1 -p $CPROXY_PORT" ;;
 	esac
 }
 
@@ -200,6 +208,7 @@ target_pids() {
 	nginx) echo "$NGINX_PID" $(pgrep -P "$NGINX_PID") ;;
 	proxy) echo "$PROXY_PID" ;;
 	proxy2) echo "$PROXY2_PID" ;;
+	cproxy) echo "$CPROXY_PID" ;;
 	esac
 }
 
@@ -231,7 +240,8 @@ requests() {
 }
 
 # bench ROW TARGET ROUND ARGS... runs redis-benchmark and appends one line per test to $RAW:
-# row,target,test,round,rps,p50_ms,p99_ms.
+# row,target,test,round,rps,p50_ms,p99_ms. (Only lines with a rate count: with --cluster, redis-benchmark
+# writes the cluster's nodes before its CSV.)
 bench() {
 	local row=$1 target=$2 round=$3 out pids ticks=''
 	shift 3
@@ -245,13 +255,13 @@ bench() {
 		return 0
 	fi
 	echo "$out" | tr -d '"' | awk -F, -v p="$row,$target" -v r="$round" \
-		'NR > 1 && $2 > 0 { print p "," $1 "," r "," $2 "," $5 "," $7 }' >>"$RAW"
+		'$2 + 0 > 0 { print p "," $1 "," r "," $2 "," $5 "," $7 }' >>"$RAW"
 	if [[ -n $pids ]]; then # row,target,round,CPU us per request
 		# shellcheck disable=SC2086
 		awk -v r="$row,$target,$round" -v t="$(($(cpu_ticks $pids) - ticks))" -v hz="$CLK_TCK" -v n="$(requests "$@")" \
 			'BEGIN { printf "%s,%.3f\n", r, t / hz * 1e6 / n }' >>"$CPU"
 	fi
-	printf '  %-8s %s\n' "$target" "$(echo "$out" | tr -d '"' | awk -F, 'NR > 1 { printf "%s %.0f/s p50 %s ms  ", $1, $2, $5 }')"
+	printf '  %-8s %s\n' "$target" "$(echo "$out" | tr -d '"' | awk -F, '$2 + 0 > 0 { printf "%s %.0f/s p50 %s ms  ", $1, $2, $5 }')"
 }
 
 ROWS=(a b c d e)
@@ -326,6 +336,46 @@ stop_pids "$IDLE_PID"
 IDLE_PID=''
 per_client=$(awk -v a="$rss_before" -v b="$rss_with" -v n="$IDLE_CLIENTS" 'BEGIN { printf "%.1f", (b - a) / n }')
 echo "  proxy RSS: $rss_before KiB before, $rss_with KiB with $IDLE_CLIENTS idle clients: $per_client KiB per client"
+
+# bench_cluster runs row g: a clustered cache (fakeazure -cluster) with redis-benchmark --cluster, direct
+# (TLS to every node) and through a proxy in cluster mode (a plain listener per node, on ports of its own),
+# alternating as the other rows do. The C proxies can't take part: a cluster client needs a hop per node,
+# and each node's address rewritten to its hop in the cluster's replies.
+bench_cluster() {
+	echo "== Row g: a cluster (3 primaries, 3 replicas), redis-benchmark --cluster ${ROW_ARGS[g]}, direct vs proxy"
+	local main_fake=$FAKE_PID first round
+	start_fakeazure 2h "$OUT/fake-cluster.env" "$OUT/fakeazure-cluster.log" -cluster
+	CFAKE_PID=$FAKE_PID FAKE_PID=$main_fake
+	CSEED_PORT=$FAKEAZURE_REDIS_PORT CCA=$(realpath "$FAKEAZURE_CA_FILE")
+	CUSER=$FAKEAZURE_ADMIN_USER CPASS=$FAKEAZURE_ADMIN_PASSWORD
+	first=$(free_port_range 9) # LISTEN, then a port per node (6) and two to spare
+	CPROXY_PORT=$first
+	ENTRA_REDIS_PROXY_LISTEN=127.0.0.1:$CPROXY_PORT ENTRA_REDIS_PROXY_CLUSTER_PORTS=$((first + 1))-$((first + 8)) \
+		ENTRA_REDIS_PROXY_HTTP_LISTEN= ENTRA_REDIS_PROXY_LOG_LEVEL=warn \
+		${BENCH_POOL_SIZE:+ENTRA_REDIS_PROXY_POOL_SIZE=$BENCH_POOL_SIZE} "$BIN/entra-redis-proxy" >>"$OUT/proxy-cluster.log" 2>&1 &
+	CPROXY_PID=$!
+	# Ready once CLUSTER SLOTS through LISTEN names the node listeners (the cluster was detected).
+	cproxy_up() {
+		alive "$CPROXY_PID" || die "the cluster proxy exited: $(tail -n 5 "$OUT/proxy-cluster.log")"
+		redis-cli -p "$CPROXY_PORT" CLUSTER SLOTS 2>/dev/null | grep -qx "$((first + 1))"
+	}
+	wait_until 60 "the cluster proxy on port $CPROXY_PORT to name its node listeners" cproxy_up
+	echo "cluster seed (TLS): 127.0.0.1:$CSEED_PORT; proxy in cluster mode: 127.0.0.1:$CPROXY_PORT, nodes on $((first + 1))-$((first + 8))"
+	set -a # the single server's values again, for anything after this
+	# shellcheck disable=SC1091
+	. "$OUT/fake.env"
+	set +a
+	for ((round = 1; round <= ROUNDS; round++)); do
+		for target in $( ((round % 2)) && echo cdirect cproxy || echo cproxy cdirect); do
+			# shellcheck disable=SC2086
+			bench g "$target" "$round" ${ROW_ARGS[g]}
+		done
+	done
+}
+ROW_ARGS[g]="-t set,get -c 50 -n $N_G"
+if ((CLUSTER)); then
+	bench_cluster
+fi
 
 # median ROW TARGET TEST FIELD prints the median of a field of $RAW (5: rps, 6: p50 ms, 7: p99 ms).
 median() {
@@ -417,6 +467,13 @@ cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 	table_row "e. GET, new connection per request, 20 clients (req/s)" e GET 5 1 conn
 	awk -v v="$per_client" -v n="$IDLE_CLIENTS" 'BEGIN {
 		printf "| f. proxy RSS per idle client, %d clients (KiB) | | | | | %.1f | | | <= 32 KiB | %s |\n", n, v, v <= 32 ? "yes" : "NO" }'
+	for test in SET GET; do
+		((CLUSTER)) || break
+		awk -v t="$test" -v d="$(median g cdirect "$test" 5)" -v p="$(median g cproxy "$test" 5)" '
+		function cell(v) { return v == "nan" ? "failed" : sprintf("%.0f", v) }
+		BEGIN { printf "| g. cluster 3+3, --cluster %s, 50 clients (req/s) | %s | - | - | - | %s | - | %s | - | - |\n", t, cell(d), cell(p),
+			d == "nan" || p == "nan" || d == 0 ? "-" : sprintf("%.2f", p / d) }'
+	done
 	echo
 	echo "CPU of the hop per request (utime+stime of its processes over each run, median, us; row e: per new"
 	echo "connection). Target at -P 16 (row b): the proxy's at most haproxy's."

@@ -52,6 +52,21 @@ free_port() {
 	echo "$p"
 }
 
+# free_port_range N prints the first of N consecutive loopback ports nobody listens on right now
+# (below the ephemeral range, as free_port).
+free_port_range() {
+	local n=$1 low p i
+	low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+	while :; do
+		p=$((10000 + RANDOM % (low - 10000 - n)))
+		for ((i = 0; i < n; i++)); do
+			port_in_use $((p + i)) && break
+		done
+		((i == n)) && break
+	done
+	echo "$p"
+}
+
 # wait_until SECONDS WHAT COMMAND... runs COMMAND every 0.1 s until it succeeds; after
 # SECONDS it fails, saying what it waited for.
 wait_until() {
@@ -88,12 +103,14 @@ stop_pids() {
 	return 0
 }
 
-# start_fakeazure LIFETIME ENVFILE LOGFILE starts the fake Azure cache (binary in $BIN) in the
-# background, sets FAKE_PID, waits for its env file, and loads that file into the environment.
+# start_fakeazure LIFETIME ENVFILE LOGFILE [FLAG...] starts the fake Azure cache (binary in $BIN) in
+# the background, sets FAKE_PID, waits for its env file, and loads that file into the environment.
+# FLAGs go to fakeazure (e.g. -cluster).
 start_fakeazure() {
 	local lifetime=$1 envfile=$2 log=$3
+	shift 3
 	rm -f "$envfile"
-	"$BIN/fakeazure" -token-lifetime "$lifetime" -env-file "$envfile" >"$log" 2>&1 &
+	"$BIN/fakeazure" -token-lifetime "$lifetime" -env-file "$envfile" "$@" >"$log" 2>&1 &
 	FAKE_PID=$!
 	local deadline=$((SECONDS + 40))
 	until [[ -s $envfile ]]; do

@@ -81,10 +81,11 @@ func (p *parser) line() ([]byte, error) {
 	return l, nil
 }
 
-// length parses a header's number: a bulk length or an element count, -1 for a RESP2 null.
+// length parses a header's number: a bulk length or an element count, -1 for a RESP2 null. Like
+// the proxy's framing (resp), it takes only the canonical form: no '+', no leading zero.
 func (p *parser) length(l []byte, typ byte) (int, error) {
 	n, err := strconv.Atoi(string(l))
-	if err != nil || n < -1 || n == -1 && typ != '$' && typ != '*' {
+	if err != nil || strconv.Itoa(n) != string(l) || n < -1 || n == -1 && typ != '$' && typ != '*' {
 		return 0, fmt.Errorf("%w: bad length %q after %q", ErrMalformed, l, typ)
 	}
 	// Every element takes at least 3 bytes ("_\r\n"), every map pair 6: a count beyond what is

@@ -1,7 +1,7 @@
 // Package topology rewrites the node addresses in Redis Cluster replies, so that a cluster-aware
 // client behind the proxy dials the proxy's local listener for each node instead of the node
 // itself: CLUSTER SLOTS, CLUSTER SHARDS, CLUSTER NODES and CLUSTER REPLICAS (RESP2 and RESP3),
-// and -MOVED / -ASK redirects. It holds no state and knows nothing of the network: the caller
+// -MOVED / -ASK redirects, and a single endpoint (Endpoint). It holds no state and knows nothing of the network: the caller
 // buffers one whole reply (at most MaxReply bytes) and says, through a Map, which local address
 // stands for which node.
 //
@@ -325,16 +325,20 @@ func (r *rewriter) nodesText(v value) {
 	var out strings.Builder
 	changed := false
 	for line := range strings.SplitAfterSeq(string(text), "\n") {
+		line, eol := strings.CutSuffix(line, "\n") // kept when the address is the line's last field
 		nl, ok := r.nodesLine(line)
 		changed = changed || ok
 		out.WriteString(nl)
+		if eol {
+			out.WriteByte('\n')
+		}
 	}
 	if changed {
 		r.edits = append(r.edits, edit{v.start, v.end, appendBulk(nil, v.typ, prefix+out.String())})
 	}
 }
 
-// nodesLine rewrites the address (second field) of one line.
+// nodesLine rewrites the address (second field) of one line, without its newline.
 func (r *rewriter) nodesLine(line string) (string, bool) {
 	id, rest, ok := strings.Cut(line, " ")
 	if !ok {
@@ -386,20 +390,36 @@ func Redirect(m Map, frame []byte) (out []byte, unknown string, changed bool) {
 		return frame, "", false
 	}
 	f := strings.Split(string(line), " ")
-	if len(f) != 3 {
+	if len(f) != 3 || strings.ContainsAny(f[2], "\r\n") {
 		return frame, "", false
 	}
-	i := strings.LastIndexByte(f[2], ':')
-	port, err := strconv.ParseInt(f[2][i+1:], 10, 64)
-	if i < 0 || err != nil || strings.ContainsAny(f[2], "\r\n") {
-		return frame, "", false
-	}
-	r := &rewriter{m: m}
-	lhost, lport, ok := r.local(f[2][:i], port)
+	local, unknown, ok := Endpoint(m, f[2])
 	if !ok {
-		return frame, r.unknown[0], false
+		return frame, unknown, false
 	}
 	out = append(append(append([]byte(nil), f[0]...), ' '), f[1]...)
-	out = append(append(out, ' '), redisAddr(lhost, lport)...)
+	out = append(append(out, ' '), local...)
 	return append(out, "\r\n"...), "", true
+}
+
+// Endpoint rewrites one node endpoint "host:port" as redis writes it in a redirect or a push
+// (Redis Enterprise's MOVING, SMIGRATING/SMIGRATED carry one; OSS redis 7.2 sends none): an empty
+// host means the connected one, an IPv6 host has no brackets. It returns the node's local
+// listener in the same form, or ok false: when endpoint is not host:port, and when Local does not
+// know the node, which unknown then names (net.JoinHostPort) for a topology refresh.
+func Endpoint(m Map, endpoint string) (local, unknown string, ok bool) {
+	i := strings.LastIndexByte(endpoint, ':')
+	if i < 0 {
+		return "", "", false
+	}
+	port, err := strconv.ParseInt(endpoint[i+1:], 10, 64)
+	if err != nil {
+		return "", "", false
+	}
+	r := &rewriter{m: m}
+	lhost, lport, ok := r.local(endpoint[:i], port)
+	if !ok {
+		return "", r.unknown[0], false
+	}
+	return redisAddr(lhost, lport), "", true
 }

@@ -141,6 +141,27 @@ func TestRedirect(t *testing.T) {
 	}
 }
 
+func TestEndpoint(t *testing.T) {
+	for _, tc := range []struct {
+		in, want, unknown string
+		ok                bool
+	}{
+		{in: "10.0.0.1:6379", want: "local-10.0.0.1:7379", ok: true},
+		{in: ":8500", want: "local-10.0.0.9:9500", ok: true}, // the connected host
+		{in: "?:8500", want: "local-10.0.0.9:9500", ok: true},
+		{in: "fe80::1:6379", want: "local-fe80::1:7379", ok: true},
+		{in: "10.9.9.9:6379", unknown: "10.9.9.9:6379"},
+		{in: "10.0.0.1"},
+		{in: "10.0.0.1:x"},
+		{in: ""},
+	} {
+		got, unknown, ok := Endpoint(local, tc.in)
+		if got != tc.want || unknown != tc.unknown || ok != tc.ok {
+			t.Errorf("Endpoint(%q) = %q, %q, %v; want %q, %q, %v", tc.in, got, unknown, ok, tc.want, tc.unknown, tc.ok)
+		}
+	}
+}
+
 func arr(elems ...string) string {
 	return fmt.Sprintf("*%d\r\n%s", len(elems), strings.Join(elems, ""))
 }
@@ -262,7 +283,7 @@ func FuzzRewrite(f *testing.F) {
 		}
 		f.Add(b)
 	}
-	for _, s := range []string{"-MOVED 1 :6380\r\n", "-ASK 2 10.0.0.1:6379\r\n", "=17\r\ntxt:a 1.2.3.4:5@6\n\r\n",
+	for _, s := range []string{"10.0.0.1:6379", "::1:6380", ":7000", "-MOVED 1 :6380\r\n", "-ASK 2 10.0.0.1:6379\r\n", "=17\r\ntxt:a 1.2.3.4:5@6\n\r\n",
 		"*1\r\n%1\r\n$5\r\nnodes\r\n*1\r\n%2\r\n$8\r\ntls-port\r\n:1\r\n$8\r\nendpoint\r\n$1\r\n?\r\n"} {
 		f.Add([]byte(s))
 	}
@@ -293,6 +314,13 @@ func FuzzRewrite(f *testing.F) {
 				if _, _, err := net.SplitHostPort(n.Addr); err != nil || n.ID == "" || len(n.Slots) == 0 {
 					t.Fatalf("ParseSlots(%q): node %+v", in, n)
 				}
+			}
+		}
+		if local, unknown, ok := Endpoint(fixed, string(in)); ok != (unknown == "" && local != "") {
+			t.Fatalf("Endpoint(%q) = %q, %q, %v", in, local, unknown, ok)
+		} else if ok {
+			if again, _, _ := Endpoint(fixed, local); again != local {
+				t.Fatalf("Endpoint(%q) = %q, then %q", in, local, again)
 			}
 		}
 		out, _, changed := Redirect(fixed, in)

@@ -3,6 +3,8 @@
 //
 //	go run ./internal/cmd/fakeazure -token-lifetime 20s -env-file /tmp/fake.env
 //
+// With -cluster it runs a 3+3 Redis Cluster (Azure Managed Redis with the OSS cluster policy).
+//
 // The env file holds the proxy's settings (KEY=VALUE lines for `set -a; . file` or
 // docker --env-file) and FAKEAZURE_* values for redis-cli. It appears, complete, once the fake
 // is ready, and is removed at exit. Token and ACL events are logged to stderr.
@@ -37,6 +39,7 @@ func run() error {
 	dir := flag.String("dir", "", "working directory (certificates, redis.log); default: a temporary one, removed at exit")
 	failEvery := flag.Int("fail-every", 0, "make every n-th token request fail (0: never)")
 	failMode := flag.String("fail-mode", "500", "how -fail-every requests fail: 500, hang or garbage")
+	cluster := flag.Bool("cluster", false, "a Redis Cluster of 3 primaries and 3 replicas (a clustered cache) instead of one server; the env file names the first primary")
 	flag.Parse()
 	fault, err := azurefake.ParseFault(*failMode)
 	if err != nil {
@@ -56,7 +59,7 @@ func run() error {
 
 	startCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	env, err := azurefake.Start(startCtx, azurefake.Options{
-		TokenLifetime: *lifetime, ServerName: *serverName, Dir: *dir, Logger: logger,
+		TokenLifetime: *lifetime, ServerName: *serverName, Dir: *dir, Logger: logger, Cluster: *cluster,
 	})
 	cancel()
 	if err != nil {
