@@ -272,15 +272,7 @@ func TestMaintenancesAndRotations(t *testing.T) {
 				t.Fatalf("round %d, RESP%d: %v", round, i+2, err)
 			}
 		}
-		v := "e" + strconv.Itoa(round)
-		if _, err := f.env.Admin(ctx, "RPUSH", "rc:never", v); err != nil {
-			t.Fatal(err)
-		}
-		cs.blk.expect("*2\r\n" + bulk("rc:never") + bulk(v))
-		if round < 2 {
-			cs.blk.send("PING", "BLPOP rc:never 0") // blocked again before the next maintenance
-			cs.blk.expect("+PONG\r\n")
-		}
+		cs.popBlocked(t, ctx, f, round, round < 2)
 	}
 	for i, c := range cs.kv {
 		if got, err := c.Get(ctx, "rc:rounds"+strconv.Itoa(i)).Result(); err != nil || got != "3" {
@@ -290,10 +282,32 @@ func TestMaintenancesAndRotations(t *testing.T) {
 	if f.minted() <= minted {
 		t.Error("no token rotation during the maintenances")
 	}
+	expectNoLoss(t, obs.String())
+}
+
+// popBlocked pushes the element of a round to the list the blocked client waits on, which must get it once;
+// with again, the client blocks again.
+func (cs *reconnectClients) popBlocked(t *testing.T, ctx context.Context, f *fixture, round int, again bool) {
+	t.Helper()
+	v := "e" + strconv.Itoa(round)
+	if _, err := f.env.Admin(ctx, "RPUSH", "rc:never", v); err != nil {
+		t.Fatal(err)
+	}
+	cs.blk.expect("*2\r\n" + bulk("rc:never") + bulk(v))
+	if again {
+		cs.blk.send("PING", "BLPOP rc:never 0") // once PONG is here, BLPOP was sent upstream
+		cs.blk.expect("+PONG\r\n")
+	}
+}
+
+// expectNoLoss fails the test if the proxy's events show a client connection closed or a blocked command
+// that could not be moved.
+func expectNoLoss(t *testing.T, events string) {
+	t.Helper()
 	for _, bad := range []string{"reconnect_outstanding", "reconnect_unrestorable", "reconnect_failed", "unblock_missed"} {
-		if strings.Contains(obs.String(), bad) {
-			t.Errorf("proxy events %q include %s", obs.String(), bad)
+		if strings.Contains(events, bad) {
+			t.Errorf("proxy events %q include %s", events, bad)
 		}
 	}
-	t.Logf("proxy events: %s", obs.String())
+	t.Logf("proxy events: %s", events)
 }

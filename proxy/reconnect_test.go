@@ -45,7 +45,7 @@ func scriptReconnect(f *fakeUpstream) {
 		switch strings.ToUpper(args[1]) {
 		case "ID":
 			c.reply(":" + strconv.FormatInt(c.id, 10) + "\r\n")
-		case "SETNAME", "TRACKING":
+		case "SETNAME", "TRACKING", "MAINT_NOTIFICATIONS": // the last as Redis Enterprise answers it
 			c.reply("+OK\r\n")
 		case "UNBLOCK":
 			c.unblock(args)

@@ -55,6 +55,11 @@ type Options struct {
 	// control connection of its own, and move sessions to new upstream connections ahead of a node's
 	// maintenance (maintenance.go).
 	MaintenanceEvents bool
+	// MaintNotifications: opt in, on a control connection of its own, to Azure Managed Redis's (Redis
+	// Enterprise's) maintenance notifications (CLIENT MAINT_NOTIFICATIONS), and act on them: move sessions
+	// to the endpoint a MOVING names (notifications.go). A server that does not know the command turns it
+	// off. Not for a clustered cache: its notifications are per node.
+	MaintNotifications bool
 	// ConnLogLevel is the level of the per-connection open and close lines; the zero value is INFO. Lines
 	// about failures, tokens and refusals keep their own levels.
 	ConnLogLevel slog.Level
@@ -97,6 +102,12 @@ type Server struct {
 	// eventsUp is closed once the AzureRedisEvents subscription is first confirmed: the event tests await.
 	eventsUp     chan struct{}
 	eventsUpOnce sync.Once
+	// moving is where new upstream connections go after a MOVING notification, until it expires; nil: the
+	// configured address. Set by the notifications loop only.
+	moving atomic.Pointer[movingTarget]
+	// notifyUp is told each time a control connection has opted in to maintenance notifications: the
+	// tests await it before sending one.
+	notifyUp chan struct{}
 
 	mu        sync.Mutex
 	state     serverState
@@ -162,7 +173,7 @@ func New(opts Options) (*Server, error) {
 		opts: opts, log: opts.Logger, obs: opts.Observer, epoch: time.Now(),
 		listeners: make(map[*net.Listener]struct{}), conns: make(map[*session]struct{}),
 		sessions: make(map[*session]struct{}), closing: make(chan struct{}), drained: make(chan struct{}),
-		ctx: ctx, cancel: cancel, eventsUp: make(chan struct{}), cluster: opts.Cluster,
+		ctx: ctx, cancel: cancel, eventsUp: make(chan struct{}), notifyUp: make(chan struct{}, 1), cluster: opts.Cluster,
 		refused: newTally(opts.Logger, slog.LevelWarn, "clients refused", refusalEvery, true),
 		noToken: newTally(opts.Logger, slog.LevelWarn,
 			"clients refused without dialing the cache: no valid Entra token", refusalEvery, true),
@@ -183,6 +194,9 @@ func New(opts Options) (*Server, error) {
 	}
 	if opts.MaintenanceEvents {
 		s.goTracked(s.eventsLoop)
+	}
+	if opts.MaintNotifications && opts.Cluster == nil {
+		s.goTracked(s.notificationsLoop)
 	}
 	return s, nil
 }
@@ -550,8 +564,8 @@ func (s *Server) dialUpstream(ctx context.Context) (*pooled, error) {
 	if err != nil {
 		return nil, err
 	}
-	start := time.Now()
-	conn, err := s.opts.Dialer.DialContext(ctx)
+	start, opened := time.Now(), s.now()
+	conn, addr, err := s.dial(ctx)
 	if err != nil {
 		var de *DialError
 		kind := "dial"
@@ -580,5 +594,5 @@ func (s *Server) dialUpstream(ctx context.Context) (*pooled, error) {
 		s.facts.learn(probeUnblock, []byte{r.typ})
 	}
 	s.obs.UpstreamOpened(time.Since(start))
-	return &pooled{conn: conn, id: id, secret: tok.Secret}, nil
+	return &pooled{conn: conn, id: id, secret: tok.Secret, opened: opened, addr: addr}, nil
 }

@@ -158,7 +158,7 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 		Logger: log, Observer: m, MaxConnections: limit.limit, DialTimeout: cfg.DialTimeout,
 		IdlePing: cfg.IdlePing, MaxBulk: int64(cfg.MaxBulkBytes), LocalPassword: cfg.LocalPassword,
 		PoolSize: cfg.PoolSize, PoolMax: cfg.poolCeiling(), ReconnectTimeout: reconnectTimeout(cfg.ReconnectTimeout),
-		MaintenanceEvents: cfg.MaintenanceEvents, ConnLogLevel: connLevel,
+		MaintenanceEvents: cfg.MaintenanceEvents, MaintNotifications: cfg.MaintenanceEvents, ConnLogLevel: connLevel,
 	}
 	cluster := newCluster(cfg, tc, opts)
 	opts.Cluster = cluster
