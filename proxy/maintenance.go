@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"strings"
 	"time"
 
@@ -223,7 +224,11 @@ func (s *Server) announce(msg string) {
 	}
 	n := 0
 	if ev.kind == "NodeMaintenanceStart" && !ev.replica {
-		n = s.moveSessions()
+		node := ""
+		if ev.ip != "" && ev.sslPort != "" {
+			node = net.JoinHostPort(ev.ip, ev.sslPort)
+		}
+		n = s.moveSessions(node)
 	}
 	s.log.Info("maintenance announced", "type", ev.kind, "start_time_utc", ev.start, "is_replica", ev.replica,
 		"ip", ev.ip, "ssl_port", ev.sslPort, "sessions_to_move", n)
@@ -245,6 +250,12 @@ func (s *session) move() error {
 		return s.moveBlocked(tok)
 	case c.tx.open() || c.stream.active:
 		s.retryLater(pokeMove) // after EXEC
+		return nil
+	case s.resp2Sub.Load() && s.maintenanceNode() != "":
+		// The handover's marker must reach both connections, which may now be on different nodes.
+		s.srv.obs.Mechanism("maintenance_unmoved")
+		s.log.Debug("not moved ahead of the maintenance; the reconnect after the close will handle it",
+			"reason", "RESP2 subscriptions on a node the load balancer may have left")
 		return nil
 	case s.resp2Sub.Load():
 		s.srv.obs.Mechanism("maintenance_handover")
@@ -292,6 +303,38 @@ func (s *session) moveBlocked(tok Token) error {
 	s.reissue(nb, nb.args, s.srv.now())
 	s.srv.obs.Mechanism("unblock_reissue")
 	return s.flush()
+}
+
+// maintenanceNode returns the address of the node under maintenance when the session's upstream is on it
+// and the endpoint may no longer lead there: behind Azure's load balancer (the configured address), once
+// a NodeMaintenanceStart named a node (IPAddress, SSLPort) other than that address, and the connection
+// predates it, until NodeMaintenanceEnded. The balancer may already send new connections to the node taking
+// over. "" otherwise.
+func (s *session) maintenanceNode() string {
+	c := &s.cl
+	node := s.srv.maintNode.Load()
+	if node == nil || c.upAddr != "" || c.upSince >= s.srv.maintAt.Load() || s.srv.now() >= s.srv.maintUntil.Load() {
+		return ""
+	}
+	if td, ok := s.srv.opts.Dialer.(*TLSDialer); ok && td.Addr == *node {
+		return "" // the node is the endpoint: no balancer between
+	}
+	return *node
+}
+
+// dialBlockedNode opens a connection to the node where the session's blocked command waits, for CLIENT
+// UNBLOCK (whose CLIENT ID means nothing elsewhere): the node under maintenance (maintenanceNode), else,
+// or if that can't be reached directly, the upstream's endpoint.
+func (s *session) dialBlockedNode(ctx context.Context) (net.Conn, error) {
+	if node := s.maintenanceNode(); node != "" {
+		conn, err := s.srv.dialAt(ctx, node)
+		if err == nil {
+			return conn, nil
+		}
+		s.log.Debug("could not reach the node under maintenance directly; CLIENT UNBLOCK goes through the endpoint",
+			"node", node, "err", err)
+	}
+	return s.srv.dialAt(ctx, s.cl.upAddr)
 }
 
 // canMove reports whether the session's state allows a move (logged and counted when not).

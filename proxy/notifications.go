@@ -151,7 +151,7 @@ func (s *Server) listenNotifications(ctx, setup context.Context, p *pooled, c *c
 		case errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil:
 			if !sameAt.IsZero() && !time.Now().Before(sameAt) {
 				sameAt = time.Time{}
-				s.moveSessions()
+				s.moveSessions("")
 				continue
 			}
 			if err := c.send(ctx, resp.AppendCommand(nil, "PING")); err != nil {
@@ -235,15 +235,21 @@ func (s *Server) onMoving(elems []string, sameAt *time.Time) (moved bool) {
 	}
 	// Reconnects after the old endpoint's close (at about <time>) must still reach the new one.
 	s.moving.Store(&movingTarget{addr: endpoint, seq: seq, until: s.now() + int64(2*window)})
-	n := s.moveSessions()
+	n := s.moveSessions("")
 	s.log.Info("maintenance notification", "type", notifMoving, "seq", seq, "time_s", secs, "endpoint", endpoint,
 		"sessions_to_move", n)
 	return true
 }
 
 // moveSessions asks every session to move to a new upstream connection at its next safe point (session.move)
-// and drops the pooled connections opened before now. It returns how many sessions were asked.
-func (s *Server) moveSessions() int {
+// and drops the pooled connections opened before now. node is the address of the node under maintenance,
+// if an announcement named it (dialBlockedNode). It returns how many sessions were asked.
+func (s *Server) moveSessions(node string) int {
+	if node == "" {
+		s.maintNode.Store(nil)
+	} else {
+		s.maintNode.Store(&node)
+	}
 	s.maintAt.Store(s.now())
 	if s.pool != nil {
 		s.pool.dropOpenedBefore(s.maintAt.Load())

@@ -2,7 +2,6 @@ package proxy_test
 
 import (
 	"context"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -106,8 +105,8 @@ func TestSmartClientHandoffs(t *testing.T) {
 	if err := strict.Set(ctx, "sch:strict", "0", 0).Err(); err != nil {
 		t.Fatalf("client with maintenance notifications enabled: %v", err)
 	}
+	clients := append(cs.kv[:], strict)
 	minted := f.minted()
-	const n = 20
 	for round := range 3 {
 		from, to := rs[round%2], rs[(round+1)%2]
 		// A new token first: the control connection, in RESP3, takes it without being closed.
@@ -132,27 +131,13 @@ func TestSmartClientHandoffs(t *testing.T) {
 		if got := to.Push("MIGRATED", seq+3, "1"); got != 1 {
 			t.Fatalf("round %d: MIGRATED reached %d connections", round, got)
 		}
-		f.publish(t, ctx, round*n, (round+1)*n)
-		cs.receive(t, ctx, round*n, (round+1)*n)
-		for i, c := range append(cs.kv[:], strict) {
-			if _, err := c.TxPipelined(ctx, func(p redis.Pipeliner) error {
-				p.Incr(ctx, "sch:rounds"+strconv.Itoa(i))
-				return nil
-			}); err != nil {
-				t.Fatalf("round %d, client %d: %v", round, i, err)
-			}
-		}
-		cs.popBlocked(t, ctx, f, round, round < 2)
+		cs.afterRound(t, ctx, f, round, clients)
 		if got := from.Dialed(); got != after {
 			t.Errorf("round %d: %d connections to the old endpoint after its close", round, got-after)
 		}
 		obs.drain()
 	}
-	for i, c := range append(cs.kv[:], strict) {
-		if got, err := c.Get(ctx, "sch:rounds"+strconv.Itoa(i)).Result(); err != nil || got != "3" {
-			t.Errorf("client %d: 3 transactions ran %q times (%v)", i, got, err)
-		}
-	}
+	expectRounds(t, ctx, clients, 3)
 	cs.tx.send("EXEC", "GET rc:tx")
 	cs.tx.expect("*2\r\n+OK\r\n:1\r\n" + bulk("inside"))
 	if f.minted() <= minted {

@@ -345,7 +345,7 @@ func (s *session) awaitUnblock(ctx context.Context, tok Token, b *blocked) (unbl
 // count: 1 unblocked, 0 no client blocked with that id there, or -1 when b was answered first and nothing
 // was sent. An error reply is a *replyError.
 func (s *session) sendUnblock(ctx context.Context, tok Token, b *blocked, id int64) (int64, error) {
-	conn, err := s.srv.dialAt(ctx, s.cl.upAddr) // where the blocked connection is
+	conn, err := s.dialBlockedNode(ctx)
 	if err != nil {
 		return 0, fmt.Errorf("dial control connection: %w", err)
 	}

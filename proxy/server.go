@@ -102,6 +102,9 @@ type Server struct {
 	// eventsUp is closed once the AzureRedisEvents subscription is first confirmed: the event tests await.
 	eventsUp     chan struct{}
 	eventsUpOnce sync.Once
+	// maintNode is the address of the node under maintenance, as NodeMaintenanceStart named it, for CLIENT
+	// UNBLOCK of the sessions still on it (dialBlockedNode); nil if none was named.
+	maintNode atomic.Pointer[string]
 	// moving is where new upstream connections go after a MOVING notification, until it expires; nil: the
 	// configured address. Set by the notifications loop only.
 	moving atomic.Pointer[movingTarget]
