@@ -381,3 +381,26 @@ func TestMaintenanceRelaxesStallLimit(t *testing.T) {
 		}
 	})
 }
+
+// A close while only the proxy's own AUTH (a re-AUTH at a new token) awaits its reply leaves nothing owed to
+// the client: the session is restored on a new upstream, authenticated with the newest token.
+func TestReconnectWithReauthInFlight(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		e, obs, c := reconnectApp(t, [][]string{cmd("SELECT", "2"), cmd("ECHO", "before")})
+		e.fake.handle("AUTH", func(fc *fakeConn, args []string) {
+			if fc.user != "" { // the re-AUTH: the connection closes before it is answered
+				fc.closeWith("closed with the re-AUTH in flight")
+				return
+			}
+			fc.auth(args)
+		})
+		e.rotate()
+		time.Sleep(pipeSpread + time.Second)
+		synctest.Wait()
+		c.send(cmd("ECHO", "after"))
+		synctest.Wait()
+		c.expect("app", "+OK\r\n"+bulkOf("before")+bulkOf("after"))
+		c.expectOpen("app")
+		expectMechanisms(t, obs, "reconnect_restored=1")
+	})
+}
