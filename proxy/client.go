@@ -176,7 +176,9 @@ func (s *session) takePokes() {
 // an unanswered blocking command nothing is handled: the bytes wait in b.
 func (s *session) handleCommands(b *readBuf) error {
 	c := &s.cl
-	s.renewLease()
+	if err := s.renewLease(); err != nil {
+		return err
+	}
 	now := s.srv.now()
 	for b.r < b.w && !c.quit {
 		if c.stream.active {

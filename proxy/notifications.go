@@ -250,7 +250,7 @@ func (s *Server) moveSessions(node string) int {
 	} else {
 		s.maintNode.Store(&node)
 	}
-	s.maintAt.Store(s.now())
+	s.maintAt.Store(max(s.now(), 1)) // 0 means never
 	if s.pool != nil {
 		s.pool.dropOpenedBefore(s.maintAt.Load())
 	}

@@ -229,6 +229,9 @@ func (s *session) lease(b *blocked, now time.Time) []string {
 		return nil
 	}
 	d := tok.ExpiresOn.Sub(now) * 85 / 100
+	if s.srv.now() < s.srv.maintUntil.Load() {
+		d = min(d, maintenanceLease) // it comes back soon, and can move then (renewLease)
+	}
 	if rem, _ := b.remaining(now); d < minLease || (rem != 0 && rem <= d) {
 		return nil
 	}
@@ -244,17 +247,27 @@ func (s *session) authNewest(now int64) {
 	}
 }
 
+// maintenanceLease caps a lease taken while a maintenance is in progress: a blocked command that CLIENT
+// UNBLOCK can't end moves at the end of its lease.
+const maintenanceLease = time.Second
+
 // renewLease sends a leased command again after its lease ran out (the reply loop hid its timeout reply),
-// on the newest token and a new lease.
-func (s *session) renewLease() {
+// on the newest token and a new lease. If a maintenance move is due, the session moves first: the timeout
+// reply shows that the command took nothing, so it can run on the new upstream.
+func (s *session) renewLease() error {
 	b := s.cl.hold.cmd
 	if b == nil || !b.leased || !b.answered.Load() {
-		return
+		return nil
 	}
 	s.cl.hold.cmd = nil
 	res := <-b.result // sent right after answered
 	if !res.reissue {
-		return
+		return nil
+	}
+	if at := s.srv.maintAt.Load(); at != 0 && s.cl.upSince <= at && s.led.waitIdle(handoverTimeout) && s.canMove() {
+		if err := s.switchUpstream(); err != nil {
+			return err
+		}
 	}
 	now := s.srv.now()
 	s.authNewest(now)
@@ -266,6 +279,7 @@ func (s *session) renewLease() {
 	s.reissue(nb, args, now)
 	s.srv.obs.Mechanism("lease_renewed")
 	s.log.Debug("blocked command's lease renewed", "command", b.args[0], "leased", nb.leased)
+	return nil
 }
 
 // awaitUnblock sends CLIENT UNBLOCK for b until b is answered, and returns b's result. It returns false when
