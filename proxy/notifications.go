@@ -122,10 +122,6 @@ func (s *Server) listenNotifications(ctx, setup context.Context, p *pooled, c *c
 		return &errNoNotifications{fmt.Errorf("CLIENT MAINT_NOTIFICATIONS ON: %w", err)}
 	}
 	s.log.Debug("maintenance notifications: opted in", "upstream_client_id", p.id, "endpoint", p.addr)
-	select {
-	case s.notifyUp <- struct{}{}:
-	default:
-	}
 	var sameAt time.Time // a MOVING without an endpoint moves the sessions then
 	for {
 		wait := eventsPing

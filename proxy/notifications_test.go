@@ -141,3 +141,31 @@ func TestNotificationsMovingMovesSessions(t *testing.T) {
 		expectMechanisms(t, obs, "maintenance_move=1")
 	})
 }
+
+// MOVING without an endpoint (null): the same address reaches the new place later, so the sessions move at
+// half the time given, not at once.
+func TestNotificationsMovingToSameEndpoint(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		e, obs, ctrl := notificationsEnv(t)
+		kv := e.connect("kv")
+		kv.send(cmd("ECHO", "before"))
+		synctest.Wait()
+		kvUp := e.fake.Conns()[len(e.fake.Conns())-1]
+		ctrl.write([]byte(">4\r\n" + bulkOf("MOVING") + ":8\r\n:10\r\n_\r\n"))
+		time.Sleep(4 * time.Second)
+		synctest.Wait()
+		if closedByProxy(kvUp) {
+			t.Error("moved before half the time given")
+		}
+		time.Sleep(2 * time.Second)
+		synctest.Wait()
+		if !closedByProxy(kvUp) || closedByProxy(ctrl) {
+			t.Errorf("after half the time: session moved %v (want true), control connection closed %v (want false)",
+				closedByProxy(kvUp), closedByProxy(ctrl))
+		}
+		kv.send(cmd("ECHO", "after"))
+		synctest.Wait()
+		kv.expect("kv", bulkOf("before")+bulkOf("after"))
+		expectMechanisms(t, obs, "maintenance_move=1")
+	})
+}

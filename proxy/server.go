@@ -108,9 +108,6 @@ type Server struct {
 	// moving is where new upstream connections go after a MOVING notification, until it expires; nil: the
 	// configured address. Set by the notifications loop only.
 	moving atomic.Pointer[movingTarget]
-	// notifyUp is told each time a control connection has opted in to maintenance notifications: the
-	// tests await it before sending one.
-	notifyUp chan struct{}
 
 	mu        sync.Mutex
 	state     serverState
@@ -176,7 +173,7 @@ func New(opts Options) (*Server, error) {
 		opts: opts, log: opts.Logger, obs: opts.Observer, epoch: time.Now(),
 		listeners: make(map[*net.Listener]struct{}), conns: make(map[*session]struct{}),
 		sessions: make(map[*session]struct{}), closing: make(chan struct{}), drained: make(chan struct{}),
-		ctx: ctx, cancel: cancel, eventsUp: make(chan struct{}), notifyUp: make(chan struct{}, 1), cluster: opts.Cluster,
+		ctx: ctx, cancel: cancel, eventsUp: make(chan struct{}), cluster: opts.Cluster,
 		refused: newTally(opts.Logger, slog.LevelWarn, "clients refused", refusalEvery, true),
 		noToken: newTally(opts.Logger, slog.LevelWarn,
 			"clients refused without dialing the cache: no valid Entra token", refusalEvery, true),
