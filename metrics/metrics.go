@@ -127,7 +127,7 @@ func New(reg prometheus.Registerer) *Metrics {
 			"reconnect_unrestorable, reconnect_failed, maintenance_move, maintenance_handover, maintenance_unmoved.",
 		"mechanism", mechanisms)
 	m.announcements = counterVec("maintenance_announcements_total",
-		"Maintenance announcements seen on AzureRedisEvents, by notification type.", "type", proxy.AnnouncementTypes)
+		"Maintenance announcements seen (AzureRedisEvents messages and Managed Redis notification pushes), by type.", "type", proxy.AnnouncementTypes)
 	m.maxConnections = gauge("max_connections", "Most client connections allowed at once, on all listeners together; 0 means unlimited.")
 	m.listeners = newListenerFamilies(func(c prometheus.Collector) { m.collectors = append(m.collectors, c) })
 

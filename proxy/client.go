@@ -176,7 +176,9 @@ func (s *session) takePokes() {
 // an unanswered blocking command nothing is handled: the bytes wait in b.
 func (s *session) handleCommands(b *readBuf) error {
 	c := &s.cl
-	s.renewLease()
+	if err := s.renewLease(); err != nil {
+		return err
+	}
 	now := s.srv.now()
 	for b.r < b.w && !c.quit {
 		if c.stream.active {
@@ -621,6 +623,11 @@ func (s *session) onClient(cmd resp.Command, e entry) {
 			set.track = string(resp.AppendCommand(nil, strs...))
 		}
 		s.sendSetting(cmd, e, set)
+		return
+	case len(args) >= 3 && equalFold(args[1], "maint_notifications") && equalFold(args[2], "on"):
+		// Sent as OFF: the server answers as it would, and no push reaches the client (notifications.go).
+		c.out = resp.AppendCommand(c.out, string(args[0]), string(args[1]), "OFF")
+		s.expect(e)
 		return
 	case len(args) == 3 && equalFold(args[1], "reply") && c.tx.open():
 		c.replyUnknown = true // EXEC's reply would say whether it ran; the proxy does not follow it

@@ -28,6 +28,13 @@ type Dialer interface {
 	DialContext(ctx context.Context) (net.Conn, error)
 }
 
+// EndpointDialer is a Dialer that can also reach the cache at another address, with the same TLS server
+// name: where a MOVING maintenance notification sends new connections (notifications.go).
+type EndpointDialer interface {
+	Dialer
+	DialEndpoint(ctx context.Context, addr string) (net.Conn, error)
+}
+
 // Observer receives the proxy's events, for metrics. Methods must be cheap and safe for
 // concurrent use. Label values passed in are from small fixed sets.
 type Observer interface {

@@ -48,10 +48,16 @@ func (e *DialError) Unwrap() error { return e.Err }
 
 // DialContext implements Dialer.
 func (d *TLSDialer) DialContext(ctx context.Context) (net.Conn, error) {
+	return d.DialEndpoint(ctx, d.Addr)
+}
+
+// DialEndpoint implements EndpointDialer: it reaches addr, verifying the certificate against the same
+// server name as every other dial.
+func (d *TLSDialer) DialEndpoint(ctx context.Context, addr string) (net.Conn, error) {
 	nd := net.Dialer{KeepAlive: 30 * time.Second}
-	raw, err := nd.DialContext(ctx, "tcp", d.Addr)
+	raw, err := nd.DialContext(ctx, "tcp", addr)
 	if err != nil {
-		return nil, &DialError{Stage: "dial", Addr: d.Addr, Err: err}
+		return nil, &DialError{Stage: "dial", Addr: addr, Err: err}
 	}
 	d.cfgOnce.Do(func() {
 		d.cfg = d.Config.Clone()
@@ -63,7 +69,7 @@ func (d *TLSDialer) DialContext(ctx context.Context) (net.Conn, error) {
 	c := tls.Client(raw, d.cfg)
 	if err := c.HandshakeContext(ctx); err != nil {
 		raw.Close()
-		return nil, &DialError{Stage: "tls", Addr: d.Addr, Err: err}
+		return nil, &DialError{Stage: "tls", Addr: addr, Err: err}
 	}
 	return c, nil
 }

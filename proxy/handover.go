@@ -122,16 +122,17 @@ func (s *session) handover(tok Token) error {
 	}
 
 	// 2. N, subscribed to the marker and to everything the client has.
-	n, id, buf, err := s.dialSubscriber(ctx, tok, subs, cut)
+	np, buf, err := s.dialSubscriber(ctx, tok, subs, cut)
 	if err != nil {
 		return abort(err)
 	}
+	n := np.conn
 	if !s.addConn(n) {
 		n.Close()
 		return errors.New("session closed")
 	}
-	// 3. The marker, from a connection that is not subscribed.
-	if err := publish(ctx, s.srv.opts.Dialer, tok, cut.marker, "cut"); err != nil {
+	// 3. The marker, from a connection that is not subscribed, to O's endpoint: O must see it.
+	if err := publish(ctx, s.srv, s.cl.upAddr, tok, cut.marker, "cut"); err != nil {
 		s.dropConn(n)
 		n.Close()
 		return abort(err)
@@ -149,8 +150,8 @@ func (s *session) handover(tok Token) error {
 		return errors.New("pub/sub handover: dropped")
 	}
 	old := s.cl.up
-	s.cl.up, s.cl.secret, s.cl.writeBy, s.cl.upSince = n, tok.Secret, time.Time{}, s.srv.now()
-	s.upID.Store(id)
+	s.cl.up, s.cl.secret, s.cl.writeBy, s.cl.upSince, s.cl.upAddr = n, tok.Secret, time.Time{}, np.opened, np.addr
+	s.upID.Store(np.id)
 	s.dropConn(old)
 	old.Close()
 	s.srv.obs.UpstreamClosed()
@@ -159,7 +160,7 @@ func (s *session) handover(tok Token) error {
 		return err
 	}
 	s.srv.obs.Mechanism("handover")
-	s.log.Info("pub/sub connection handed over to a new upstream", "upstream_client_id", id,
+	s.log.Info("pub/sub connection handed over to a new upstream", "upstream_client_id", np.id,
 		"channels", len(subs[famChannel]), "patterns", len(subs[famPattern]), "shard_channels", len(subs[famShard]))
 	return nil
 }
@@ -277,22 +278,22 @@ func (s *session) sendMarker(verb, marker string) error {
 
 // dialSubscriber opens N and subscribes it to the marker and subs. It returns N's buffer holding whatever N
 // sent after the confirmations (messages that the reply loop drops up to the marker).
-func (s *session) dialSubscriber(ctx context.Context, tok Token, subs [3][]string, cut *cutover) (net.Conn, int64, *readBuf, error) {
-	start := time.Now()
-	n, err := s.srv.opts.Dialer.DialContext(ctx)
+func (s *session) dialSubscriber(ctx context.Context, tok Token, subs [3][]string, cut *cutover) (*pooled, *readBuf, error) {
+	start, opened := time.Now(), s.srv.now()
+	n, addr, err := s.srv.dial(ctx)
 	if err != nil {
-		return nil, 0, nil, err
+		return nil, nil, err
 	}
 	c := newCtrlConn(n)
 	c.skipLarge = true // a large message among the confirmations is read through: O delivers it
 	id, _, err := c.handshake(ctx, tok, fixedToken(tok))
 	if err != nil {
 		n.Close()
-		return nil, 0, nil, err
+		return nil, nil, err
 	}
-	fail := func(err error) (net.Conn, int64, *readBuf, error) {
+	fail := func(err error) (*pooled, *readBuf, error) {
 		n.Close()
-		return nil, 0, nil, fmt.Errorf("new upstream: %w", err)
+		return nil, nil, fmt.Errorf("new upstream: %w", err)
 	}
 	// What else the client set on O: once it unsubscribes, its commands run on N. Not CLIENT TRACKING: in
 	// RESP2 it redirects to a connection by id, which may be gone (see README: what is not exact).
@@ -310,7 +311,7 @@ func (s *session) dialSubscriber(ctx context.Context, tok Token, subs [3][]strin
 		return fail(err)
 	}
 	s.srv.obs.UpstreamOpened(time.Since(start))
-	return n, id, pending(c.buffered()), nil
+	return &pooled{conn: n, id: id, secret: tok.Secret, opened: opened, addr: addr}, pending(c.buffered()), nil
 }
 
 // subscribeAll subscribes c to subs, per family, and reads the confirmations. Anything else that arrives
@@ -381,9 +382,9 @@ func carryOver(ctx context.Context, c *ctrlConn, st connSettings) error {
 	return nil
 }
 
-// publish sends PUBLISH channel msg from a short-lived connection.
-func publish(ctx context.Context, d Dialer, tok Token, channel, msg string) error {
-	conn, err := d.DialContext(ctx)
+// publish sends PUBLISH channel msg from a short-lived connection to srv's endpoint addr.
+func publish(ctx context.Context, srv *Server, addr string, tok Token, channel, msg string) error {
+	conn, err := srv.dialAt(ctx, addr)
 	if err != nil {
 		return err
 	}

@@ -64,6 +64,12 @@ func (s *session) rescue() error {
 
 // reauth sends the newest token: in band, or by a handover where redis refuses AUTH (RESP2 subscribed).
 func (s *session) reauth() error {
+	if s.resp2Sub.Load() && s.maintenanceNode() != "" {
+		// A handover's marker can't reach both connections while they may be on different nodes. The close
+		// that ends the maintenance comes within seconds, and the reconnect sends the newest token.
+		s.retryLater(pokeReauth)
+		return nil
+	}
 	force := s.forceAuth.Swap(false)
 	tok, _ := s.srv.opts.Tokens.Current()
 	switch {

@@ -26,13 +26,7 @@ func TestPipeLeaseWhenUnblockDenied(t *testing.T) {
 		t.Run(tc.desc, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
 				e, obs, _ := unblockEnv(t, &unblockScript{})
-				e.fake.handle("CLIENT", func(c *fakeConn, args []string) {
-					if strings.EqualFold(args[1], "UNBLOCK") {
-						c.reply("-NOPERM User oid-1 has no permissions to run the 'client|unblock' command\r\n")
-						return
-					}
-					c.reply(":" + strconv.FormatInt(c.id, 10) + "\r\n")
-				})
+				denyUnblock(e.fake)
 				c := e.connect("blocked")
 				sent := time.Now()
 				c.send(cmd("BLPOP", "k", tc.timeout), cmd("PING"))
@@ -94,4 +88,16 @@ func (o *mechObserver) count(name string) int {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	return o.counts[name]
+}
+
+// denyUnblock makes the fake refuse CLIENT UNBLOCK, as Azure's Data Contributor policy does, and answer
+// CLIENT ID.
+func denyUnblock(f *fakeUpstream) {
+	f.handle("CLIENT", func(c *fakeConn, args []string) {
+		if strings.EqualFold(args[1], "UNBLOCK") {
+			c.reply("-NOPERM User oid-1 has no permissions to run the 'client|unblock' command\r\n")
+			return
+		}
+		c.reply(":" + strconv.FormatInt(c.id, 10) + "\r\n")
+	})
 }

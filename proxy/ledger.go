@@ -160,12 +160,7 @@ func (l *ledger) settle() {
 	if l.n == 0 {
 		return
 	}
-	if l.q[l.head].optional {
-		l.maybe--
-	}
-	l.q[l.head] = entry{}
-	l.head = (l.head + 1) % len(l.q)
-	l.n--
+	l.popLocked()
 	l.unsent++
 	if l.n == maxPending-1 {
 		l.changed.Broadcast()
@@ -277,14 +272,34 @@ func (l *ledger) wait(quiet time.Duration, byNudge bool, from *time.Time) (idle,
 
 // markLost records that the upstream closed, if the ledger is at a safe point: then nothing was owed, and
 // until relinked nothing can be added that a new upstream would not answer. It reports whether it did.
+// Replies owed only to the proxy's own AUTHs do not count: their outcome does not matter, the new upstream
+// is authenticated with the newest token. They are dropped.
 func (l *ledger) markLost() bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.closed || l.n > 0 || l.unsent > 0 {
+	if l.closed || l.unsent > 0 {
 		return false
+	}
+	for i := range l.n {
+		if l.q[(l.head+i)%len(l.q)].act != actAuth {
+			return false
+		}
+	}
+	for l.n > 0 {
+		l.popLocked()
 	}
 	l.link = linkReconnecting
 	return true
+}
+
+// popLocked removes the oldest entry.
+func (l *ledger) popLocked() {
+	if l.q[l.head].optional {
+		l.maybe--
+	}
+	l.q[l.head] = entry{}
+	l.head = (l.head + 1) % len(l.q)
+	l.n--
 }
 
 // isLost reports whether markLost was called since the last relinked.

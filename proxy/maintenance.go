@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"strings"
 	"time"
 
@@ -34,10 +35,11 @@ import (
 // azureEventsChannel is the channel Azure Cache for Redis announces maintenance on.
 const azureEventsChannel = "AzureRedisEvents"
 
-// AnnouncementTypes are the AzureRedisEvents notification types reported to the Observer by name; any other
-// is reported as "other".
+// AnnouncementTypes are the AzureRedisEvents notification types and the maintenance notification pushes
+// (notifications.go) reported to the Observer by name; any other is reported as "other".
 var AnnouncementTypes = []string{"NodeMaintenanceScheduled", "NodeMaintenanceStarting", "NodeMaintenanceStart",
-	"NodeMaintenanceFailoverComplete", "NodeMaintenanceEnded"}
+	"NodeMaintenanceFailoverComplete", "NodeMaintenanceEnded",
+	notifMoving, notifMigrating, notifMigrated, notifFailingOver, notifFailedOver}
 
 // azureEvent is one AzureRedisEvents message:
 // NotificationType|<type>|StartTimeInUTC|<time>|IsReplica|<bool>|IPAddress|<ip>|SSLPort|<port>|NonSSLPort|<port>.
@@ -112,25 +114,38 @@ func (s *Server) stallTimeout() time.Duration {
 // eventsPing is how often the control connection PINGs when no message came (Azure closes idle connections).
 const eventsPing = 2 * time.Minute
 
-// eventsLoop keeps one control connection subscribed to AzureRedisEvents until ctx ends, dialing a new one
-// (with backoff) when it closes, and on every new token.
+// eventsLoop keeps one control connection subscribed to AzureRedisEvents until ctx ends (see keepControl),
+// dialing a new one on every new token: RESP2 subscribers can't re-AUTH.
 func (s *Server) eventsLoop(ctx context.Context) {
+	s.keepControl(ctx, "maintenance announcements", s.listenEvents, func(err error) bool {
+		var refused *replyError
+		if !errors.As(err, &refused) {
+			return false
+		}
+		s.log.Warn("maintenance announcements off: the cache refused SUBSCRIBE "+azureEventsChannel, "err", err,
+			"remedy", "allow the channel "+azureEventsChannel+" (SUBSCRIBE) in the identity's data access policy")
+		return true
+	})
+}
+
+// controlRun runs a control connection: p, dialed and authenticated, read through c. setup is ctx bounded
+// by DialTimeout, for its first exchange; changed is closed at the next token. It returns why it ended.
+type controlRun func(ctx, setup context.Context, p *pooled, c *ctrlConn, changed <-chan struct{}) error
+
+// keepControl runs a control connection (listen) until ctx ends or stop says its error ends it for good: a
+// new one at once after a new token or a move of the endpoint, else after a jittered backoff.
+func (s *Server) keepControl(ctx context.Context, what string, listen controlRun, stop func(error) bool) {
 	wait := reconnectFirstWait
 	for ctx.Err() == nil {
-		err := s.listenEvents(ctx)
-		var refused *replyError
+		err := s.runControl(ctx, listen)
 		switch {
-		case ctx.Err() != nil:
+		case ctx.Err() != nil || stop(err):
 			return
-		case errors.Is(err, errTokenChanged):
+		case errors.Is(err, errTokenChanged) || errors.Is(err, errMoved):
 			wait = reconnectFirstWait
 			continue
-		case errors.As(err, &refused):
-			s.log.Warn("maintenance announcements off: the cache refused SUBSCRIBE "+azureEventsChannel, "err", err,
-				"remedy", "allow the channel "+azureEventsChannel+" (SUBSCRIBE) in the identity's data access policy")
-			return
 		}
-		s.log.Debug("maintenance announcements: control connection ended; dialing again", "err", err)
+		s.log.Debug(what+": control connection ended; dialing again", "err", err)
 		t := time.NewTimer(wait/2 + rand.N(wait/2+1))
 		select {
 		case <-t.C:
@@ -142,12 +157,12 @@ func (s *Server) eventsLoop(ctx context.Context) {
 	}
 }
 
-// listenEvents runs one control connection subscribed to AzureRedisEvents, and returns why it ended.
-func (s *Server) listenEvents(ctx context.Context) error {
+// runControl dials a control connection, runs listen on it, and closes it.
+func (s *Server) runControl(ctx context.Context, listen controlRun) error {
 	_, changed := s.opts.Tokens.Current()
-	dctx, cancel := context.WithTimeout(ctx, s.opts.DialTimeout)
+	setup, cancel := context.WithTimeout(ctx, s.opts.DialTimeout)
 	defer cancel()
-	p, err := s.dialUpstream(dctx)
+	p, err := s.dialUpstream(setup)
 	if err != nil {
 		return err
 	}
@@ -155,8 +170,12 @@ func (s *Server) listenEvents(ctx context.Context) error {
 		p.conn.Close()
 		s.obs.UpstreamClosed()
 	}()
-	c := newCtrlConn(p.conn)
-	r, err := c.do(dctx, "SUBSCRIBE", azureEventsChannel)
+	return listen(ctx, setup, p, newCtrlConn(p.conn), changed)
+}
+
+// listenEvents runs a control connection subscribed to AzureRedisEvents.
+func (s *Server) listenEvents(ctx, setup context.Context, p *pooled, c *ctrlConn, changed <-chan struct{}) error {
+	r, err := c.do(setup, "SUBSCRIBE", azureEventsChannel)
 	if err == nil && r.err() == nil && (len(r.elems) == 0 || r.elems[0] != "subscribe") {
 		err = fmt.Errorf("unexpected reply %s", r)
 	}
@@ -170,22 +189,10 @@ func (s *Server) listenEvents(ctx context.Context) error {
 	s.eventsUpOnce.Do(func() { close(s.eventsUp) })
 	for {
 		// A read that its deadline interrupts consumes nothing, so reading again goes on where it stopped.
-		rctx, stop := context.WithTimeout(ctx, eventsPing)
-		go func() { // ends with the read
-			select {
-			case <-changed:
-				stop()
-			case <-rctx.Done():
-			}
-		}()
-		r, err := c.read(rctx)
-		stop()
-		select {
-		case <-changed:
-			return errTokenChanged
-		default:
-		}
+		r, err := readOrChange(ctx, c, eventsPing, changed)
 		switch {
+		case errors.Is(err, errTokenChanged):
+			return err
 		case err == nil:
 			if len(r.elems) == 3 && r.elems[0] == "message" && r.elems[1] == azureEventsChannel {
 				s.announce(r.elems[2])
@@ -215,14 +222,13 @@ func (s *Server) announce(msg string) {
 	case "NodeMaintenanceEnded":
 		s.maintUntil.Store(0)
 	}
-	move := ev.kind == "NodeMaintenanceStart" && !ev.replica
 	n := 0
-	if move {
-		s.maintAt.Store(s.now())
-		s.each(func(sess *session) {
-			n++
-			sess.poke(pokeMove)
-		})
+	if ev.kind == "NodeMaintenanceStart" && !ev.replica {
+		node := ""
+		if ev.ip != "" && ev.sslPort != "" {
+			node = net.JoinHostPort(ev.ip, ev.sslPort)
+		}
+		n = s.moveSessions(node)
 	}
 	s.log.Info("maintenance announced", "type", ev.kind, "start_time_utc", ev.start, "is_replica", ev.replica,
 		"ip", ev.ip, "ssl_port", ev.sslPort, "sessions_to_move", n)
@@ -244,6 +250,12 @@ func (s *session) move() error {
 		return s.moveBlocked(tok)
 	case c.tx.open() || c.stream.active:
 		s.retryLater(pokeMove) // after EXEC
+		return nil
+	case s.resp2Sub.Load() && s.maintenanceNode() != "":
+		// The handover's marker must reach both connections, which may now be on different nodes.
+		s.srv.obs.Mechanism("maintenance_unmoved")
+		s.log.Debug("not moved ahead of the maintenance; the reconnect after the close will handle it",
+			"reason", "RESP2 subscriptions on a node the load balancer may have left")
 		return nil
 	case s.resp2Sub.Load():
 		s.srv.obs.Mechanism("maintenance_handover")
@@ -291,6 +303,38 @@ func (s *session) moveBlocked(tok Token) error {
 	s.reissue(nb, nb.args, s.srv.now())
 	s.srv.obs.Mechanism("unblock_reissue")
 	return s.flush()
+}
+
+// maintenanceNode returns the address of the node under maintenance when the session's upstream is on it
+// and the endpoint may no longer lead there: behind Azure's load balancer (the configured address), once
+// a NodeMaintenanceStart named a node (IPAddress, SSLPort) other than that address, and the connection
+// predates it, until NodeMaintenanceEnded. The balancer may already send new connections to the node taking
+// over. "" otherwise.
+func (s *session) maintenanceNode() string {
+	c := &s.cl
+	node := s.srv.maintNode.Load()
+	if node == nil || c.upAddr != "" || c.upSince >= s.srv.maintAt.Load() || s.srv.now() >= s.srv.maintUntil.Load() {
+		return ""
+	}
+	if td, ok := s.srv.opts.Dialer.(*TLSDialer); ok && td.Addr == *node {
+		return "" // the node is the endpoint: no balancer between
+	}
+	return *node
+}
+
+// dialBlockedNode opens a connection to the node where the session's blocked command waits, for CLIENT
+// UNBLOCK (whose CLIENT ID means nothing elsewhere): the node under maintenance (maintenanceNode), else,
+// or if that can't be reached directly, the upstream's endpoint.
+func (s *session) dialBlockedNode(ctx context.Context) (net.Conn, error) {
+	if node := s.maintenanceNode(); node != "" {
+		conn, err := s.srv.dialAt(ctx, node)
+		if err == nil {
+			return conn, nil
+		}
+		s.log.Debug("could not reach the node under maintenance directly; CLIENT UNBLOCK goes through the endpoint",
+			"node", node, "err", err)
+	}
+	return s.srv.dialAt(ctx, s.cl.upAddr)
 }
 
 // canMove reports whether the session's state allows a move (logged and counted when not).

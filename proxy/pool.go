@@ -62,6 +62,8 @@ type pooled struct {
 	id     int64  // upstream CLIENT ID
 	secret string // the token it is authenticated with
 	since  int64  // when it went idle (server clock)
+	opened int64  // when it was dialed (server clock): one older than a maintenance move reaches the old node
+	addr   string // the endpoint it reached ("": the configured address; see Server.dial)
 }
 
 type loanState uint8
@@ -197,9 +199,17 @@ func (p *pool) get() *pooled {
 		if first {
 			p.nudge() // fill times the oldest loan's window
 		}
-		// Checked on loan, so that fill does not dial a replacement for it meanwhile.
-		if err := checkIdle(c.conn); err != nil {
-			p.srv.log.Info("pooled upstream connection lost while idle; closing it", "upstream_client_id", c.id, "err", err)
+		// Checked on loan, so that fill does not dial a replacement for it meanwhile. One dialed before a
+		// maintenance move (put back since, or dialed while it was announced) reaches the node that closes.
+		stale := c.opened < p.srv.maintAt.Load()
+		var err error
+		if !stale {
+			err = checkIdle(c.conn)
+		}
+		if stale || err != nil {
+			if err != nil {
+				p.srv.log.Info("pooled upstream connection lost while idle; closing it", "upstream_client_id", c.id, "err", err)
+			}
 			p.discard(c)
 			p.mu.Lock()
 			p.endLocked(l, loanClosed)
@@ -207,7 +217,7 @@ func (p *pool) get() *pooled {
 			p.nudge()
 			continue
 		}
-		return &pooled{conn: &lentConn{Conn: c.conn, pool: p, loan: l}, id: c.id, secret: c.secret}
+		return &pooled{conn: &lentConn{Conn: c.conn, pool: p, loan: l}, id: c.id, secret: c.secret, opened: c.opened, addr: c.addr}
 	}
 }
 
@@ -225,7 +235,7 @@ func (p *pool) put(c *pooled) bool {
 			return false
 		}
 		p.endLocked(lc.loan, loanReturned)
-		c = &pooled{conn: lc.Conn, id: c.id, secret: c.secret}
+		c = &pooled{conn: lc.Conn, id: c.id, secret: c.secret, opened: c.opened, addr: c.addr}
 	}
 	kept := p.admitLocked(c)
 	p.mu.Unlock()
@@ -353,6 +363,28 @@ func (p *pool) drain() {
 	for _, c := range idle {
 		p.discard(c)
 	}
+}
+
+// dropOpenedBefore closes the idle connections dialed before at (a maintenance move), so that no new client
+// gets one that is about to close; fill dials their replacements.
+func (p *pool) dropOpenedBefore(at int64) {
+	p.mu.Lock()
+	var stale []*pooled
+	p.idle = slices.DeleteFunc(p.idle, func(c *pooled) bool {
+		if c.opened < at {
+			stale = append(stale, c)
+			return true
+		}
+		return false
+	})
+	if len(stale) > 0 {
+		p.changedLocked()
+	}
+	p.mu.Unlock()
+	for _, c := range stale {
+		p.discard(c)
+	}
+	p.nudge()
 }
 
 // shrink applies the size the demand of past windows allows, closing the idle connections beyond it (the

@@ -269,7 +269,7 @@ func (s *session) takeOver(p *pooled, buf *readBuf) error {
 		return errUpstreamGone // the session is closing
 	}
 	c := &s.cl
-	c.up, c.secret, c.writeBy, c.upSince = p.conn, p.secret, time.Time{}, s.srv.now()
+	c.up, c.secret, c.writeBy, c.upSince, c.upAddr = p.conn, p.secret, time.Time{}, p.opened, p.addr
 	s.upID.Store(p.id)
 	s.lastSent.Store(s.srv.now())
 	switch watching := s.watch.on.Load(); {

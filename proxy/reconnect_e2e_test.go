@@ -255,45 +255,75 @@ func TestMaintenancesAndRotations(t *testing.T) {
 	ctx := t.Context()
 	cs := f.reconnectClients(t, ctx)
 	minted := f.minted()
-	const n = 20
 	for round := range 3 {
 		if err := f.env.RunMaintenance(ctx, azurefake.Maintenance{Starting: 100 * time.Millisecond,
 			Close: time.Second, Failover: 300 * time.Millisecond}); err != nil {
 			t.Fatal(err)
 		}
 		obs.await(t, 1) // the RESP3 subscriber, restored after the close; the others moved before it
-		f.publish(t, ctx, round*n, (round+1)*n)
-		cs.receive(t, ctx, round*n, (round+1)*n)
-		for i, c := range cs.kv {
-			if _, err := c.TxPipelined(ctx, func(p redis.Pipeliner) error {
-				p.Incr(ctx, "rc:rounds"+strconv.Itoa(i))
-				return nil
-			}); err != nil {
-				t.Fatalf("round %d, RESP%d: %v", round, i+2, err)
-			}
-		}
-		v := "e" + strconv.Itoa(round)
-		if _, err := f.env.Admin(ctx, "RPUSH", "rc:never", v); err != nil {
-			t.Fatal(err)
-		}
-		cs.blk.expect("*2\r\n" + bulk("rc:never") + bulk(v))
-		if round < 2 {
-			cs.blk.send("PING", "BLPOP rc:never 0") // blocked again before the next maintenance
-			cs.blk.expect("+PONG\r\n")
-		}
+		cs.afterRound(t, ctx, f, round, cs.kv[:])
 	}
-	for i, c := range cs.kv {
-		if got, err := c.Get(ctx, "rc:rounds"+strconv.Itoa(i)).Result(); err != nil || got != "3" {
-			t.Errorf("RESP%d: 3 transactions ran %q times (%v)", i+2, got, err)
-		}
-	}
+	expectRounds(t, ctx, cs.kv[:], 3)
 	if f.minted() <= minted {
 		t.Error("no token rotation during the maintenances")
 	}
-	for _, bad := range []string{"reconnect_outstanding", "reconnect_unrestorable", "reconnect_failed", "unblock_missed"} {
-		if strings.Contains(obs.String(), bad) {
-			t.Errorf("proxy events %q include %s", obs.String(), bad)
+	expectNoLoss(t, obs.String())
+}
+
+// roundMessages is how many messages each round of maintenances publishes.
+const roundMessages = 20
+
+// afterRound checks, after a round of maintenances, that every client works exactly: the subscribers get the
+// round's messages once and in order, each of clients runs a transaction (counted in rounds:<i>), and the
+// blocked client gets the round's element once (and blocks again, but after the last of 3 rounds).
+func (cs *reconnectClients) afterRound(t *testing.T, ctx context.Context, f *fixture, round int, clients []*redis.Client) {
+	t.Helper()
+	f.publish(t, ctx, round*roundMessages, (round+1)*roundMessages)
+	cs.receive(t, ctx, round*roundMessages, (round+1)*roundMessages)
+	for i, c := range clients {
+		if _, err := c.TxPipelined(ctx, func(p redis.Pipeliner) error {
+			p.Incr(ctx, "rounds:"+strconv.Itoa(i))
+			return nil
+		}); err != nil {
+			t.Fatalf("round %d, client %d: %v", round, i, err)
 		}
 	}
-	t.Logf("proxy events: %s", obs.String())
+	cs.popBlocked(t, ctx, f, round, round < 2)
+}
+
+// expectRounds checks that each client's transactions ran once per round.
+func expectRounds(t *testing.T, ctx context.Context, clients []*redis.Client, rounds int) {
+	t.Helper()
+	for i, c := range clients {
+		if got, err := c.Get(ctx, "rounds:"+strconv.Itoa(i)).Result(); err != nil || got != strconv.Itoa(rounds) {
+			t.Errorf("client %d: %d transactions ran %q times (%v)", i, rounds, got, err)
+		}
+	}
+}
+
+// popBlocked pushes the element of a round to the list the blocked client waits on, which must get it once;
+// with again, the client blocks again.
+func (cs *reconnectClients) popBlocked(t *testing.T, ctx context.Context, f *fixture, round int, again bool) {
+	t.Helper()
+	v := "e" + strconv.Itoa(round)
+	if _, err := f.env.Admin(ctx, "RPUSH", "rc:never", v); err != nil {
+		t.Fatal(err)
+	}
+	cs.blk.expect("*2\r\n" + bulk("rc:never") + bulk(v))
+	if again {
+		cs.blk.send("PING", "BLPOP rc:never 0") // once PONG is here, BLPOP was sent upstream
+		cs.blk.expect("+PONG\r\n")
+	}
+}
+
+// expectNoLoss fails the test if the proxy's events show a client connection closed or a blocked command
+// that could not be moved.
+func expectNoLoss(t *testing.T, events string) {
+	t.Helper()
+	for _, bad := range []string{"reconnect_outstanding", "reconnect_unrestorable", "reconnect_failed", "unblock_missed"} {
+		if strings.Contains(events, bad) {
+			t.Errorf("proxy events %q include %s", events, bad)
+		}
+	}
+	t.Logf("proxy events: %s", events)
 }

@@ -45,7 +45,7 @@ func scriptReconnect(f *fakeUpstream) {
 		switch strings.ToUpper(args[1]) {
 		case "ID":
 			c.reply(":" + strconv.FormatInt(c.id, 10) + "\r\n")
-		case "SETNAME", "TRACKING":
+		case "SETNAME", "TRACKING", "MAINT_NOTIFICATIONS": // the last as Redis Enterprise answers it
 			c.reply("+OK\r\n")
 		case "UNBLOCK":
 			c.unblock(args)
@@ -274,12 +274,16 @@ func closedByProxy(c *fakeConn) bool {
 }
 
 // maintenanceEnv is a reconnectEnv that hears maintenance announcements; it returns the control connection
-// subscribed to AzureRedisEvents, on which the test publishes them.
-func maintenanceEnv(t *testing.T) (*pipeEnv, *diffObserver, *fakeConn) {
+// subscribed to AzureRedisEvents, on which the test publishes them. scripts script the fake further, before
+// the server's first connection.
+func maintenanceEnv(t *testing.T, scripts ...func(*fakeUpstream)) (*pipeEnv, *diffObserver, *fakeConn) {
 	obs := &diffObserver{counts: map[string]int{}}
 	e := newPipeEnv(t, func(o *proxy.Options) {
 		o.Observer, o.ReconnectTimeout, o.MaintenanceEvents = obs, 30*time.Second, true
 		scriptReconnect(o.Dialer.(*fakeUpstream)) // before the server subscribes
+		for _, script := range scripts {
+			script(o.Dialer.(*fakeUpstream))
+		}
 	})
 	synctest.Wait()
 	for _, c := range e.fake.Conns() {
@@ -378,6 +382,60 @@ func TestMaintenanceRelaxesStallLimit(t *testing.T) {
 		c.expectOpen("during the maintenance")
 		if err, _ := announced("NodeMaintenanceEnded").ended(); err == nil {
 			t.Error("after NodeMaintenanceEnded, a reply that stopped halfway for 2 StallTimeouts did not close the connection")
+		}
+	})
+}
+
+// A close while only the proxy's own AUTH (a re-AUTH at a new token) awaits its reply leaves nothing owed to
+// the client: the session is restored on a new upstream, authenticated with the newest token.
+func TestReconnectWithReauthInFlight(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		e, obs, c := reconnectApp(t, [][]string{cmd("SELECT", "2"), cmd("ECHO", "before")})
+		e.fake.handle("AUTH", func(fc *fakeConn, args []string) {
+			if fc.user != "" { // the re-AUTH: the connection closes before it is answered
+				fc.closeWith("closed with the re-AUTH in flight")
+				return
+			}
+			fc.auth(args)
+		})
+		e.rotate()
+		time.Sleep(pipeSpread + time.Second)
+		synctest.Wait()
+		c.send(cmd("ECHO", "after"))
+		synctest.Wait()
+		c.expect("app", "+OK\r\n"+bulkOf("before")+bulkOf("after"))
+		c.expectOpen("app")
+		expectMechanisms(t, obs, "reconnect_restored=1")
+	})
+}
+
+// Where CLIENT UNBLOCK is denied, a blocking command sent during a maintenance goes on a short lease (1 s);
+// after NodeMaintenanceStart, at the end of its lease (whose timeout reply shows it took nothing) the session
+// moves, and the command goes on the new upstream: the element pushed later reaches the client once.
+func TestMaintenanceMovesLeasedCommand(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		e, obs, events := maintenanceEnv(t, denyUnblock)
+		events.write([]byte(azureEventMessage("NodeMaintenanceStarting", false)))
+		synctest.Wait()
+		blk := e.connect("blk")
+		blk.send(cmd("BLPOP", "k", "0"))
+		synctest.Wait()
+		old := e.fake.Conns()[len(e.fake.Conns())-1]
+		if !slices.Contains(old.Commands(), "BLPOP k 1.000") {
+			t.Fatalf("want BLPOP on a 1 s lease during the maintenance: %q", old.Commands())
+		}
+		events.write([]byte(azureEventMessage("NodeMaintenanceStart", false)))
+		time.Sleep(1500 * time.Millisecond) // past the lease
+		synctest.Wait()
+		if !closedByProxy(old) {
+			t.Error("the leased session did not move at the end of its lease")
+		}
+		e.fake.push("k", "v")
+		synctest.Wait()
+		blk.expect("blk: the element pushed after the move, once", "*2\r\n"+bulkOf("k")+bulkOf("v"))
+		blk.expectOpen("blk")
+		if got := obs.String(); !strings.Contains(got, "maintenance_move=1") || strings.Contains(got, "unblock") {
+			t.Errorf("mechanisms %q: want one maintenance_move, no unblock", got)
 		}
 	})
 }

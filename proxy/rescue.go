@@ -229,6 +229,9 @@ func (s *session) lease(b *blocked, now time.Time) []string {
 		return nil
 	}
 	d := tok.ExpiresOn.Sub(now) * 85 / 100
+	if s.srv.now() < s.srv.maintUntil.Load() {
+		d = min(d, maintenanceLease) // it comes back soon, and can move then (renewLease)
+	}
 	if rem, _ := b.remaining(now); d < minLease || (rem != 0 && rem <= d) {
 		return nil
 	}
@@ -244,17 +247,27 @@ func (s *session) authNewest(now int64) {
 	}
 }
 
+// maintenanceLease caps a lease taken while a maintenance is in progress: a blocked command that CLIENT
+// UNBLOCK can't end moves at the end of its lease.
+const maintenanceLease = time.Second
+
 // renewLease sends a leased command again after its lease ran out (the reply loop hid its timeout reply),
-// on the newest token and a new lease.
-func (s *session) renewLease() {
+// on the newest token and a new lease. If a maintenance move is due, the session moves first: the timeout
+// reply shows that the command took nothing, so it can run on the new upstream.
+func (s *session) renewLease() error {
 	b := s.cl.hold.cmd
 	if b == nil || !b.leased || !b.answered.Load() {
-		return
+		return nil
 	}
 	s.cl.hold.cmd = nil
 	res := <-b.result // sent right after answered
 	if !res.reissue {
-		return
+		return nil
+	}
+	if at := s.srv.maintAt.Load(); at != 0 && s.cl.upSince <= at && s.led.waitIdle(handoverTimeout) && s.canMove() {
+		if err := s.switchUpstream(); err != nil {
+			return err
+		}
 	}
 	now := s.srv.now()
 	s.authNewest(now)
@@ -266,6 +279,7 @@ func (s *session) renewLease() {
 	s.reissue(nb, args, now)
 	s.srv.obs.Mechanism("lease_renewed")
 	s.log.Debug("blocked command's lease renewed", "command", b.args[0], "leased", nb.leased)
+	return nil
 }
 
 // awaitUnblock sends CLIENT UNBLOCK for b until b is answered, and returns b's result. It returns false when
@@ -352,7 +366,7 @@ func (s *session) awaitUnblock(ctx context.Context, tok Token, b *blocked) (unbl
 // count: 1 unblocked, 0 no client blocked with that id there, or -1 when b was answered first and nothing
 // was sent. An error reply is a *replyError.
 func (s *session) sendUnblock(ctx context.Context, tok Token, b *blocked, id int64) (int64, error) {
-	conn, err := s.srv.opts.Dialer.DialContext(ctx)
+	conn, err := s.dialBlockedNode(ctx)
 	if err != nil {
 		return 0, fmt.Errorf("dial control connection: %w", err)
 	}

@@ -58,6 +58,11 @@ type Options struct {
 	// control connection of its own, and move sessions to new upstream connections ahead of a node's
 	// maintenance (maintenance.go).
 	MaintenanceEvents bool
+	// MaintNotifications: opt in, on a control connection of its own, to Azure Managed Redis's (Redis
+	// Enterprise's) maintenance notifications (CLIENT MAINT_NOTIFICATIONS), and act on them: move sessions
+	// to the endpoint a MOVING names (notifications.go). A server that does not know the command turns it
+	// off. Not for a clustered cache: its notifications are per node.
+	MaintNotifications bool
 	// ConnLogLevel is the level of the per-connection open and close lines; the zero value is INFO. Lines
 	// about failures, tokens and refusals keep their own levels.
 	ConnLogLevel slog.Level
@@ -104,6 +109,12 @@ type Server struct {
 	// eventsUp is closed once the AzureRedisEvents subscription is first confirmed: the event tests await.
 	eventsUp     chan struct{}
 	eventsUpOnce sync.Once
+	// maintNode is the address of the node under maintenance, as NodeMaintenanceStart named it, for CLIENT
+	// UNBLOCK of the sessions still on it (dialBlockedNode); nil if none was named.
+	maintNode atomic.Pointer[string]
+	// moving is where new upstream connections go after a MOVING notification, until it expires; nil: the
+	// configured address. Set by the notifications loop only.
+	moving atomic.Pointer[movingTarget]
 
 	mu        sync.Mutex
 	state     serverState
@@ -200,6 +211,9 @@ func New(opts Options) (*Server, error) {
 	}
 	if opts.MaintenanceEvents {
 		s.goTracked(s.eventsLoop)
+	}
+	if opts.MaintNotifications && opts.Cluster == nil {
+		s.goTracked(s.notificationsLoop)
 	}
 	return s, nil
 }
@@ -591,8 +605,8 @@ func (s *Server) dialUpstream(ctx context.Context) (*pooled, error) {
 	if err != nil {
 		return nil, err
 	}
-	start := time.Now()
-	conn, err := s.opts.Dialer.DialContext(ctx)
+	start, opened := time.Now(), s.now()
+	conn, addr, err := s.dial(ctx)
 	if err != nil {
 		var de *DialError
 		kind := "dial"
@@ -625,5 +639,5 @@ func (s *Server) dialUpstream(ctx context.Context) (*pooled, error) {
 		s.facts.learn(probeUnblock, []byte{r.typ})
 	}
 	s.obs.UpstreamOpened(time.Since(start))
-	return &pooled{conn: conn, id: id, secret: tok.Secret}, nil
+	return &pooled{conn: conn, id: id, secret: tok.Secret, opened: opened, addr: addr}, nil
 }

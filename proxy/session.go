@@ -92,7 +92,8 @@ type session struct {
 // clientSide is the client loop's state: what the commands it sent did to the connection.
 type clientSide struct {
 	up      net.Conn   // the upstream it writes to; replaced by a handover, a reconnect or a move
-	upSince int64      // when up became the session's (server clock): a move asked for before is done
+	upSince int64      // when up was dialed (server clock): a move asked for since is still due
+	upAddr  string     // the endpoint up reached ("": the configured address): CLIENT UNBLOCK goes there
 	secret  string     // the token last sent on up
 	writeBy time.Time  // up's write deadline in force
 	dirty   bool       // the client changed the connection state (see dirties): not for the pool
@@ -263,7 +264,7 @@ func (s *session) serve() {
 	wg.Wait()
 	up.SetReadDeadline(time.Time{})
 	if errors.Is(rerr, errRecycled) {
-		s.srv.pool.put(&pooled{conn: up, id: s.upID.Load(), secret: s.cl.secret})
+		s.srv.pool.put(&pooled{conn: up, id: s.upID.Load(), secret: s.cl.secret, opened: s.cl.upSince, addr: s.cl.upAddr})
 	} else {
 		up.Close()
 		s.srv.obs.UpstreamClosed()
@@ -368,7 +369,7 @@ func (s *session) connect(ctx context.Context) error {
 		s.srv.obs.UpstreamClosed()
 		return errors.New("proxy shutting down")
 	}
-	s.cl.up, s.cl.secret, s.cl.upSince = c.conn, c.secret, s.srv.now()
+	s.cl.up, s.cl.secret, s.cl.upSince, s.cl.upAddr = c.conn, c.secret, c.opened, c.addr
 	s.upID.Store(c.id)
 	s.lastSent.Store(s.srv.now())
 	s.log.Debug("upstream ready", "upstream_client_id", c.id, "pooled", pooled)

@@ -47,7 +47,7 @@ type Config struct {
 	LogConnections    bool          `envconfig:"ENTRA_REDIS_PROXY_LOG_CONNECTIONS" default:"true" desc:"log each client connection's open and close at info; false logs them at debug (lines about tokens, errors and refusals stay)"`
 	Pprof             bool          `envconfig:"ENTRA_REDIS_PROXY_PPROF" default:"false" desc:"serve /debug/pprof on ADMIN_LISTEN"`
 	ReconnectTimeout  time.Duration `envconfig:"ENTRA_REDIS_PROXY_RECONNECT_TIMEOUT" default:"30s" desc:"when the cache closes an upstream connection with no reply outstanding (failover, patch, restart), dial a new one for at most this long and restore the connection's state, so the app sees nothing; 0 closes the client connection instead"`
-	MaintenanceEvents bool          `envconfig:"ENTRA_REDIS_PROXY_MAINTENANCE_EVENTS" default:"true" desc:"listen for Azure Cache for Redis maintenance announcements (pub/sub channel AzureRedisEvents, one connection) and move connections to new upstream connections before a node's maintenance closes them"`
+	MaintenanceEvents bool          `envconfig:"ENTRA_REDIS_PROXY_MAINTENANCE_EVENTS" default:"true" desc:"listen for maintenance announcements (Azure Cache for Redis: pub/sub channel AzureRedisEvents; Azure Managed Redis: CLIENT MAINT_NOTIFICATIONS pushes; one connection each) and move connections to new upstream connections before a node's maintenance closes them"`
 
 	MaxBulkBytes     ByteSize `envconfig:"ENTRA_REDIS_PROXY_MAX_BULK_BYTES" default:"512MiB" desc:"largest bulk string a client may send (like redis proto-max-bulk-len)"`
 	AllowNonLoopback bool     `envconfig:"ENTRA_REDIS_PROXY_ALLOW_NON_LOOPBACK" default:"false" desc:"allow LISTEN on a non-loopback address (every process that can reach it can use your identity)"`

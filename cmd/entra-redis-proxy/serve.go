@@ -158,7 +158,7 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 		Tokens: src, Limit: proxy.NewConnLimit(limit.limit), DialTimeout: cfg.DialTimeout,
 		IdlePing: cfg.IdlePing, MaxBulk: int64(cfg.MaxBulkBytes), LocalPassword: cfg.LocalPassword,
 		PoolSize: cfg.PoolSize, PoolMax: cfg.poolCeiling(), ReconnectTimeout: reconnectTimeout(cfg.ReconnectTimeout),
-		MaintenanceEvents: cfg.MaintenanceEvents, ConnLogLevel: connLevel,
+		MaintenanceEvents: cfg.MaintenanceEvents, MaintNotifications: cfg.MaintenanceEvents, ConnLogLevel: connLevel,
 	}
 	first, last, _ := topology.ParsePortRange(cfg.ClusterPorts) // validated
 	ports := proxy.NewNodePorts(first, last, 0)

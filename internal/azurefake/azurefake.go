@@ -60,6 +60,9 @@ type Options struct {
 	// every node and deleted from every node. RedisAddr is the first primary's (the seed);
 	// ClusterNodes lists all.
 	Cluster bool
+	// Replica starts a replica of the server too, as a Standard or Premium cache has one (replica.go):
+	// RunFailover fails over to it.
+	Replica bool
 }
 
 // Env is a running fake: redis-server plus identity endpoint. Its exported fields are fixed
@@ -97,6 +100,7 @@ type Env struct {
 	// registered on a server that is being replaced.
 	redisMu sync.Mutex
 	proc    *redisProc     // nil while stopped; guarded by redisMu
+	replica *clusterNode   // Options.Replica's server; guarded by redisMu
 	admin   *redis.Client  // admin connection to proc; nil while stopped; guarded by redisMu
 	port    int            // TLS port, kept across StopRedis/StartRedis; guarded by redisMu
 	nodes   []*clusterNode // with Options.Cluster: every node, fixed after Start; each node's process guarded by redisMu
@@ -201,6 +205,9 @@ func Start(ctx context.Context, opts Options) (_ *Env, err error) {
 			break
 		}
 		e.logger.Debug("redis-server exited during startup; retrying on another port", "port", port, "err", err)
+	}
+	if err == nil && opts.Replica {
+		err = e.startReplicaLocked(ctx)
 	}
 	if err != nil {
 		return nil, err

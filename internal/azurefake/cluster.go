@@ -314,6 +314,9 @@ func (e *Env) admins() []*redis.Client {
 		if e.admin == nil {
 			return nil
 		}
+		if e.replica != nil && e.replica.admin != nil {
+			return []*redis.Client{e.admin, e.replica.admin}
+		}
 		return []*redis.Client{e.admin}
 	}
 	var cs []*redis.Client

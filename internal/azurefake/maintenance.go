@@ -29,27 +29,17 @@ type Maintenance struct {
 // after it survive, as on the new primary behind Azure's load balancer. It returns after
 // NodeMaintenanceEnded, or with ctx's error.
 func (e *Env) RunMaintenance(ctx context.Context, m Maintenance) error {
-	sleep := func(d time.Duration) error {
-		t := time.NewTimer(d)
-		defer t.Stop()
-		select {
-		case <-t.C:
-			return nil
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-	}
 	startAt := time.Now().Add(m.Scheduled + m.Starting)
 	if err := e.announce(ctx, "NodeMaintenanceScheduled", startAt, m.Replica); err != nil {
 		return err
 	}
-	if err := sleep(m.Scheduled); err != nil {
+	if err := sleepCtx(ctx, m.Scheduled); err != nil {
 		return err
 	}
 	if err := e.announce(ctx, "NodeMaintenanceStarting", startAt, m.Replica); err != nil {
 		return err
 	}
-	if err := sleep(m.Starting); err != nil {
+	if err := sleepCtx(ctx, m.Starting); err != nil {
 		return err
 	}
 	doomed, err := e.clientIDs(ctx) // before Start: what the proxy opens on hearing it survives
@@ -59,7 +49,7 @@ func (e *Env) RunMaintenance(ctx context.Context, m Maintenance) error {
 	if err := e.announce(ctx, "NodeMaintenanceStart", time.Time{}, m.Replica); err != nil {
 		return err
 	}
-	if err := sleep(m.Close); err != nil {
+	if err := sleepCtx(ctx, m.Close); err != nil {
 		return err
 	}
 	if !m.Replica {
@@ -69,13 +59,13 @@ func (e *Env) RunMaintenance(ctx context.Context, m Maintenance) error {
 			}
 		}
 	}
-	if err := sleep(m.Failover); err != nil {
+	if err := sleepCtx(ctx, m.Failover); err != nil {
 		return err
 	}
 	if err := e.announce(ctx, "NodeMaintenanceFailoverComplete", time.Time{}, m.Replica); err != nil {
 		return err
 	}
-	if err := sleep(m.Ended); err != nil {
+	if err := sleepCtx(ctx, m.Ended); err != nil {
 		return err
 	}
 	return e.announce(ctx, "NodeMaintenanceEnded", time.Now(), m.Replica)
@@ -91,7 +81,7 @@ func (e *Env) announce(ctx context.Context, kind string, start time.Time, replic
 	if replica {
 		isReplica = "True"
 	}
-	_, port, _ := net.SplitHostPort(e.RedisAddr)
+	_, port, _ := net.SplitHostPort(e.PrimaryAddr()) // the node under maintenance
 	msg := "NotificationType|" + kind + "|StartTimeInUTC|" + at + "|IsReplica|" + isReplica +
 		"|IPAddress|127.0.0.1|SSLPort|" + port + "|NonSSLPort|0"
 	if _, err := e.Admin(ctx, "PUBLISH", EventsChannel, msg); err != nil {

@@ -181,7 +181,13 @@ func (p *redisProc) stop() {
 }
 
 // stopRedisLocked stops redis-server if it runs. The caller holds e.redisMu.
-func (e *Env) stopRedisLocked() error { return stopServer(&e.proc, &e.admin) }
+func (e *Env) stopRedisLocked() error {
+	err := stopServer(&e.proc, &e.admin)
+	if e.replica != nil {
+		err = errors.Join(err, stopServer(&e.replica.proc, &e.replica.admin))
+	}
+	return err
+}
 
 // stopServer closes *admin, stops *p if it runs, and sets both to nil (stopped).
 func stopServer(p **redisProc, admin **redis.Client) error {
