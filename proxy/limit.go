@@ -105,6 +105,13 @@ func (l *ConnLimit) releasePooled(n int) {
 	}
 }
 
+// over reports whether clients and pools hold more than the descriptors: a pool's connection that was
+// dialled or checked meanwhile is then closed rather than kept.
+func (l *ConnLimit) over() bool {
+	clients, pooled := counts(l.st.Load())
+	return l.descriptors > 0 && descPerClient*clients+pooled > l.descriptors
+}
+
 // wake clears starved and nudges every pool to fill again.
 func (l *ConnLimit) wake() {
 	for {

@@ -1,8 +1,10 @@
 package proxy
 
 import (
+	"reflect"
 	"testing"
 	"testing/synctest"
+	"time"
 )
 
 // The budget's arithmetic: clients up to max, and pool descriptors only within what clients leave, keeping
@@ -130,4 +132,38 @@ func TestPoolFillsWithinBudget(t *testing.T) {
 		wantPool(t, srv, 30, 0)
 		wantDials(t, up, 40)
 	})
+}
+
+// NodeServers returns the Servers of c's node listeners that accept clients. For the tests of package
+// proxy_test.
+func NodeServers(c *Cluster) []*Server {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []*Server
+	for _, n := range c.nodes {
+		out = append(out, n.srv)
+	}
+	return out
+}
+
+// AwaitPools waits until cond holds for the idle connections of the pools of servers, summed. It wakes at
+// each change of any of them, so a test waits for the event itself.
+func AwaitPools(t testing.TB, servers []*Server, what string, cond func(idle int) bool) {
+	t.Helper()
+	timeout := time.After(20 * time.Second)
+	for {
+		idle := 0
+		cases := []reflect.SelectCase{{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(timeout)}}
+		for _, s := range servers {
+			ids, _, changed := s.pool.watch()
+			idle += len(ids)
+			cases = append(cases, reflect.SelectCase{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(changed)})
+		}
+		if cond(idle) {
+			return
+		}
+		if i, _, _ := reflect.Select(cases); i == 0 {
+			t.Fatalf("timed out waiting for the pools to have %s: %d idle", what, idle)
+		}
+	}
 }

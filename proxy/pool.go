@@ -238,10 +238,13 @@ func (p *pool) put(c *pooled) bool {
 	return kept
 }
 
-// admitLocked adds c to idle if the pool is open and has room, and the process's budget a descriptor for it
-// unless charged (c holds one already: dialled by top, or taken out by tend).
+// admitLocked adds c to idle if the pool is open and has room, and the process's budget a descriptor for it.
+// charged: c holds one already (dialled by top, or taken out by tend), kept unless clients need it now.
 func (p *pool) admitLocked(c *pooled, charged bool) bool {
-	if p.state != poolOpen || p.roomLocked() <= 0 || !charged && !p.srv.limit.takePooled() {
+	if p.state != poolOpen || p.roomLocked() <= 0 {
+		return false
+	}
+	if charged && p.srv.limit.over() || !charged && !p.srv.limit.takePooled() {
 		return false
 	}
 	c.since = p.srv.now()
