@@ -72,29 +72,31 @@ func (l *ConnLimit) release() {
 }
 
 // takePooled takes one descriptor for a pool's connection; false when the budget has none to spare. A
-// refusal marks the budget starved, so that the next release wakes the pools to try again.
+// refusal marks the budget starved, so that the next release wakes the pools to try again. One atomic add
+// when it fits, as a client's connect or close is.
 func (l *ConnLimit) takePooled() bool {
-	if l.descriptors == 0 {
-		l.st.Add(1)
-		return true
+	v := l.st.Add(1)
+	for l.descriptors > 0 && !l.fits(v) {
+		// Marked before the take is undone: a release after this wakes the pools, and one before it shows in
+		// what the undo returns, which is checked again.
+		l.st.Or(starvedBit)
+		if v = l.st.Add(^uint64(0)) + 1; !l.fits(v) {
+			return false
+		}
+		v = l.st.Add(1)
 	}
-	for {
-		v := l.st.Load()
-		clients, pooled := counts(v)
-		spare := int64(spareClients)
-		if l.max > 0 {
-			spare = max(0, min(spare, l.max-clients))
-		}
-		if pooled+1+descPerClient*(clients+spare) > l.descriptors {
-			if v&starvedBit != 0 || l.st.CompareAndSwap(v, v|starvedBit) {
-				return false
-			}
-			continue
-		}
-		if l.st.CompareAndSwap(v, v+1) {
-			return true
-		}
+	return true
+}
+
+// fits reports whether the counts v, a pool's new descriptor included, leave the clients their share:
+// spareClients more clients' descriptors, or as many as the limit still allows.
+func (l *ConnLimit) fits(v uint64) bool {
+	clients, pooled := counts(v)
+	spare := int64(spareClients)
+	if l.max > 0 {
+		spare = max(0, min(spare, l.max-clients))
 	}
+	return pooled+descPerClient*(clients+spare) <= l.descriptors
 }
 
 // releasePooled gives back n descriptors of a pool's connections (closed, or lent to a client, whose own

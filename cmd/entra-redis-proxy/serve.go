@@ -143,6 +143,8 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 	reg := prometheus.NewRegistry()
 	m := metrics.New(reg)
 	m.SetMaxConnections(limit.limit)
+	budget := proxy.NewDescriptorBudget(limit.limit, limit.budget)
+	m.SetDescriptorBudget(limit.budget, budget.Pooled)
 
 	src, err := newTokenSource(cfg, log, m.TokenRefresh)
 	if err != nil {
@@ -156,7 +158,7 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 	// Shared by every cache: one identity and token, one budget of clients and pooled connections (the
 	// process's descriptors), one range of node listener ports.
 	base := proxy.Options{
-		Tokens: src, Limit: proxy.NewDescriptorBudget(limit.limit, limit.budget), DialTimeout: cfg.DialTimeout,
+		Tokens: src, Limit: budget, DialTimeout: cfg.DialTimeout,
 		IdlePing: cfg.IdlePing, MaxBulk: int64(cfg.MaxBulkBytes), LocalPassword: cfg.LocalPassword,
 		PoolSize: cfg.PoolSize, PoolMax: cfg.poolCeiling(), ReconnectTimeout: reconnectTimeout(cfg.ReconnectTimeout),
 		MaintenanceEvents: cfg.MaintenanceEvents, ConnLogLevel: connLevel,
