@@ -167,3 +167,35 @@ func AwaitPools(t testing.TB, servers []*Server, what string, cond func(idle int
 		}
 	}
 }
+
+// An accept and a close against the budget, beside the old limit's cost (one atomic add each, no descriptor
+// budget) in the same run, and a pool's take and give-back of a descriptor.
+func BenchmarkConnLimit(b *testing.B) {
+	b.Run("clients/no-descriptor-budget", func(b *testing.B) {
+		l := NewConnLimit(1 << 20)
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				l.acquire()
+				l.release()
+			}
+		})
+	})
+	b.Run("clients/descriptor-budget", func(b *testing.B) {
+		l := NewDescriptorBudget(1<<20, 1<<22)
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				l.acquire()
+				l.release()
+			}
+		})
+	})
+	b.Run("pooled", func(b *testing.B) {
+		l := NewDescriptorBudget(1<<20, 1<<22)
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				l.takePooled()
+				l.releasePooled(1)
+			}
+		})
+	})
+}

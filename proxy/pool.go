@@ -268,7 +268,8 @@ func (p *pool) endLocked(l *loan, to loanState) (counted bool) {
 	return counted
 }
 
-// discard closes a connection the pool owns.
+// discard closes a connection the pool owns that holds no descriptor of the budget: one that was lent, or
+// never admitted. A connection taken out of idle holds one: drop it.
 func (p *pool) discard(c *pooled) {
 	c.conn.Close()
 	p.srv.obs.UpstreamClosed()

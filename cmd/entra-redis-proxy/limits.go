@@ -27,7 +27,7 @@ const (
 	// (probes, scrapes, admin). Headroom, not bounds: nothing else stops more HTTP connections.
 	fdFixed = 3 + 3 + 4 + 8 + 32
 	// Control connections: a rotation opens a CLIENT UNBLOCK connection per blocked client and a second
-	// upstream per subscribed client, spread over the re-AUTH window, and the pool dials one at a time.
+	// upstream per subscribed client, spread over the re-AUTH window. (A pool's dial is counted in the budget.)
 	fdControlMin   = 32
 	fdControlShare = 16 // one descriptor in 16
 	fdPerClient    = 2
