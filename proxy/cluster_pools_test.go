@@ -58,7 +58,11 @@ func TestClusterPoolsWithinBudget(t *testing.T) {
 		o.Observer = ev
 		cc.NodeObserver = func(int) proxy.Observer { return ev }
 	})
-	nodes := proxy.NodeServers(f.cluster)
+	byAddr := proxy.NodeServers(f.cluster)
+	var nodes []*proxy.Server // primaries, then their replicas
+	for _, addr := range f.env.ClusterNodes() {
+		nodes = append(nodes, byAddr[addr])
+	}
 	servers := append([]*proxy.Server{f.srv}, nodes...)
 	floors := func(idle int) bool { return idle == 4+len(nodes) }
 	proxy.AwaitPools(t, servers, "4 on LISTEN and 1 per node", floors)
@@ -96,7 +100,8 @@ func TestClusterPoolsWithinBudget(t *testing.T) {
 		for _, s := range nodes {
 			per = append(per, s.Clients())
 		}
-		t.Logf("8 goroutines x 100 SETs: the ClusterClient holds %d connections on LISTEN and %v on the nodes", f.srv.Clients(), per)
+		t.Logf("8 goroutines x 100 SETs: the ClusterClient holds %d connections on LISTEN, %v on the primaries, %v on the replicas",
+			f.srv.Clients(), per[:3], per[3:])
 		fits("a ClusterClient")
 		cc.Close()
 		ev.awaitNoClients(t)

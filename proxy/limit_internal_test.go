@@ -134,14 +134,14 @@ func TestPoolFillsWithinBudget(t *testing.T) {
 	})
 }
 
-// NodeServers returns the Servers of c's node listeners that accept clients. For the tests of package
-// proxy_test.
-func NodeServers(c *Cluster) []*Server {
+// NodeServers returns the Servers of c's node listeners that accept clients, by node address. For the
+// tests of package proxy_test.
+func NodeServers(c *Cluster) map[string]*Server {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	var out []*Server
-	for _, n := range c.nodes {
-		out = append(out, n.srv)
+	out := map[string]*Server{}
+	for up, n := range c.nodes {
+		out[up] = n.srv
 	}
 	return out
 }
