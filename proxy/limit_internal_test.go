@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"net"
 	"reflect"
 	"testing"
 	"testing/synctest"
@@ -131,6 +132,37 @@ func TestPoolFillsWithinBudget(t *testing.T) {
 		synctest.Wait()
 		wantPool(t, srv, 30, 0)
 		wantDials(t, up, 40)
+	})
+}
+
+// A connection dialled while clients took the last descriptors is closed when the dial ends, not kept: the
+// accept found nothing idle to evict, so the budget is over until then.
+func TestPoolDropsADialClientsNeed(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		l := NewDescriptorBudget(40, 80) // at the limit nothing is left for pools
+		held := &fakeUpstream{ends: map[int64]net.Conn{}, gate: make(chan struct{})}
+		up, _, srv := startFakePoolWith(t, Options{PoolSize: 30, PoolMax: 30, Limit: l, Dialer: held})
+		synctest.Wait() // the first dial waits at the gate, holding a descriptor
+		for range 40 {
+			if !l.acquire() {
+				t.Fatal("a client within the limit refused")
+			}
+		}
+		if !l.over() {
+			t.Fatalf("40 clients and %d pooled: not over the 80 descriptors", l.Pooled())
+		}
+		up.unhold()
+		synctest.Wait()
+		wantPool(t, srv, 0, 0)
+		wantDials(t, up, 1)
+		if _, open, _ := up.stats(); open != 0 || l.Pooled() != 0 || l.over() {
+			t.Fatalf("%d upstream connections open, %d pooled; want none", open, l.Pooled())
+		}
+		for range 40 {
+			l.release()
+		}
+		synctest.Wait()
+		wantPool(t, srv, 30, 0)
 	})
 }
 

@@ -182,10 +182,13 @@ func startFakePoolUpTo(t *testing.T, size, most int, idlePing time.Duration) (*f
 	return startFakePoolWith(t, Options{PoolSize: size, PoolMax: most, IdlePing: idlePing})
 }
 
-// startFakePoolWith is startFakePool with o's pool and limit settings.
+// startFakePoolWith is startFakePool with o's pool and limit settings, and o.Dialer if it is a fakeUpstream.
 func startFakePoolWith(t *testing.T, o Options) (*fakeUpstream, *gaugeObserver, *Server) {
 	t.Helper()
-	up := &fakeUpstream{ends: map[int64]net.Conn{}}
+	up, ok := o.Dialer.(*fakeUpstream)
+	if !ok {
+		up = &fakeUpstream{ends: map[int64]net.Conn{}}
+	}
 	obs := &gaugeObserver{}
 	o.Tokens, o.Dialer, o.Observer = fixedToken(Token{Username: "oid", Secret: "token"}), up, obs
 	o.Logger = slog.New(slog.NewTextHandler(t.Output(), nil))
