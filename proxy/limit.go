@@ -72,20 +72,28 @@ func (l *ConnLimit) release() {
 }
 
 // takePooled takes one descriptor for a pool's connection; false when the budget has none to spare. A
-// refusal marks the budget starved, so that the next release wakes the pools to try again. One atomic add
-// when it fits, as a client's connect or close is.
+// refusal marks the budget starved, so that the next release wakes the pools to try again. One
+// compare-and-swap when it fits: an optimistic add would count a descriptor nobody holds, and an accept
+// meanwhile would evict for it.
 func (l *ConnLimit) takePooled() bool {
-	v := l.st.Add(1)
-	for l.descriptors > 0 && !l.fits(v) {
-		// Marked before the take is undone: a release after this wakes the pools, and one before it shows in
-		// what the undo returns, which is checked again.
-		l.st.Or(starvedBit)
-		if v = l.st.Add(^uint64(0)) + 1; !l.fits(v) {
-			return false
-		}
-		v = l.st.Add(1)
+	if l.descriptors == 0 {
+		l.st.Add(1)
+		return true
 	}
-	return true
+	for {
+		v := l.st.Load()
+		if !l.fits(v + 1) {
+			// Marked in the same step as the check: a release after it wakes the pools, one before it
+			// fails the swap and is seen on the next try.
+			if v&starvedBit != 0 || l.st.CompareAndSwap(v, v|starvedBit) {
+				return false
+			}
+			continue
+		}
+		if l.st.CompareAndSwap(v, v+1) {
+			return true
+		}
+	}
 }
 
 // fits reports whether the counts v, a pool's new descriptor included, leave the clients their share:
