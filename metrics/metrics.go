@@ -9,6 +9,7 @@ package metrics
 
 import (
 	"net/http"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -56,7 +57,9 @@ type Metrics struct {
 	mechanisms      labelled
 	announcements   labelled
 	maxConnections  prometheus.Gauge
-	listeners       listenerFamilies // by cache and listener (listeners.go)
+	fdBudget        prometheus.Gauge
+	pooled          atomic.Pointer[func() int] // what pooled_upstream_connections reads at a scrape
+	listeners       listenerFamilies           // by cache and listener (listeners.go)
 }
 
 var _ proxy.Observer = (*Metrics)(nil)
@@ -129,6 +132,19 @@ func New(reg prometheus.Registerer) *Metrics {
 	m.announcements = counterVec("maintenance_announcements_total",
 		"Maintenance announcements seen (AzureRedisEvents messages and Managed Redis notification pushes), by type.", "type", proxy.AnnouncementTypes)
 	m.maxConnections = gauge("max_connections", "Most client connections allowed at once, on all listeners together; 0 means unlimited.")
+	m.fdBudget = gauge("descriptor_budget", "Descriptors shared by client connections (two each: the client's and its upstream's) "+
+		"and the warm pools' upstream connections (one each), from RLIMIT_NOFILE; 0 means none.")
+	// Read at a scrape: pooled connections change at every connect, and counting them here would add to it.
+	pooled := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: namespace, Name: "pooled_upstream_connections",
+		Help: "Upstream connections the warm pools of all listeners (LISTEN's and every cluster node listener's) hold now, " +
+			"idle or being dialled or checked; each takes one descriptor of descriptor_budget."},
+		func() float64 {
+			if f := m.pooled.Load(); f != nil {
+				return float64((*f)())
+			}
+			return 0
+		})
+	m.collectors = append(m.collectors, pooled)
 	m.listeners = newListenerFamilies(func(c prometheus.Collector) { m.collectors = append(m.collectors, c) })
 
 	reg.MustRegister(m)
@@ -230,6 +246,13 @@ func (m *Metrics) TokenRefresh(result string, expires time.Time) {
 
 // SetMaxConnections records the client connection limit (0 = unlimited).
 func (m *Metrics) SetMaxConnections(n int) { m.maxConnections.Set(float64(n)) }
+
+// SetDescriptorBudget records the descriptors shared by clients and pools, and what reads how many the pools
+// hold (proxy.ConnLimit.Pooled).
+func (m *Metrics) SetDescriptorBudget(n int, pooled func() int) {
+	m.fdBudget.Set(float64(n))
+	m.pooled.Store(&pooled)
+}
 
 // labelled is a counter family with one label whose series are all created up front, so
 // that they read 0 before the first event and so that counting is one map lookup.

@@ -117,6 +117,11 @@ func TestMethods(t *testing.T) {
 			do:   func(m *Metrics) { m.SetMaxConnections(128) },
 			want: fams{"entra_redis_proxy_max_connections": {"": 128}},
 		},
+		{
+			desc: "descriptor budget",
+			do:   func(m *Metrics) { m.SetDescriptorBudget(174, func() int { return 7 }) },
+			want: fams{"entra_redis_proxy_descriptor_budget": {"": 174}, "entra_redis_proxy_pooled_upstream_connections": {"": 7}},
+		},
 	}
 	for _, tc := range tcs {
 		t.Run(tc.desc, func(t *testing.T) {

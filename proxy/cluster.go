@@ -50,6 +50,13 @@ type ClusterConfig struct {
 	Server Options
 }
 
+// nodePoolSize is the warm pool a node listener starts with and shrinks back to, however large POOL_SIZE:
+// it grows to POOL_MAX from its own node's connect rate, as LISTEN's does. A cluster client keeps its
+// connections to each node (go-redis, Lettuce, Jedis: a pool per node), so most nodes see few connects,
+// and a replica none unless clients send READONLY; one connection keeps each node's reachability
+// followed (readiness) and serves a node's first connect at once, for one descriptor per node.
+const nodePoolSize = 1
+
 // DefaultRefreshEvery is ClusterConfig.RefreshEvery's default: a minute bounds how long a departed
 // node's listener keeps accepting clients that would only fail, at one CLUSTER SLOTS a minute.
 const DefaultRefreshEvery = time.Minute
@@ -302,6 +309,9 @@ func (c *Cluster) open(n topology.Node) (opened bool, err error) {
 	opts.Dialer = &TLSDialer{Addr: n.Addr, Config: c.cfg.TLS}
 	opts.Logger = c.log.With("node", n.Addr, "node_listen", local)
 	opts.Cluster = c
+	if opts.PoolSize > 0 {
+		opts.PoolSize, opts.PoolMax = min(opts.PoolSize, nodePoolSize), max(opts.PoolSize, opts.PoolMax)
+	}
 	if c.cfg.NodeObserver != nil {
 		opts.Observer = c.cfg.NodeObserver(port)
 	}

@@ -108,7 +108,9 @@ func (c *lentConn) Close() error {
 }
 
 func newPool(srv *Server, size, most int) *pool {
-	return &pool{srv: srv, sz: newSizer(size, most), wake: make(chan struct{}, 1)}
+	p := &pool{srv: srv, sz: newSizer(size, most), wake: make(chan struct{}, 1)}
+	srv.limit.register(p)
+	return p
 }
 
 // poolWindow is the period over which the pool measures the demand for connections.
@@ -196,6 +198,7 @@ func (p *pool) get() *pooled {
 		p.sz.connect(l.at, true, p.lent.Len())
 		p.changedLocked()
 		p.mu.Unlock()
+		p.srv.limit.releasePooled(1) // the client's two descriptors count it now
 		if first {
 			p.nudge() // fill times the oldest loan's window
 		}
@@ -237,7 +240,7 @@ func (p *pool) put(c *pooled) bool {
 		p.endLocked(lc.loan, loanReturned)
 		c = &pooled{conn: lc.Conn, id: c.id, secret: c.secret, opened: c.opened, addr: c.addr}
 	}
-	kept := p.admitLocked(c)
+	kept := p.admitLocked(c, false)
 	p.mu.Unlock()
 	if !kept {
 		p.discard(c)
@@ -245,9 +248,13 @@ func (p *pool) put(c *pooled) bool {
 	return kept
 }
 
-// admitLocked adds c to idle if the pool is open and has room.
-func (p *pool) admitLocked(c *pooled) bool {
+// admitLocked adds c to idle if the pool is open and has room, and the process's budget a descriptor for it.
+// charged: c holds one already (dialled by top, or taken out by tend), kept unless clients need it now.
+func (p *pool) admitLocked(c *pooled, charged bool) bool {
 	if p.state != poolOpen || p.roomLocked() <= 0 {
+		return false
+	}
+	if charged && p.srv.limit.over() || !charged && !p.srv.limit.takePooled() {
 		return false
 	}
 	c.since = p.srv.now()
@@ -271,10 +278,41 @@ func (p *pool) endLocked(l *loan, to loanState) (counted bool) {
 	return counted
 }
 
-// discard closes a connection the pool owns.
+// discard closes a connection the pool owns that holds no descriptor of the budget: one that was lent, or
+// never admitted. A connection taken out of idle holds one: drop it.
 func (p *pool) discard(c *pooled) {
 	c.conn.Close()
 	p.srv.obs.UpstreamClosed()
+}
+
+// drop closes connections that hold a descriptor of the budget, and gives the descriptors back.
+func (p *pool) drop(cs ...*pooled) {
+	for _, c := range cs {
+		p.discard(c)
+	}
+	p.srv.limit.releasePooled(len(cs))
+}
+
+// takeOldestLocked removes up to n idle connections, the longest idle first, and returns them.
+func (p *pool) takeOldestLocked(n int) []*pooled {
+	n = min(n, len(p.idle))
+	if n <= 0 {
+		return nil
+	}
+	out := slices.Clone(p.idle[:n])
+	p.idle = slices.Delete(p.idle, 0, n)
+	p.changedLocked()
+	return out
+}
+
+// evict closes up to n idle connections, the longest idle first, giving their descriptors to clients
+// (ConnLimit.acquire); it returns how many it closed.
+func (p *pool) evict(n int) int {
+	p.mu.Lock()
+	out := p.takeOldestLocked(n)
+	p.mu.Unlock()
+	p.drop(out...)
+	return len(out)
 }
 
 func (p *pool) changedLocked() {
@@ -360,9 +398,8 @@ func (p *pool) drain() {
 	p.idle = nil
 	p.changedLocked()
 	p.mu.Unlock()
-	for _, c := range idle {
-		p.discard(c)
-	}
+	p.srv.limit.unregister(p)
+	p.drop(idle...)
 }
 
 // dropOpenedBefore closes the idle connections dialed before at (a maintenance move), so that no new client
@@ -381,9 +418,7 @@ func (p *pool) dropOpenedBefore(at int64) {
 		p.changedLocked()
 	}
 	p.mu.Unlock()
-	for _, c := range stale {
-		p.discard(c)
-	}
+	p.drop(stale...) // idle ones hold a descriptor of the budget
 	p.nudge()
 }
 
@@ -392,16 +427,9 @@ func (p *pool) dropOpenedBefore(at int64) {
 func (p *pool) shrink(now int64) int64 {
 	p.mu.Lock()
 	next := p.sz.roll(now)
-	var extra []*pooled
-	if n := min(-p.roomLocked(), len(p.idle)); n > 0 {
-		extra = slices.Clone(p.idle[:n])
-		p.idle = slices.Delete(p.idle, 0, n)
-		p.changedLocked()
-	}
+	extra := p.takeOldestLocked(-p.roomLocked())
 	p.mu.Unlock()
-	for _, c := range extra {
-		p.discard(c)
-	}
+	p.drop(extra...)
 	return next
 }
 
@@ -429,16 +457,21 @@ func (p *pool) top(ctx context.Context, tok Token) error {
 		p.mu.Lock()
 		room := p.roomLocked()
 		p.mu.Unlock()
-		if room <= 0 {
-			return nil
+		if room <= 0 || !p.srv.limit.takePooled() {
+			return nil // full, or the process's descriptors are spent: a client's leaving wakes fill
 		}
 		dctx, cancel := context.WithTimeout(ctx, p.srv.opts.DialTimeout)
 		c, err := p.srv.dialUpstream(dctx)
 		cancel()
 		if err != nil {
+			p.srv.limit.releasePooled(1)
 			return fmt.Errorf("open pooled upstream connection: %w", err)
 		}
-		if !p.put(c) {
+		p.mu.Lock()
+		kept := p.admitLocked(c, true)
+		p.mu.Unlock()
+		if !kept {
+			p.drop(c)
 			return nil // sessions gave connections back meanwhile
 		}
 	}
@@ -478,13 +511,13 @@ func (p *pool) tend(ctx context.Context, tok Token) {
 	p.mu.Unlock()
 	for _, d := range dead {
 		p.srv.log.Info("pooled upstream connection lost while idle; closing it", "upstream_client_id", d.c.id, "err", d.err)
-		p.discard(d.c)
+		p.drop(d.c)
 	}
 	for _, c := range work {
 		err := p.refresh(ctx, c, tok)
 		p.mu.Lock()
 		p.busy--
-		kept := err == nil && p.admitLocked(c)
+		kept := err == nil && p.admitLocked(c, true)
 		if !kept {
 			p.changedLocked()
 		}
@@ -493,7 +526,7 @@ func (p *pool) tend(ctx context.Context, tok Token) {
 			p.srv.log.Info("pooled upstream connection failed its upkeep; closing it", "upstream_client_id", c.id, "err", err)
 		}
 		if !kept {
-			p.discard(c)
+			p.drop(c)
 		}
 	}
 }

@@ -179,12 +179,20 @@ func startFakePool(t *testing.T, size int, idlePing time.Duration) (*fakeUpstrea
 // startFakePoolUpTo is startFakePool with a pool that may grow to most.
 func startFakePoolUpTo(t *testing.T, size, most int, idlePing time.Duration) (*fakeUpstream, *gaugeObserver, *Server) {
 	t.Helper()
-	up := &fakeUpstream{ends: map[int64]net.Conn{}}
+	return startFakePoolWith(t, Options{PoolSize: size, PoolMax: most, IdlePing: idlePing})
+}
+
+// startFakePoolWith is startFakePool with o's pool and limit settings, and o.Dialer if it is a fakeUpstream.
+func startFakePoolWith(t *testing.T, o Options) (*fakeUpstream, *gaugeObserver, *Server) {
+	t.Helper()
+	up, ok := o.Dialer.(*fakeUpstream)
+	if !ok {
+		up = &fakeUpstream{ends: map[int64]net.Conn{}}
+	}
 	obs := &gaugeObserver{}
-	srv, err := New(Options{
-		Tokens: fixedToken(Token{Username: "oid", Secret: "token"}), Dialer: up, Observer: obs,
-		Logger: slog.New(slog.NewTextHandler(t.Output(), nil)), PoolSize: size, PoolMax: most, IdlePing: idlePing,
-	})
+	o.Tokens, o.Dialer, o.Observer = fixedToken(Token{Username: "oid", Secret: "token"}), up, obs
+	o.Logger = slog.New(slog.NewTextHandler(t.Output(), nil))
+	srv, err := New(o)
 	if err != nil {
 		t.Fatal(err)
 	}

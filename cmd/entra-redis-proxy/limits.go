@@ -13,8 +13,12 @@ import (
 //	limit = (soft RLIMIT_NOFILE - reserved) / 2            two per client: its socket and its upstream's
 //	reserved = fdFixed + pool + max(fdControlMin, soft/fdControlShare)
 //
-// where pool is the most the pool may hold (POOL_MAX, or POOL_SIZE if larger). With the default pool (32):
-// 256 descriptors allow 71 clients, 1024 allow 439, 1048576 allow 491479.
+// where pool is the most LISTEN's pool may hold (POOL_MAX, or POOL_SIZE if larger) times the caches. With the
+// default pool (32): 256 descriptors allow 71 clients, 1024 allow 439, 1048576 allow 491479.
+// Clients and every pool (LISTEN's and the cluster node listeners', whose number is not known at start)
+// then share one budget of soft - fdFixed - control descriptors (proxy.NewDescriptorBudget): pools fill only
+// within what clients leave, so at the limit they hold at most pool, and limit and pools together never
+// exceed the open-file limit.
 // Go raises the soft limit to the hard one (less one) when the process starts, so the hard limit is the one
 // to raise.
 const (
@@ -23,7 +27,7 @@ const (
 	// (probes, scrapes, admin). Headroom, not bounds: nothing else stops more HTTP connections.
 	fdFixed = 3 + 3 + 4 + 8 + 32
 	// Control connections: a rotation opens a CLIENT UNBLOCK connection per blocked client and a second
-	// upstream per subscribed client, spread over the re-AUTH window, and the pool dials one at a time.
+	// upstream per subscribed client, spread over the re-AUTH window. (A pool's dial is counted in the budget.)
 	fdControlMin   = 32
 	fdControlShare = 16 // one descriptor in 16
 	fdPerClient    = 2
@@ -35,6 +39,7 @@ type connLimit struct {
 	source   string // the variable or resource that set it
 	derived  int    // what RLIMIT_NOFILE allows
 	reserved int    // descriptors kept for other than clients
+	budget   int    // descriptors shared by clients (two each) and pooled upstream connections (one each)
 	soft     uint64 // RLIMIT_NOFILE
 	hard     uint64
 	lowered  int // MAX_CONNECTIONS when it was above derived and lowered to it; 0 otherwise
@@ -48,13 +53,14 @@ const maxNofile = 1 << 30
 // It fails when rl leaves no descriptor for a client.
 func deriveConnLimit(rl syscall.Rlimit, pool, maxConns int) (connLimit, error) {
 	soft := min(rl.Cur, maxNofile)
-	reserved := fdFixed + pool + max(fdControlMin, int(soft/fdControlShare))
-	derived := (int(soft) - reserved) / fdPerClient
+	budget := int(soft) - fdFixed - max(fdControlMin, int(soft/fdControlShare))
+	reserved := int(soft) - budget + pool
+	derived := (budget - pool) / fdPerClient
 	if derived < 1 {
 		return connLimit{}, fmt.Errorf("the open-file limit (RLIMIT_NOFILE) is %d: the proxy keeps %d descriptors for "+
 			"itself and needs %d per client, so at least %d; %s", rl.Cur, reserved, fdPerClient, reserved+fdPerClient, raiseNofile)
 	}
-	cl := connLimit{limit: derived, source: "RLIMIT_NOFILE", derived: derived, reserved: reserved, soft: rl.Cur, hard: rl.Max}
+	cl := connLimit{limit: derived, source: "RLIMIT_NOFILE", derived: derived, reserved: reserved, budget: budget, soft: rl.Cur, hard: rl.Max}
 	switch {
 	case maxConns > derived:
 		cl.lowered = maxConns
@@ -80,7 +86,7 @@ func (cl connLimit) log(log *slog.Logger) {
 		raise = fmt.Sprintf("raise %s_MAX_CONNECTIONS, up to %d (the open-file limit's); beyond that, %s", envPrefix, cl.derived, raiseNofile)
 	}
 	log.Info("client connection limit", "limit", cl.limit, "source", cl.source, "nofile", cl.soft, "nofile_hard", cl.hard,
-		"per_client", fdPerClient, "reserved", cl.reserved, "raise", raise)
+		"per_client", fdPerClient, "reserved", cl.reserved, "pool_descriptors", cl.budget-cl.limit*fdPerClient, "raise", raise)
 }
 
 // getNofile reads RLIMIT_NOFILE; tests replace it to run the proxy under a small limit.

@@ -17,27 +17,33 @@ func TestDeriveConnLimit(t *testing.T) {
 		limit             int
 		source            string
 		lowered, reserved int
+		budget            int // for clients and every pool: nofile - 50 - max(32, nofile/16)
 	}{
 		// reserved = 50 fixed + the pool's ceiling + max(32, nofile/16); limit = (nofile - reserved) / 2
-		{"ulimit -n 256", 256, 4, 0, 85, "RLIMIT_NOFILE", 0, 86},
-		{"1024", 1024, 4, 0, 453, "RLIMIT_NOFILE", 0, 118},
-		{"a large pool", 1024, 100, 0, 405, "RLIMIT_NOFILE", 0, 214},
-		{"containerd's 1048576", 1 << 20, 4, 0, 491493, "RLIMIT_NOFILE", 0, 65590},
-		{"RLIM_INFINITY", ^uint64(0), 4, 0, (1<<30 - (54 + 1<<26)) / 2, "RLIMIT_NOFILE", 0, 54 + 1<<26},
-		{"MAX_CONNECTIONS below", 256, 4, 10, 10, maxConnsVar, 0, 86},
-		{"MAX_CONNECTIONS equal", 256, 4, 85, 85, maxConnsVar, 0, 86},
-		{"MAX_CONNECTIONS above is lowered", 256, 4, 86, 85, "RLIMIT_NOFILE", 86, 86},
-		{"one client fits", 86 + 2, 4, 0, 1, "RLIMIT_NOFILE", 0, 86},
-		{"one client fits, odd", 86 + 3, 4, 0, 1, "RLIMIT_NOFILE", 0, 86},
+		{"ulimit -n 256", 256, 4, 0, 85, "RLIMIT_NOFILE", 0, 86, 174},
+		{"1024", 1024, 4, 0, 453, "RLIMIT_NOFILE", 0, 118, 910},
+		{"a large pool", 1024, 100, 0, 405, "RLIMIT_NOFILE", 0, 214, 910},
+		{"containerd's 1048576", 1 << 20, 4, 0, 491493, "RLIMIT_NOFILE", 0, 65590, 1<<20 - 50 - 1<<16},
+		{"RLIM_INFINITY", ^uint64(0), 4, 0, (1<<30 - (54 + 1<<26)) / 2, "RLIMIT_NOFILE", 0, 54 + 1<<26, 1<<30 - 50 - 1<<26},
+		{"MAX_CONNECTIONS below", 256, 4, 10, 10, maxConnsVar, 0, 86, 174},
+		{"MAX_CONNECTIONS equal", 256, 4, 85, 85, maxConnsVar, 0, 86, 174},
+		{"MAX_CONNECTIONS above is lowered", 256, 4, 86, 85, "RLIMIT_NOFILE", 86, 86, 174},
+		{"one client fits", 86 + 2, 4, 0, 1, "RLIMIT_NOFILE", 0, 86, 6},
+		{"one client fits, odd", 86 + 3, 4, 0, 1, "RLIMIT_NOFILE", 0, 86, 7},
 	} {
 		t.Run(tc.desc, func(t *testing.T) {
 			cl, err := deriveConnLimit(syscall.Rlimit{Cur: tc.nofile, Max: tc.nofile}, tc.pool, tc.maxConns)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if cl.limit != tc.limit || cl.source != tc.source || cl.lowered != tc.lowered || cl.reserved != tc.reserved {
-				t.Errorf("limit %d from %s (lowered %d, reserved %d), want %d from %s (lowered %d, reserved %d)",
-					cl.limit, cl.source, cl.lowered, cl.reserved, tc.limit, tc.source, tc.lowered, tc.reserved)
+			if cl.limit != tc.limit || cl.source != tc.source || cl.lowered != tc.lowered || cl.reserved != tc.reserved || cl.budget != tc.budget {
+				t.Errorf("limit %d from %s (lowered %d, reserved %d, budget %d), want %d from %s (lowered %d, reserved %d, budget %d)",
+					cl.limit, cl.source, cl.lowered, cl.reserved, cl.budget, tc.limit, tc.source, tc.lowered, tc.reserved, tc.budget)
+			}
+			// At the limit the pools still have their ceiling: the limit leaves it in the budget.
+			if cl.budget-cl.limit*fdPerClient < tc.pool {
+				t.Errorf("%d clients leave %d of the budget's %d descriptors to pools, want at least %d", cl.limit,
+					cl.budget-cl.limit*fdPerClient, cl.budget, tc.pool)
 			}
 			// The limit and what the proxy keeps fit in the descriptors.
 			if n := min(tc.nofile, maxNofile); uint64(cl.limit*fdPerClient+cl.reserved) > n {
@@ -71,7 +77,7 @@ func TestConnLimitLog(t *testing.T) {
 		want     []string // substrings of the output, in order
 		warn     bool
 	}{
-		{"derived", 0, []string{"level=INFO", `msg="client connection limit"`, "limit=85", "source=RLIMIT_NOFILE", "nofile=256", "nofile_hard=4096",
+		{"derived", 0, []string{"level=INFO", `msg="client connection limit"`, "limit=85", "source=RLIMIT_NOFILE", "nofile=256", "nofile_hard=4096", "pool_descriptors=4",
 			"ulimit -n", "--ulimit nofile"}, false},
 		{"MAX_CONNECTIONS", 10, []string{"level=INFO", "limit=10", "source=" + envPrefix + "_MAX_CONNECTIONS",
 			"raise " + envPrefix + "_MAX_CONNECTIONS, up to 85", "ulimit -n"}, false},

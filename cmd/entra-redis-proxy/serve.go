@@ -131,7 +131,8 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 		log.Error("cannot read the open-file limit", "err", fmt.Errorf("getrlimit RLIMIT_NOFILE: %w", err))
 		return exitConfig
 	}
-	// Each cache's LISTEN has its own pool (node listeners' pools are not counted: their number is not known yet).
+	// Each cache's LISTEN has its own pool; node listeners' pools draw on the same budget (their number is
+	// not known yet).
 	limit, err := deriveConnLimit(nofile, cfg.poolCeiling()*len(cfg.caches), cfg.MaxConnections)
 	if err != nil {
 		log.Error("cannot start", "err", err)
@@ -142,6 +143,8 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 	reg := prometheus.NewRegistry()
 	m := metrics.New(reg)
 	m.SetMaxConnections(limit.limit)
+	budget := proxy.NewDescriptorBudget(limit.limit, limit.budget)
+	m.SetDescriptorBudget(limit.budget, budget.Pooled)
 
 	src, err := newTokenSource(cfg, log, m.TokenRefresh)
 	if err != nil {
@@ -152,10 +155,10 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 	if !cfg.LogConnections {
 		connLevel = slog.LevelDebug
 	}
-	// Shared by every cache: one identity and token, one connection budget (the process's descriptors),
-	// one range of node listener ports.
+	// Shared by every cache: one identity and token, one budget of clients and pooled connections (the
+	// process's descriptors), one range of node listener ports.
 	base := proxy.Options{
-		Tokens: src, Limit: proxy.NewConnLimit(limit.limit), DialTimeout: cfg.DialTimeout,
+		Tokens: src, Limit: budget, DialTimeout: cfg.DialTimeout,
 		IdlePing: cfg.IdlePing, MaxBulk: int64(cfg.MaxBulkBytes), LocalPassword: cfg.LocalPassword,
 		PoolSize: cfg.PoolSize, PoolMax: cfg.poolCeiling(), ReconnectTimeout: reconnectTimeout(cfg.ReconnectTimeout),
 		MaintenanceEvents: cfg.MaintenanceEvents, MaintNotifications: cfg.MaintenanceEvents, ConnLogLevel: connLevel,
