@@ -231,3 +231,21 @@ func BenchmarkConnLimit(b *testing.B) {
 		})
 	})
 }
+
+// A maintenance move drops the idle connections dialed before it: their descriptors go back to the budget
+// and the replacements take them again, so the budget counts what is open (not 4 dropped + 4 new).
+func TestPoolDropAtMoveGivesDescriptorsBack(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		l := NewDescriptorBudget(40, 100)
+		up, _, srv := startFakePoolWith(t, Options{PoolSize: 4, PoolMax: 4, Limit: l})
+		synctest.Wait()
+		wantPool(t, srv, 4, 0)
+		srv.pool.dropOpenedBefore(srv.now() + 1)
+		synctest.Wait()
+		wantPool(t, srv, 4, 0)
+		wantDials(t, up, 8)
+		if got := l.Pooled(); got != 4 {
+			t.Fatalf("%d descriptors pooled with 4 idle, want 4", got)
+		}
+	})
+}
