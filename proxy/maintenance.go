@@ -90,8 +90,7 @@ func announcementLabel(kind string) string {
 	return "other"
 }
 
-// errTokenChanged ends a control connection subscribed to AzureRedisEvents when the token rotates: redis
-// refuses AUTH in RESP2 subscribed mode, so a new connection takes its place.
+// errTokenChanged reports a new token to a control connection's read (readOrChange), which then sends it.
 var errTokenChanged = errors.New("token changed")
 
 const (
@@ -114,8 +113,7 @@ func (s *Server) stallTimeout() time.Duration {
 // eventsPing is how often the control connection PINGs when no message came (Azure closes idle connections).
 const eventsPing = 2 * time.Minute
 
-// eventsLoop keeps one control connection subscribed to AzureRedisEvents until ctx ends (see keepControl),
-// dialing a new one on every new token: RESP2 subscribers can't re-AUTH.
+// eventsLoop keeps one control connection subscribed to AzureRedisEvents until ctx ends (see keepControl).
 func (s *Server) eventsLoop(ctx context.Context) {
 	s.keepControl(ctx, "maintenance announcements", s.listenEvents, func(err error) bool {
 		var refused *replyError
@@ -133,7 +131,7 @@ func (s *Server) eventsLoop(ctx context.Context) {
 type controlRun func(ctx, setup context.Context, p *pooled, c *ctrlConn, changed <-chan struct{}) error
 
 // keepControl runs a control connection (listen) until ctx ends or stop says its error ends it for good: a
-// new one at once after a new token or a move of the endpoint, else after a jittered backoff.
+// new one at once after a move of the endpoint, else after a jittered backoff.
 func (s *Server) keepControl(ctx context.Context, what string, listen controlRun, stop func(error) bool) {
 	wait := reconnectFirstWait
 	for ctx.Err() == nil {
@@ -141,7 +139,7 @@ func (s *Server) keepControl(ctx context.Context, what string, listen controlRun
 		switch {
 		case ctx.Err() != nil || stop(err):
 			return
-		case errors.Is(err, errTokenChanged) || errors.Is(err, errMoved):
+		case errors.Is(err, errMoved):
 			wait = reconnectFirstWait
 			continue
 		}
@@ -173,38 +171,32 @@ func (s *Server) runControl(ctx context.Context, listen controlRun) error {
 	return listen(ctx, setup, p, newCtrlConn(p.conn), changed)
 }
 
-// listenEvents runs a control connection subscribed to AzureRedisEvents.
+// listenEvents runs a control connection subscribed to AzureRedisEvents. It speaks RESP3 (HELLO 3: Redis 6
+// and later), so it takes each new token by AUTH while subscribed instead of being dialed again: an
+// announcement published at a token change is not missed (listenPushes).
 func (s *Server) listenEvents(ctx, setup context.Context, p *pooled, c *ctrlConn, changed <-chan struct{}) error {
-	r, err := c.do(setup, "SUBSCRIBE", azureEventsChannel)
-	if err == nil && r.err() == nil && (len(r.elems) == 0 || r.elems[0] != "subscribe") {
-		err = fmt.Errorf("unexpected reply %s", r)
-	}
-	if err == nil {
-		err = r.err()
-	}
+	rs, err := c.pipeline(setup, resp.AppendCommand(resp.AppendCommand(nil, "HELLO", "3"), "SUBSCRIBE", azureEventsChannel), 2)
 	if err != nil {
 		return fmt.Errorf("SUBSCRIBE %s: %w", azureEventsChannel, err)
 	}
+	if rs[0].typ != '%' { // not a refusal of the channel: dialed again with backoff
+		return fmt.Errorf("HELLO 3 for the %s connection (Redis 6 or later needed): unexpected reply %s", azureEventsChannel, rs[0])
+	}
+	r := rs[1]
+	if err := r.err(); err != nil {
+		return fmt.Errorf("SUBSCRIBE %s: %w", azureEventsChannel, err)
+	}
+	if r.typ != '>' || len(r.elems) == 0 || r.elems[0] != "subscribe" {
+		return fmt.Errorf("SUBSCRIBE %s: unexpected reply %s", azureEventsChannel, r)
+	}
 	s.log.Debug("maintenance announcements: subscribed", "upstream_client_id", p.id)
 	s.eventsUpOnce.Do(func() { close(s.eventsUp) })
-	for {
-		// A read that its deadline interrupts consumes nothing, so reading again goes on where it stopped.
-		r, err := readOrChange(ctx, c, eventsPing, changed)
-		switch {
-		case errors.Is(err, errTokenChanged):
-			return err
-		case err == nil:
-			if len(r.elems) == 3 && r.elems[0] == "message" && r.elems[1] == azureEventsChannel {
-				s.announce(r.elems[2])
-			}
-		case errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil:
-			if err := c.send(ctx, resp.AppendCommand(nil, "PING")); err != nil {
-				return err
-			}
-		default:
-			return err
+	return s.listenPushes(ctx, c, changed, func(elems []string) error {
+		if len(elems) == 3 && elems[0] == "message" && elems[1] == azureEventsChannel {
+			s.announce(elems[2])
 		}
-	}
+		return nil
+	}, nil, nil)
 }
 
 // announce handles one AzureRedisEvents message.
