@@ -243,18 +243,26 @@ func (s *session) move() error {
 	case c.tx.open() || c.stream.active:
 		s.retryLater(pokeMove) // after EXEC
 		return nil
-	case s.resp2Sub.Load() && s.maintenanceNode() != "":
+	case s.subs.total() > 0 && s.maintenanceNode() != "":
 		// The handover's marker must reach both connections, which may now be on different nodes.
 		s.srv.obs.Mechanism("maintenance_unmoved")
 		s.log.Debug("not moved ahead of the maintenance; the reconnect after the close will handle it",
-			"reason", "RESP2 subscriptions on a node the load balancer may have left")
+			"reason", "subscriptions on a node the load balancer may have left")
 		return nil
 	case s.resp2Sub.Load():
 		s.srv.obs.Mechanism("maintenance_handover")
-		return s.handover(tok)
+		return s.handover(tok, pokeMove)
 	case !s.led.waitIdle(handoverTimeout):
 		return nil // replies still flowing: left to the reconnect after the close
-	case !s.canMove():
+	case s.subs.total() > 0:
+		// A RESP3 subscriber, with nothing in flight: by the handover too, so that the messages published
+		// while it moves are neither lost nor doubled.
+		if !s.canMove(true) {
+			return nil
+		}
+		s.srv.obs.Mechanism("maintenance_handover")
+		return s.handover(tok, pokeMove)
+	case !s.canMove(false):
 		return nil
 	}
 	return s.switchUpstream()
@@ -271,7 +279,7 @@ func (s *session) moveBlocked(tok Token) error {
 		s.retryLater(pokeMove) // replies before it still due
 		return nil
 	}
-	if !s.canMove() {
+	if !s.canMove(false) {
 		return nil
 	}
 	if b.leased {
@@ -329,9 +337,10 @@ func (s *session) dialBlockedNode(ctx context.Context) (net.Conn, error) {
 	return s.srv.dialAt(ctx, s.cl.upAddr)
 }
 
-// canMove reports whether the session's state allows a move (logged and counted when not).
-func (s *session) canMove() bool {
-	why := s.unmovable()
+// canMove reports whether the session's state allows a move (logged and counted when not); byHandover: by
+// the pub/sub handover, which alone moves subscriptions.
+func (s *session) canMove(byHandover bool) bool {
+	why := s.unmovable(byHandover)
 	if why != "" {
 		s.srv.obs.Mechanism("maintenance_unmoved")
 		s.log.Debug("not moved ahead of the maintenance; the reconnect after the close will handle it", "reason", why)
@@ -373,13 +382,14 @@ func (s *session) switchUpstream() error {
 }
 
 // unmovable says why a session at a safe point can't move ahead of a maintenance, or "" when it can: the
-// old connection must be silent while the reply loop leaves it, and the state restorable.
-func (s *session) unmovable() string {
+// old connection must be silent while the reply loop leaves it (or, byHandover, send only messages the
+// handover cuts), and the state restorable.
+func (s *session) unmovable(byHandover bool) string {
 	switch {
 	case s.rl.monitor:
 		return "MONITOR"
-	case s.subs.total() > 0:
-		return "RESP3 subscriptions"
+	case s.subs.total() > 0 && !byHandover:
+		return "RESP3 subscriptions with a command in flight"
 	case s.carry.snapshot().tracking != "":
 		return "CLIENT TRACKING"
 	}
