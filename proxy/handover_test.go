@@ -150,7 +150,7 @@ func TestHandoverMarkerCutover(t *testing.T) {
 				t.Fatalf("%q: passed %v, switched %v; want %v, %v", frame, fwd, next != nil, wantFwd, wantSwitch)
 			}
 		}
-		step(push("message", "a", "1"), true, false)   // O, before the marker's confirmation
+		step(push("message", "a", "1"), true, false)    // O, before the marker's confirmation
 		step(push("subscribe", "M", "2"), false, false) // O's confirmation of the marker: hidden
 		select {
 		case <-cut.subscribed:
