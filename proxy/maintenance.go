@@ -20,15 +20,16 @@ import (
 // and a metric. From Starting to Ended the stall limit is relaxed (stallTimeout). At NodeMaintenanceStart for a primary, every session moves to a new upstream connection at
 // its next safe point, before the node closes the old one:
 //
-//   - a RESP2 subscriber by the pub/sub handover (handover.go), so no message is lost or doubled;
+//   - a subscriber by the pub/sub handover (handover.go), so no message is lost or doubled: a RESP2 one at
+//     once, a RESP3 one once no reply is owed (its replies would interleave with the cut's pushes);
 //   - any other session at a safe point with nothing that pushes (no subscriptions, tracking or MONITOR):
 //     the client loop dials and restores a new upstream as a reconnect does (reconnect.go), then stops the
 //     reply loop on the old one between frames (a read deadline, as for the pool) and hands it the new one;
 //     only then is the old one closed. Commands that arrive meanwhile wait in the read buffer;
 //   - a blocked session by CLIENT UNBLOCK, the move, and its command again on the new connection
 //     (moveBlocked); a session inside MULTI after EXEC, if the close has not come first; sessions that can't
-//     move (RESP3 subscribers, tracking, MONITOR, CLIENT REPLY OFF) are left to the reconnect after the
-//     close.
+//     move (a blocked RESP3 subscriber, tracking, MONITOR, CLIENT REPLY OFF) are left to the reconnect
+//     after the close.
 //
 // Moving at Starting would not help: a connection opened then still reaches the node under maintenance.
 
