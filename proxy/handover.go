@@ -298,7 +298,7 @@ func (s *session) dialSubscriber(ctx context.Context, tok Token, subs [3][]strin
 		n.Close()
 		return nil, nil, fmt.Errorf("new upstream: %w", err)
 	}
-	if s.rl.proto == 3 { // the reply loop is idle on O: it reads proto no more until the cut
+	if s.rl.proto == 3 { // no HELLO reply is owed (the ledger is idle): the reply loop does not change it now
 		if err := hello3(ctx, c); err != nil {
 			return fail(err)
 		}
