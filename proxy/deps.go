@@ -64,7 +64,7 @@ type Observer interface {
 	// for an upstream that closed under a session (reconnect.go): "reconnect_restored" (the session goes on, on a
 	// new upstream), "reconnect_outstanding" (closed with a reply outstanding), "reconnect_unrestorable"
 	// (closed: its state can't be restored exactly), "reconnect_failed" (closed: no new upstream in time); at an announced maintenance (maintenance.go): "maintenance_move" (moved to a
-	// new upstream ahead of the close), "maintenance_handover" (a RESP2 subscriber, by the handover),
+	// new upstream ahead of the close), "maintenance_handover" (a subscriber, RESP2 or RESP3, by the handover),
 	// "maintenance_unmoved" (left to the reconnect after the close).
 	Mechanism(name string)
 	// Announcement reports one maintenance announcement on AzureRedisEvents, by type: one of

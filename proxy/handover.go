@@ -77,11 +77,14 @@ type markerState struct {
 
 func (m *markerState) active() bool { return m.cut != nil }
 
-// handover moves a RESP2 subscriber to a new upstream authenticated with tok. It returns an error only for a
-// failure of the old connection; other failures leave the client on its old connection and are retried.
-func (s *session) handover(tok Token) error {
+// handover moves a subscriber to a new upstream authenticated with tok: a RESP2 one at a new token or a
+// maintenance, a RESP3 one at a maintenance (in RESP3 the confirmations and messages are pushes, and the new
+// connection speaks RESP3 too; with nothing else in flight, the same cut applies). It returns an error only
+// for a failure of the old connection; other failures leave the client on its old connection and are
+// retried (retry: the kind, pokeReauth or pokeMove).
+func (s *session) handover(tok Token, retry uint32) error {
 	if !s.led.waitIdle(handoverTimeout) {
-		s.retryLater(pokeReauth) // replies still outstanding: the subscriptions are not known yet
+		s.retryLater(retry) // replies still outstanding: the subscriptions are not known yet
 		return nil
 	}
 	subs := s.subs.snapshot()
@@ -98,7 +101,7 @@ func (s *session) handover(tok Token) error {
 		s.log.Warn("pub/sub handover failed; staying on the current connection and retrying", "err", err)
 		cut.failed = true
 		close(cut.ready)
-		s.retryLater(pokeReauth)
+		s.retryLater(retry)
 		// Drop the marker subscription so the client's subscription counts stay right.
 		return s.sendMarker(cut.verb(false), cut.marker)
 	}
@@ -294,6 +297,11 @@ func (s *session) dialSubscriber(ctx context.Context, tok Token, subs [3][]strin
 	fail := func(err error) (*pooled, *readBuf, error) {
 		n.Close()
 		return nil, nil, fmt.Errorf("new upstream: %w", err)
+	}
+	if s.rl.proto == 3 { // no HELLO reply is owed (the ledger is idle): the reply loop does not change it now
+		if err := hello3(ctx, c); err != nil {
+			return fail(err)
+		}
 	}
 	// What else the client set on O: once it unsubscribes, its commands run on N. Not CLIENT TRACKING: in
 	// RESP2 it redirects to a connection by id, which may be gone (see README: what is not exact).

@@ -124,4 +124,57 @@ func TestHandoverMarkerCutover(t *testing.T) {
 			t.Fatalf("the new marker: passed %v, switched %v", fwd, next != nil)
 		}
 	})
+
+	// A RESP3 subscriber's handover at a maintenance: the same cut, with confirmations and messages framed
+	// as pushes; the marker's (un)subscription confirmations are the replies the ledger waits for.
+	t.Run("RESP3 pushes", func(t *testing.T) {
+		s := newSession()
+		s.resp2Sub.Store(false)
+		s.rl.proto = 3
+		push := func(args ...string) []byte {
+			b := resp.AppendCommand(nil, args...)
+			b[0] = '>'
+			return b
+		}
+		n, other := net.Pipe()
+		defer n.Close()
+		defer other.Close()
+		cut := newCutover("M", false)
+		cut.conn, cut.buf = n, &readBuf{}
+		s.cut.Store(cut)
+		s.led.push([]entry{{act: actMarker}})
+		step := func(frame []byte, wantFwd, wantSwitch bool) {
+			t.Helper()
+			fwd, next := pass(t, s, frame)
+			if fwd != wantFwd || (next != nil) != wantSwitch {
+				t.Fatalf("%q: passed %v, switched %v; want %v, %v", frame, fwd, next != nil, wantFwd, wantSwitch)
+			}
+		}
+		step(push("message", "a", "1"), true, false)    // O, before the marker's confirmation
+		step(push("subscribe", "M", "2"), false, false) // O's confirmation of the marker: hidden
+		select {
+		case <-cut.subscribed:
+		default:
+			t.Fatal("the marker's confirmation was not recorded")
+		}
+		if s.led.len() != 0 {
+			t.Fatal("the marker's confirmation did not answer its entry")
+		}
+		close(cut.ready)
+		step(push("pmessage", "a*", "a", "2"), true, false) // O, before the marker
+		step(push("message", "M", "cut"), false, true)      // O's copy: continue on N
+		step(push("message", "a", "1"), false, false)       // N, before its copy: O delivered them
+		step(push("pmessage", "a*", "a", "2"), false, false)
+		step(push("message", "M", "cut"), false, false)
+		step(push("message", "a", "3"), true, false) // N, after the marker: new
+		if !cut.switched {
+			t.Fatal("the client loop was not told of the switch")
+		}
+		s.led.push([]entry{{act: actMarker}})
+		step(push("unsubscribe", "M", "1"), false, false)
+		if s.rl.marker.active() || s.led.len() != 0 {
+			t.Fatalf("after the marker's unsubscription: still watching %v, %d entries", s.rl.marker.active(), s.led.len())
+		}
+		step(push("message", "a", "4"), true, false)
+	})
 }

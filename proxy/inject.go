@@ -79,7 +79,7 @@ func (s *session) reauth() error {
 		if err := s.flush(); err != nil {
 			return err
 		}
-		return s.handover(tok)
+		return s.handover(tok, pokeReauth)
 	}
 	s.appendAuth(tok, s.srv.now())
 	return nil

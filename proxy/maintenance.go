@@ -20,15 +20,16 @@ import (
 // and a metric. From Starting to Ended the stall limit is relaxed (stallTimeout). At NodeMaintenanceStart for a primary, every session moves to a new upstream connection at
 // its next safe point, before the node closes the old one:
 //
-//   - a RESP2 subscriber by the pub/sub handover (handover.go), so no message is lost or doubled;
+//   - a subscriber by the pub/sub handover (handover.go), so no message is lost or doubled: a RESP2 one at
+//     once, a RESP3 one once no reply is owed (its replies would interleave with the cut's pushes);
 //   - any other session at a safe point with nothing that pushes (no subscriptions, tracking or MONITOR):
 //     the client loop dials and restores a new upstream as a reconnect does (reconnect.go), then stops the
 //     reply loop on the old one between frames (a read deadline, as for the pool) and hands it the new one;
 //     only then is the old one closed. Commands that arrive meanwhile wait in the read buffer;
 //   - a blocked session by CLIENT UNBLOCK, the move, and its command again on the new connection
 //     (moveBlocked); a session inside MULTI after EXEC, if the close has not come first; sessions that can't
-//     move (RESP3 subscribers, tracking, MONITOR, CLIENT REPLY OFF) are left to the reconnect after the
-//     close.
+//     move (a blocked RESP3 subscriber, tracking, MONITOR, CLIENT REPLY OFF) are left to the reconnect
+//     after the close.
 //
 // Moving at Starting would not help: a connection opened then still reaches the node under maintenance.
 
@@ -90,8 +91,7 @@ func announcementLabel(kind string) string {
 	return "other"
 }
 
-// errTokenChanged ends a control connection subscribed to AzureRedisEvents when the token rotates: redis
-// refuses AUTH in RESP2 subscribed mode, so a new connection takes its place.
+// errTokenChanged reports a new token to a control connection's read (readOrChange), which then sends it.
 var errTokenChanged = errors.New("token changed")
 
 const (
@@ -114,8 +114,7 @@ func (s *Server) stallTimeout() time.Duration {
 // eventsPing is how often the control connection PINGs when no message came (Azure closes idle connections).
 const eventsPing = 2 * time.Minute
 
-// eventsLoop keeps one control connection subscribed to AzureRedisEvents until ctx ends (see keepControl),
-// dialing a new one on every new token: RESP2 subscribers can't re-AUTH.
+// eventsLoop keeps one control connection subscribed to AzureRedisEvents until ctx ends (see keepControl).
 func (s *Server) eventsLoop(ctx context.Context) {
 	s.keepControl(ctx, "maintenance announcements", s.listenEvents, func(err error) bool {
 		var refused *replyError
@@ -133,7 +132,7 @@ func (s *Server) eventsLoop(ctx context.Context) {
 type controlRun func(ctx, setup context.Context, p *pooled, c *ctrlConn, changed <-chan struct{}) error
 
 // keepControl runs a control connection (listen) until ctx ends or stop says its error ends it for good: a
-// new one at once after a new token or a move of the endpoint, else after a jittered backoff.
+// new one at once after a move of the endpoint, else after a jittered backoff.
 func (s *Server) keepControl(ctx context.Context, what string, listen controlRun, stop func(error) bool) {
 	wait := reconnectFirstWait
 	for ctx.Err() == nil {
@@ -141,7 +140,7 @@ func (s *Server) keepControl(ctx context.Context, what string, listen controlRun
 		switch {
 		case ctx.Err() != nil || stop(err):
 			return
-		case errors.Is(err, errTokenChanged) || errors.Is(err, errMoved):
+		case errors.Is(err, errMoved):
 			wait = reconnectFirstWait
 			continue
 		}
@@ -173,38 +172,32 @@ func (s *Server) runControl(ctx context.Context, listen controlRun) error {
 	return listen(ctx, setup, p, newCtrlConn(p.conn), changed)
 }
 
-// listenEvents runs a control connection subscribed to AzureRedisEvents.
+// listenEvents runs a control connection subscribed to AzureRedisEvents. It speaks RESP3 (HELLO 3: Redis 6
+// and later), so it takes each new token by AUTH while subscribed instead of being dialed again: an
+// announcement published at a token change is not missed (listenPushes).
 func (s *Server) listenEvents(ctx, setup context.Context, p *pooled, c *ctrlConn, changed <-chan struct{}) error {
-	r, err := c.do(setup, "SUBSCRIBE", azureEventsChannel)
-	if err == nil && r.err() == nil && (len(r.elems) == 0 || r.elems[0] != "subscribe") {
-		err = fmt.Errorf("unexpected reply %s", r)
-	}
-	if err == nil {
-		err = r.err()
-	}
+	rs, err := c.pipeline(setup, resp.AppendCommand(resp.AppendCommand(nil, "HELLO", "3"), "SUBSCRIBE", azureEventsChannel), 2)
 	if err != nil {
 		return fmt.Errorf("SUBSCRIBE %s: %w", azureEventsChannel, err)
 	}
+	if rs[0].typ != '%' { // not a refusal of the channel: dialed again with backoff
+		return fmt.Errorf("HELLO 3 for the %s connection (Redis 6 or later needed): unexpected reply %s", azureEventsChannel, rs[0])
+	}
+	r := rs[1]
+	if err := r.err(); err != nil {
+		return fmt.Errorf("SUBSCRIBE %s: %w", azureEventsChannel, err)
+	}
+	if r.typ != '>' || len(r.elems) == 0 || r.elems[0] != "subscribe" {
+		return fmt.Errorf("SUBSCRIBE %s: unexpected reply %s", azureEventsChannel, r)
+	}
 	s.log.Debug("maintenance announcements: subscribed", "upstream_client_id", p.id)
 	s.eventsUpOnce.Do(func() { close(s.eventsUp) })
-	for {
-		// A read that its deadline interrupts consumes nothing, so reading again goes on where it stopped.
-		r, err := readOrChange(ctx, c, eventsPing, changed)
-		switch {
-		case errors.Is(err, errTokenChanged):
-			return err
-		case err == nil:
-			if len(r.elems) == 3 && r.elems[0] == "message" && r.elems[1] == azureEventsChannel {
-				s.announce(r.elems[2])
-			}
-		case errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil:
-			if err := c.send(ctx, resp.AppendCommand(nil, "PING")); err != nil {
-				return err
-			}
-		default:
-			return err
+	return s.listenPushes(ctx, c, changed, func(elems []string) error {
+		if len(elems) == 3 && elems[0] == "message" && elems[1] == azureEventsChannel {
+			s.announce(elems[2])
 		}
-	}
+		return nil
+	}, nil, nil)
 }
 
 // announce handles one AzureRedisEvents message.
@@ -251,18 +244,26 @@ func (s *session) move() error {
 	case c.tx.open() || c.stream.active:
 		s.retryLater(pokeMove) // after EXEC
 		return nil
-	case s.resp2Sub.Load() && s.maintenanceNode() != "":
+	case s.subs.total() > 0 && s.maintenanceNode() != "":
 		// The handover's marker must reach both connections, which may now be on different nodes.
 		s.srv.obs.Mechanism("maintenance_unmoved")
 		s.log.Debug("not moved ahead of the maintenance; the reconnect after the close will handle it",
-			"reason", "RESP2 subscriptions on a node the load balancer may have left")
+			"reason", "subscriptions on a node the load balancer may have left")
 		return nil
 	case s.resp2Sub.Load():
 		s.srv.obs.Mechanism("maintenance_handover")
-		return s.handover(tok)
+		return s.handover(tok, pokeMove)
 	case !s.led.waitIdle(handoverTimeout):
 		return nil // replies still flowing: left to the reconnect after the close
-	case !s.canMove():
+	case s.subs.total() > 0:
+		// A RESP3 subscriber, with nothing in flight: by the handover too, so that the messages published
+		// while it moves are neither lost nor doubled.
+		if !s.canMove(true) {
+			return nil
+		}
+		s.srv.obs.Mechanism("maintenance_handover")
+		return s.handover(tok, pokeMove)
+	case !s.canMove(false):
 		return nil
 	}
 	return s.switchUpstream()
@@ -279,7 +280,7 @@ func (s *session) moveBlocked(tok Token) error {
 		s.retryLater(pokeMove) // replies before it still due
 		return nil
 	}
-	if !s.canMove() {
+	if !s.canMove(false) {
 		return nil
 	}
 	if b.leased {
@@ -337,9 +338,10 @@ func (s *session) dialBlockedNode(ctx context.Context) (net.Conn, error) {
 	return s.srv.dialAt(ctx, s.cl.upAddr)
 }
 
-// canMove reports whether the session's state allows a move (logged and counted when not).
-func (s *session) canMove() bool {
-	why := s.unmovable()
+// canMove reports whether the session's state allows a move (logged and counted when not); byHandover: by
+// the pub/sub handover, which alone moves subscriptions.
+func (s *session) canMove(byHandover bool) bool {
+	why := s.unmovable(byHandover)
 	if why != "" {
 		s.srv.obs.Mechanism("maintenance_unmoved")
 		s.log.Debug("not moved ahead of the maintenance; the reconnect after the close will handle it", "reason", why)
@@ -381,13 +383,14 @@ func (s *session) switchUpstream() error {
 }
 
 // unmovable says why a session at a safe point can't move ahead of a maintenance, or "" when it can: the
-// old connection must be silent while the reply loop leaves it, and the state restorable.
-func (s *session) unmovable() string {
+// old connection must be silent while the reply loop leaves it (or, byHandover, send only messages the
+// handover cuts), and the state restorable.
+func (s *session) unmovable(byHandover bool) string {
 	switch {
 	case s.rl.monitor:
 		return "MONITOR"
-	case s.subs.total() > 0:
-		return "RESP3 subscriptions"
+	case s.subs.total() > 0 && !byHandover:
+		return "RESP3 subscriptions with a command in flight"
 	case s.carry.snapshot().tracking != "":
 		return "CLIENT TRACKING"
 	}

@@ -123,16 +123,37 @@ func (s *Server) listenNotifications(ctx, setup context.Context, p *pooled, c *c
 	}
 	s.log.Debug("maintenance notifications: opted in", "upstream_client_id", p.id, "endpoint", p.addr)
 	var sameAt time.Time // a MOVING without an endpoint moves the sessions then
+	return s.listenPushes(ctx, c, changed, func(elems []string) error {
+		if s.notified(elems, &sameAt) {
+			return errMoved
+		}
+		return nil
+	}, func() time.Time { return sameAt }, func() {
+		sameAt = time.Time{}
+		s.moveSessions("")
+	})
+}
+
+// listenPushes reads a RESP3 control connection until ctx ends or push returns an error, handing it each
+// push. It takes each new token by AUTH in place (RESP3 allows it, subscribed too: the connection is never
+// closed for a token, so no push is missed at one) and PINGs after eventsPing without a frame; their
+// replies come among the pushes, and an error reply ends the connection. When due returns a time (not
+// zero), alarm runs then.
+func (s *Server) listenPushes(ctx context.Context, c *ctrlConn, changed <-chan struct{}, push func([]string) error,
+	due func() time.Time, alarm func()) error {
 	for {
-		wait := eventsPing
-		if !sameAt.IsZero() {
-			wait = min(wait, time.Until(sameAt))
+		wait, at := eventsPing, time.Time{}
+		if due != nil {
+			at = due()
+		}
+		if !at.IsZero() {
+			wait = min(wait, time.Until(at))
 		}
 		r, err := readOrChange(ctx, c, wait, changed)
 		switch {
 		case err == nil && r.typ == '>':
-			if s.notified(r.elems, &sameAt) {
-				return errMoved
+			if err := push(r.elems); err != nil {
+				return err
 			}
 		case err == nil:
 			if err := r.err(); err != nil { // the answer to a PING or an AUTH
@@ -145,9 +166,8 @@ func (s *Server) listenNotifications(ctx, setup context.Context, p *pooled, c *c
 				return err
 			}
 		case errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil:
-			if !sameAt.IsZero() && !time.Now().Before(sameAt) {
-				sameAt = time.Time{}
-				s.moveSessions("")
+			if !at.IsZero() && !time.Now().Before(at) {
+				alarm()
 				continue
 			}
 			if err := c.send(ctx, resp.AppendCommand(nil, "PING")); err != nil {

@@ -205,12 +205,8 @@ func (s *session) redial(deadline time.Time) (*pooled, *readBuf, error) {
 func (s *session) restore(ctx context.Context, c *ctrlConn) (*readBuf, error) {
 	c.skipLarge = true // a large message among the confirmations is read through, and dropped
 	if s.rl.proto == 3 {
-		r, err := c.do(ctx, "HELLO", "3")
-		if err == nil {
-			err = r.expect('%')
-		}
-		if err != nil {
-			return nil, fmt.Errorf("HELLO 3: %w", err)
+		if err := hello3(ctx, c); err != nil {
+			return nil, err
 		}
 	}
 	if err := carryOver(ctx, c, s.carry.snapshot()); err != nil {
@@ -234,6 +230,18 @@ func (s *session) restore(ctx context.Context, c *ctrlConn) (*readBuf, error) {
 		flush = []byte(invalidateAll)
 	}
 	return pending(flush, c.buffered()), nil
+}
+
+// hello3 switches c to RESP3, as the session's client did on its old connection.
+func hello3(ctx context.Context, c *ctrlConn) error {
+	r, err := c.do(ctx, "HELLO", "3")
+	if err == nil {
+		err = r.expect('%')
+	}
+	if err != nil {
+		return fmt.Errorf("HELLO 3: %w", err)
+	}
+	return nil
 }
 
 // replayTx opens the transaction tx again on c with every command queued in it, and reads their replies

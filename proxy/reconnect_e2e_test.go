@@ -216,14 +216,14 @@ func TestUpstreamCloses(t *testing.T) {
 		},
 	}, {
 		// An announced maintenance of the primary (the node closes, after NodeMaintenanceStart, every
-		// connection it had then): the idle sessions, the RESP2 subscriber and the blocked one (unblocked,
-		// then its command sent again) move before the close; the RESP3 subscriber (which can't move
-		// exactly) and the session inside MULTI (which moves after EXEC) are restored after it. Every
-		// announcement is counted once, though the control connection itself is closed and dialed again.
-		desc: "announced maintenance", restored: 2, blockedSurvives: true,
+		// connection it had then): the idle sessions, the RESP2 and RESP3 subscribers (by the handover) and
+		// the blocked one (unblocked, then its command sent again) move before the close; the session inside
+		// MULTI (which moves after EXEC) is restored after it. Every announcement is counted once, though the
+		// control connection itself is closed and dialed again.
+		desc: "announced maintenance", restored: 1, blockedSurvives: true,
 		events: "announce_NodeMaintenanceEnded=1 announce_NodeMaintenanceFailoverComplete=1 " +
 			"announce_NodeMaintenanceScheduled=1 announce_NodeMaintenanceStart=1 announce_NodeMaintenanceStarting=1 " +
-			"handover=1 maintenance_handover=1 maintenance_move=3 maintenance_unmoved=1 reconnect_restored=2 " +
+			"handover=2 maintenance_handover=2 maintenance_move=3 reconnect_restored=1 " +
 			"tx_replay=1 unblock_reissue=1",
 		close: func(t *testing.T, ctx context.Context, f *fixture) {
 			if err := f.env.RunMaintenance(ctx, azurefake.Maintenance{Starting: 100 * time.Millisecond,
@@ -246,7 +246,10 @@ func TestUpstreamCloses(t *testing.T) {
 
 // Three announced maintenances in a row, with tokens rotating meanwhile (3 s tokens): every client keeps
 // working without an error, subscribers get every message published between maintenances once and in
-// order, and the client blocked in BLPOP 0 gets each element once.
+// order, and the client blocked in BLPOP 0 gets each element once. Two more RESP3 subscribers (SUBSCRIBE,
+// PSUBSCRIBE) get sequence numbers published without a pause across the three maintenances: each once, in
+// order, none lost (they are handed over before each close, as a direct subscriber that saw no
+// maintenance).
 //
 // The close comes 1 s after NodeMaintenanceStart (Azure: up to 5 s): a RESP2 subscriber's handover still in
 // progress when its old connection closes can't be completed exactly, and its client is closed.
@@ -254,20 +257,126 @@ func TestMaintenancesAndRotations(t *testing.T) {
 	f, obs := reconnectFixture(t, 3*time.Second)
 	ctx := t.Context()
 	cs := f.reconnectClients(t, ctx)
+	cont := f.continuous(t, ctx)
 	minted := f.minted()
 	for round := range 3 {
 		if err := f.env.RunMaintenance(ctx, azurefake.Maintenance{Starting: 100 * time.Millisecond,
 			Close: time.Second, Failover: 300 * time.Millisecond}); err != nil {
 			t.Fatal(err)
 		}
-		obs.await(t, 1) // the RESP3 subscriber, restored after the close; the others moved before it
+		obs.await(t, 1) // the session inside MULTI, restored after the close; the others moved before it
 		cs.afterRound(t, ctx, f, round, cs.kv[:])
 	}
+	cont.stop(t)
 	expectRounds(t, ctx, cs.kv[:], 3)
 	if f.minted() <= minted {
 		t.Error("no token rotation during the maintenances")
 	}
 	expectNoLoss(t, obs.String())
+}
+
+// continuousSubs are RESP3 subscribers to sequence numbers that a direct connection publishes without a
+// pause, on rc:cont, until stop.
+type continuousSubs struct {
+	f         *fixture
+	published chan int // the count published, once stopped
+	quit      chan struct{}
+	got       [2]chan []string // each subscriber's payloads, up to "end"
+}
+
+// continuous starts two go-redis RESP3 subscribers, by SUBSCRIBE and by PSUBSCRIBE, and the publisher.
+func (f *fixture) continuous(t *testing.T, ctx context.Context) *continuousSubs {
+	t.Helper()
+	cont := &continuousSubs{f: f, published: make(chan int, 1), quit: make(chan struct{})}
+	for i := range cont.got {
+		c := redis.NewClient(&redis.Options{Addr: f.addr, Protocol: 3, PoolSize: 1, MaxRetries: -1,
+			ReadTimeout: 10 * time.Second, DisableIdentity: true})
+		t.Cleanup(func() { c.Close() })
+		ps := c.Subscribe(ctx, "rc:cont")
+		if i == 1 {
+			ps = c.PSubscribe(ctx, "rc:co*")
+		}
+		t.Cleanup(func() { ps.Close() })
+		if _, err := ps.Receive(ctx); err != nil {
+			t.Fatalf("RESP3 subscriber %d: %v", i, err)
+		}
+		got := make(chan []string, 1)
+		cont.got[i] = got
+		go func() { // ends at "end", or at an error (the test's end closes ps)
+			var payloads []string
+			for {
+				m, err := ps.ReceiveMessage(ctx)
+				if err != nil {
+					payloads = append(payloads, "error: "+err.Error())
+					break
+				}
+				if m.Payload == "end" {
+					break
+				}
+				payloads = append(payloads, m.Payload)
+			}
+			got <- payloads
+		}()
+	}
+	go func() { // ends at stop, or at an error
+		tick := time.NewTicker(2 * time.Millisecond) // paced: the machine is shared
+		defer tick.Stop()
+		n := 0
+		for ; ; n++ {
+			select {
+			case <-cont.quit:
+				cont.published <- n
+				return
+			case <-tick.C:
+			}
+			if _, err := f.env.Admin(ctx, "PUBLISH", "rc:cont", strconv.Itoa(n)); err != nil {
+				cont.published <- -n - 1
+				return
+			}
+		}
+	}()
+	return cont
+}
+
+// stop ends the publisher, publishes "end", and checks that each subscriber got every number published,
+// once and in order.
+func (cont *continuousSubs) stop(t *testing.T) {
+	t.Helper()
+	close(cont.quit)
+	n := <-cont.published
+	if n < 0 {
+		t.Fatalf("the publisher failed after %d messages", -n-1)
+	}
+	if _, err := cont.f.env.Admin(t.Context(), "PUBLISH", "rc:cont", "end"); err != nil {
+		t.Fatal(err)
+	}
+	for i, got := range cont.got {
+		var payloads []string
+		select {
+		case payloads = <-got:
+		case <-time.After(20 * time.Second):
+			t.Fatalf("RESP3 subscriber %d: no end within 20 s", i)
+		}
+		lost, dup, last := 0, 0, -1
+		for _, p := range payloads {
+			v, err := strconv.Atoi(p)
+			switch {
+			case err != nil:
+				t.Fatalf("RESP3 subscriber %d: %s", i, p)
+			case v <= last:
+				dup++
+			default:
+				lost += v - last - 1
+				last = v
+			}
+		}
+		lost += n - 1 - last
+		t.Logf("RESP3 subscriber %d: %d published across the maintenances, %d received, %d lost, %d duplicated or out of order",
+			i, n, len(payloads), lost, dup)
+		if lost != 0 || dup != 0 {
+			t.Errorf("RESP3 subscriber %d: %d lost, %d duplicated or out of order, of %d", i, lost, dup, n)
+		}
+	}
 }
 
 // roundMessages is how many messages each round of maintenances publishes.

@@ -256,11 +256,12 @@ func TestReconnectHoldsCommands(t *testing.T) {
 	})
 }
 
-// azureEvent is an AzureRedisEvents message as Azure publishes it, as a RESP2 pub/sub message.
+// azureEvent is an AzureRedisEvents message as Azure publishes it, as a RESP3 pub/sub push (the proxy's
+// control connection speaks RESP3).
 func azureEventMessage(kind string, replica bool) string {
 	msg := "NotificationType|" + kind + "|StartTimeInUTC||IsReplica|" + map[bool]string{false: "False", true: "True"}[replica] +
 		"|IPAddress|10.0.0.4|SSLPort|15001|NonSSLPort|13001"
-	return pubsubFrame(2, "message", "AzureRedisEvents", bulkOf(msg))
+	return pubsubFrame(3, "message", "AzureRedisEvents", bulkOf(msg))
 }
 
 // closedByProxy reports whether the proxy closed its end of upstream conn c.
@@ -293,6 +294,55 @@ func maintenanceEnv(t *testing.T, scripts ...func(*fakeUpstream)) (*pipeEnv, *di
 	}
 	t.Fatal("no control connection subscribed to AzureRedisEvents")
 	return nil, nil, nil
+}
+
+// The AzureRedisEvents connection speaks RESP3 and takes a new token by AUTH while subscribed: it is not
+// dialed again, so a NodeMaintenanceStart published at the moment of a token change is heard (the session
+// moves), and so is one after the old token's expiry (when the fake, as Azure, closes the connections
+// still on it).
+func TestEventsConnectionKeptAtNewToken(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		e, obs, events := maintenanceEnv(t)
+		kv := e.connect("kv")
+		kv.send(cmd("ECHO", "before"))
+		synctest.Wait()
+		// start publishes a primary's NodeMaintenanceStart and reports whether the session's upstream moved.
+		start := func(when string) {
+			t.Helper()
+			conns := e.fake.Conns()
+			up := conns[len(conns)-1]
+			if !events.write([]byte(azureEventMessage("NodeMaintenanceStart", false))) {
+				t.Fatalf("%s: the control connection is gone", when)
+			}
+			synctest.Wait()
+			if !closedByProxy(up) {
+				t.Errorf("%s: the announcement was not heard: the session did not move", when)
+			}
+		}
+		old, _ := e.toks.Current()
+		e.toks.set(e.mint(2 * pipeLife))
+		start("at the token change") // no synctest.Wait between: the change and the announcement race
+		e.pastExpiry(old)
+		start("after the old token's expiry")
+		kv.send(cmd("ECHO", "after"))
+		synctest.Wait()
+		kv.expect("across the maintenances", bulkOf("before")+bulkOf("after"))
+		if got, want := strings.Join(events.Commands(), ", "), "HELLO 3, SUBSCRIBE AzureRedisEvents, AUTH oid-1 tok-2, PING"; !strings.Contains(got, want) {
+			t.Errorf("the control connection received %q; want %q (then idle PINGs)", got, want)
+		}
+		n := 0
+		for _, c := range e.fake.Conns() {
+			if slices.Contains(c.Commands(), "SUBSCRIBE AzureRedisEvents") {
+				n++
+			}
+		}
+		if n != 1 {
+			t.Errorf("%d connections subscribed to AzureRedisEvents; want 1", n)
+		}
+		if got := obs.String(); !strings.Contains(got, "maintenance_move=2") {
+			t.Errorf("mechanisms %q; want maintenance_move=2", got)
+		}
+	})
 }
 
 // At NodeMaintenanceStart (of a primary), sessions move to new upstream connections at their next safe

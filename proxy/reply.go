@@ -381,13 +381,36 @@ func (s *session) classifyPush(p []byte, h *resp.Head) (bool, error) {
 	if ok, err := resp.PeekHead(p, 1, h); !ok || err != nil {
 		return ok, err
 	}
-	if e, ok := s.led.front(); ok && e.act == actSubscribe && len(h.Elems) == 1 {
+	if len(h.Elems) != 1 {
+		return true, nil
+	}
+	e, ok := s.led.front()
+	switch {
+	case ok && e.act == actSubscribe:
 		if ok, _ := isConfirm(h.Elems[0], e.fam); ok {
 			s.rl.frame = frame{fwd: true, reply: true, last: true, e: e}
 			return s.confirm(p, h, e)
 		}
+	case ok && e.act == actMarker && isMarkerConfirm(h.Elems[0]):
+		// A RESP3 subscriber's handover (at a maintenance): the marker's confirmation, hidden. Nothing else
+		// is in flight while the marker's (un)subscription is (the client loop waits), so it is this one.
+		if ok, err := resp.PeekHead(p, 2, h); !ok || err != nil {
+			return ok, err
+		}
+		s.rl.frame = frame{reply: true, last: true, e: e}
+		s.markerConfirmed(h)
+	case oneOf(h.Elems[0], pubsubMessages) && s.watchMarker():
+		return s.handoverMessage(p, h)
 	}
 	return true, nil
+}
+
+// isMarkerConfirm reports whether kind is that of a confirmation of a handover marker's (un)subscription:
+// the marker is a channel, or a pattern.
+func isMarkerConfirm(kind []byte) bool {
+	ch, _ := isConfirm(kind, famChannel)
+	pat, _ := isConfirm(kind, famPattern)
+	return ch || pat
 }
 
 // classifyMessage recognises a RESP2 pub/sub message (handled reports it was one).

@@ -264,7 +264,7 @@ func (s *session) renewLease() error {
 	if !res.reissue {
 		return nil
 	}
-	if at := s.srv.maintAt.Load(); at != 0 && s.cl.upSince <= at && s.led.waitIdle(handoverTimeout) && s.canMove() {
+	if at := s.srv.maintAt.Load(); at != 0 && s.cl.upSince <= at && s.led.waitIdle(handoverTimeout) && s.canMove(false) {
 		if err := s.switchUpstream(); err != nil {
 			return err
 		}
