@@ -906,8 +906,6 @@ type diffRun struct {
 	conn    *diffConn
 	user    string // AUTH placeholders' values
 	pass    string
-	// for the direct side: the token it authenticated with, to tell its expiry from a test bug
-	tokUser string
 }
 
 func (r *diffRun) cmdBytes(cmds [][]string) []byte {

@@ -33,17 +33,16 @@ const (
 
 // pipeEnv is one proxy in front of a fake upstream, inside the calling test's bubble.
 type pipeEnv struct {
-	t     *testing.T
-	fake  *fakeUpstream
-	toks  *pipeTokens
-	ln    *pipeListener
-	srv   *proxy.Server
-	start time.Time
-	n     int // tokens minted
+	t    *testing.T
+	fake *fakeUpstream
+	toks *pipeTokens
+	ln   *pipeListener
+	srv  *proxy.Server
+	n    int // tokens minted
 }
 
 func newPipeEnv(t *testing.T, tweak func(*proxy.Options)) *pipeEnv {
-	e := &pipeEnv{t: t, fake: newFakeUpstream(t), ln: newPipeListener(), start: time.Now()}
+	e := &pipeEnv{t: t, fake: newFakeUpstream(t), ln: newPipeListener()}
 	e.toks = &pipeTokens{tok: e.mint(pipeLife), changed: make(chan struct{})}
 	logs := &pipeLog{}
 	opts := proxy.Options{
@@ -107,9 +106,6 @@ func (e *pipeEnv) pastExpiry(tok proxy.Token) {
 	time.Sleep(time.Until(tok.ExpiresOn) + time.Second)
 	synctest.Wait()
 }
-
-// since is the fake time since the env started, for messages.
-func (e *pipeEnv) since(t time.Time) time.Duration { return t.Sub(e.start) }
 
 // connect opens a client connection and waits until the proxy has set its session up.
 func (e *pipeEnv) connect(name string) *pipeClient {

@@ -104,17 +104,6 @@ func (f *fakeUpstream) Conns() []*fakeConn {
 	return append([]*fakeConn(nil), f.conns...)
 }
 
-// conn returns the connection with CLIENT ID id, failing the test if there is none.
-func (f *fakeUpstream) conn(id int64) *fakeConn {
-	for _, c := range f.Conns() {
-		if c.id == id {
-			return c
-		}
-	}
-	f.t.Fatalf("fake upstream: no connection %d (dialed: %d)", id, len(f.Conns()))
-	return nil
-}
-
 // DialContext implements proxy.Dialer.
 func (f *fakeUpstream) DialContext(ctx context.Context) (net.Conn, error) {
 	f.mu.Lock()
