@@ -94,7 +94,8 @@ type Cluster struct {
 	cancel    context.CancelFunc
 	loopOnce  sync.Once // the periodic refresh starts with the first successful Detect
 
-	refreshMu sync.Mutex // one topology read at a time, held across it
+	refreshMu sync.Mutex    // one topology read at a time, held across it
+	reads     atomic.Uint64 // topology reads started: a Refresh that waited for another's read takes that one
 
 	mu       sync.Mutex            // guards the fields below
 	nodes    map[string]*nodeProxy // accepting, by upstream address
@@ -165,8 +166,18 @@ func (c *Cluster) Detect(ctx context.Context) (topology.Topology, error) {
 }
 
 // Refresh reads the topology again because a reply named a node without a listener (RefreshUnknown).
+// At a failover many sessions get such a reply at once: one read serves all those that waited for it,
+// rather than one read each, in turn, on their reply loops.
 func (c *Cluster) Refresh(ctx context.Context) (topology.Topology, error) {
-	return c.refresh(ctx, RefreshUnknown)
+	seen := c.reads.Load()
+	c.refreshMu.Lock()
+	defer c.refreshMu.Unlock()
+	if c.reads.Load() != seen { // a read began after this call did: its topology is as new
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.topo, nil
+	}
+	return c.readLocked(ctx, RefreshUnknown)
 }
 
 // startRefreshLoop reads the topology every RefreshEvery until Shutdown.
@@ -200,9 +211,15 @@ func (c *Cluster) startRefreshLoop() {
 
 // refresh reads CLUSTER SLOTS from the seed, retires the listeners of nodes that left and opens one
 // for each node that has none.
-func (c *Cluster) refresh(ctx context.Context, reason string) (t topology.Topology, err error) {
+func (c *Cluster) refresh(ctx context.Context, reason string) (topology.Topology, error) {
 	c.refreshMu.Lock()
 	defer c.refreshMu.Unlock()
+	return c.readLocked(ctx, reason)
+}
+
+// readLocked is refresh; the caller holds refreshMu.
+func (c *Cluster) readLocked(ctx context.Context, reason string) (t topology.Topology, err error) {
+	c.reads.Add(1)
 	if c.cfg.Observer != nil {
 		defer func() {
 			if !errors.Is(err, ErrNotCluster) { // a plain cache's answer to detection is not a failure
@@ -243,14 +260,9 @@ func (c *Cluster) refresh(ctx context.Context, reason string) (t topology.Topolo
 func (c *Cluster) readSlots(ctx context.Context) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.Server.DialTimeout)
 	defer cancel()
-	tok, changed := c.cfg.Server.Tokens.Current()
-	for tok.Secret == "" {
-		select {
-		case <-changed:
-			tok, changed = c.cfg.Server.Tokens.Current()
-		case <-ctx.Done():
-			return nil, fmt.Errorf("cluster topology: no Entra token yet: %w", ctx.Err())
-		}
+	tok, err := waitToken(ctx, c.cfg.Server.Tokens)
+	if err != nil {
+		return nil, fmt.Errorf("cluster topology: %w", err)
 	}
 	return readSlots(ctx, c.cfg.Seed, tok, c.cfg.Server.Tokens)
 }

@@ -5,11 +5,9 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"fmt"
 	"log/slog"
 	"net"
-	"os"
 	"os/exec"
 	"regexp"
 	"strconv"
@@ -39,13 +37,7 @@ type clusterFixture struct {
 func newClusterFixture(t *testing.T, lifetime time.Duration, configure ...func(*proxy.Options, *proxy.ClusterConfig)) *clusterFixture {
 	t.Helper()
 	env := azurefake.StartT(t, azurefake.Options{Cluster: true, TokenLifetime: lifetime})
-	pem, err := os.ReadFile(env.CAFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(pem)
-	tc := &tls.Config{ServerName: env.ServerName, RootCAs: pool}
+	tc := env.ClientTLSConfig()
 	first, err := azurefake.FreePortRange(8)
 	if err != nil {
 		t.Fatal(err)

@@ -178,6 +178,12 @@ func (l *ConnLimit) AtLimit() bool {
 	return l.max > 0 && clients >= l.max
 }
 
+// Clients returns how many client connections are open, on every listener sharing the budget.
+func (l *ConnLimit) Clients() int {
+	clients, _ := counts(l.st.Load())
+	return int(clients)
+}
+
 // Pooled returns how many descriptors the pools hold now (for metrics).
 func (l *ConnLimit) Pooled() int {
 	_, pooled := counts(l.st.Load())

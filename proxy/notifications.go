@@ -44,7 +44,6 @@ const (
 // movingTarget is where new upstream connections go after a MOVING, until it expires.
 type movingTarget struct {
 	addr  string
-	seq   int64
 	until int64 // server clock
 }
 
@@ -226,13 +225,15 @@ func (s *Server) notified(elems []string, sameAt *time.Time) (moved bool) {
 
 // onMoving handles MOVING <seq> <time> <endpoint>: see above.
 func (s *Server) onMoving(elems []string, sameAt *time.Time) (moved bool) {
-	if len(elems) < 3 {
-		s.log.Warn("maintenance notification not understood", "push", truncate(fmt.Sprint(elems), 120))
-		return false
+	var seq, secs int64
+	err := errors.New("too few elements")
+	if len(elems) >= 3 {
+		seq, err = strconv.ParseInt(elems[1], 10, 64)
+		if err == nil {
+			secs, err = strconv.ParseInt(elems[2], 10, 64)
+		}
 	}
-	seq, err1 := strconv.ParseInt(elems[1], 10, 64)
-	secs, err2 := strconv.ParseInt(elems[2], 10, 64)
-	if err1 != nil || err2 != nil || secs < 0 {
+	if err != nil || secs < 0 {
 		s.log.Warn("maintenance notification not understood", "push", truncate(fmt.Sprint(elems), 120))
 		return false
 	}
@@ -250,7 +251,7 @@ func (s *Server) onMoving(elems []string, sameAt *time.Time) (moved bool) {
 		return false
 	}
 	// Reconnects after the old endpoint's close (at about <time>) must still reach the new one.
-	s.moving.Store(&movingTarget{addr: endpoint, seq: seq, until: s.now() + int64(2*window)})
+	s.moving.Store(&movingTarget{addr: endpoint, until: s.now() + int64(2*window)})
 	n := s.moveSessions("")
 	s.log.Info("maintenance notification", "type", notifMoving, "seq", seq, "time_s", secs, "endpoint", endpoint,
 		"sessions_to_move", n)

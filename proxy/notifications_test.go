@@ -18,19 +18,7 @@ const optIn = "CLIENT MAINT_NOTIFICATIONS ON moving-endpoint-type external-ip"
 // notificationsEnv is a reconnectEnv whose server opts in to maintenance notifications; it returns the
 // control connection, on which the test sends them.
 func notificationsEnv(t *testing.T) (*pipeEnv, *diffObserver, *fakeConn) {
-	obs := &diffObserver{counts: map[string]int{}}
-	e := newPipeEnv(t, func(o *proxy.Options) {
-		o.Observer, o.ReconnectTimeout, o.MaintNotifications = obs, 30*time.Second, true
-		scriptReconnect(o.Dialer.(*fakeUpstream))
-	})
-	synctest.Wait()
-	for _, c := range e.fake.Conns() {
-		if slices.Contains(c.Commands(), optIn) {
-			return e, obs, c
-		}
-	}
-	t.Fatal("no control connection opted in to maintenance notifications")
-	return nil, nil, nil
+	return controlEnv(t, func(o *proxy.Options) { o.MaintNotifications = true }, optIn)
 }
 
 // notification is a maintenance notification push: its type, a sequence number, then args as bulks.

@@ -173,13 +173,7 @@ func (o *gaugeObserver) open() int64 { return o.opened.Load() - o.closed.Load() 
 // startFakePool runs a Server with a pool of size over a fakeUpstream, in the test's synctest bubble.
 func startFakePool(t *testing.T, size int, idlePing time.Duration) (*fakeUpstream, *gaugeObserver, *Server) {
 	t.Helper()
-	return startFakePoolUpTo(t, size, size, idlePing)
-}
-
-// startFakePoolUpTo is startFakePool with a pool that may grow to most.
-func startFakePoolUpTo(t *testing.T, size, most int, idlePing time.Duration) (*fakeUpstream, *gaugeObserver, *Server) {
-	t.Helper()
-	return startFakePoolWith(t, Options{PoolSize: size, PoolMax: most, IdlePing: idlePing})
+	return startFakePoolWith(t, Options{PoolSize: size, PoolMax: size, IdlePing: idlePing})
 }
 
 // startFakePoolWith is startFakePool with o's pool and limit settings, and o.Dialer if it is a fakeUpstream.
@@ -288,7 +282,7 @@ func TestPoolLoanWindow(t *testing.T) {
 // longer needs.
 func TestPoolSizedFromConnectRate(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		up, _, srv := startFakePoolUpTo(t, 2, 8, 0)
+		up, _, srv := startFakePoolWith(t, Options{PoolSize: 2, PoolMax: 8})
 		synctest.Wait()
 		wantPool(t, srv, 2, 0)
 

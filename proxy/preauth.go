@@ -70,9 +70,9 @@ func (s *session) preAuth() error {
 				if i > 0 && s.localAuth(args[i+2]) {
 					return s.writeLocal(out)
 				}
-				text, wrong = noAuthHello, i > 0
-				if wrong {
-					text = wrongPass
+				text, wrong = noAuthHello, false
+				if i > 0 {
+					text, wrong = wrongPass, true
 				}
 			case spQuit:
 				s.writeLocal(append(out, "+OK\r\n"...))

@@ -278,21 +278,29 @@ func closedByProxy(c *fakeConn) bool {
 // subscribed to AzureRedisEvents, on which the test publishes them. scripts script the fake further, before
 // the server's first connection.
 func maintenanceEnv(t *testing.T, scripts ...func(*fakeUpstream)) (*pipeEnv, *diffObserver, *fakeConn) {
+	return controlEnv(t, func(o *proxy.Options) { o.MaintenanceEvents = true }, "SUBSCRIBE AzureRedisEvents", scripts...)
+}
+
+// controlEnv is a reconnectEnv with the control connection that on turns on (after the scripts); it
+// returns that connection, the one that received marker.
+func controlEnv(t *testing.T, on func(*proxy.Options), marker string, scripts ...func(*fakeUpstream)) (*pipeEnv, *diffObserver, *fakeConn) {
+	t.Helper()
 	obs := &diffObserver{counts: map[string]int{}}
 	e := newPipeEnv(t, func(o *proxy.Options) {
-		o.Observer, o.ReconnectTimeout, o.MaintenanceEvents = obs, 30*time.Second, true
-		scriptReconnect(o.Dialer.(*fakeUpstream)) // before the server subscribes
+		o.Observer, o.ReconnectTimeout = obs, 30*time.Second
+		on(o)
+		scriptReconnect(o.Dialer.(*fakeUpstream)) // before the server's control connection starts
 		for _, script := range scripts {
 			script(o.Dialer.(*fakeUpstream))
 		}
 	})
 	synctest.Wait()
 	for _, c := range e.fake.Conns() {
-		if slices.Contains(c.Commands(), "SUBSCRIBE AzureRedisEvents") {
+		if slices.Contains(c.Commands(), marker) {
 			return e, obs, c
 		}
 	}
-	t.Fatal("no control connection subscribed to AzureRedisEvents")
+	t.Fatalf("no control connection sent %q", marker)
 	return nil, nil, nil
 }
 

@@ -43,8 +43,8 @@ func (s *session) replyLoop(up net.Conn, b *readBuf) error {
 				// More of this batch is likely here already: take it now, so the client gets it in one write.
 				var more int
 				more, rerr = b.readNow(up, stallBy)
-				if s.recycling.Load() {
-					up.SetReadDeadline(pokeTime) // the stop for the pool came meanwhile: don't undo it
+				if s.stopping() {
+					up.SetReadDeadline(pokeTime) // the stop for the pool or a move came meanwhile: don't undo it
 				}
 				n += more
 			}
@@ -123,14 +123,14 @@ func (s *session) replyLoop(up net.Conn, b *readBuf) error {
 			if now, stall := time.Now(), s.srv.stallTimeout(); stallBy.Sub(now) < stall/2 {
 				stallBy = now.Add(stall)
 				up.SetReadDeadline(stallBy)
-				if s.recycling.Load() || s.moving.Load() {
+				if s.stopping() {
 					up.SetReadDeadline(pokeTime)
 				}
 			}
 		} else if !stallBy.IsZero() {
 			stallBy = time.Time{}
 			up.SetReadDeadline(stallBy)
-			if s.recycling.Load() || s.moving.Load() {
+			if s.stopping() {
 				up.SetReadDeadline(pokeTime) // the stop for the pool or a move came meanwhile: don't undo it
 			}
 		}

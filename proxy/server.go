@@ -199,11 +199,7 @@ func New(opts Options) (*Server, error) {
 		s.pool = newPool(s, opts.PoolSize, max(opts.PoolSize, opts.PoolMax))
 		pctx, stop := context.WithCancel(ctx) // Retire stops it before Close: no new client will take from it
 		s.stopPool = stop
-		s.bgWG.Add(1)
-		go func() {
-			defer s.bgWG.Done()
-			s.pool.fill(pctx)
-		}()
+		s.goTracked(func(context.Context) { s.pool.fill(pctx) })
 	}
 	s.goTracked(s.rotateLoop)
 	if opts.IdlePing > 0 {
@@ -519,10 +515,10 @@ func (s *Server) Close() error {
 	return err
 }
 
-// waitToken returns the current token, waiting for the first one.
-func (s *Server) waitToken(ctx context.Context) (Token, error) {
+// waitToken returns the current token of tokens, waiting for the first one, or ctx's error.
+func waitToken(ctx context.Context, tokens TokenSource) (Token, error) {
 	for {
-		tok, changed := s.opts.Tokens.Current()
+		tok, changed := tokens.Current()
 		if tok.Secret != "" {
 			return tok, nil
 		}
@@ -560,15 +556,13 @@ func oneLine(s string) string {
 	return strings.Join(kept, " ")
 }
 
-// remedy is what to check, for the log and the client.
-func (e *tokenOutage) remedy() string {
-	return "check the identity endpoint (managed identity: IMDS or the pod's workload identity webhook; Entra ID " +
-		"status) and ENTRA_REDIS_PROXY_CREDENTIAL; the proxy retries every second and serves clients again as soon as a token arrives"
-}
+// outageRemedy is what to check during a token outage, for the log and the client.
+const outageRemedy = "check the identity endpoint (managed identity: IMDS or the pod's workload identity webhook; Entra ID " +
+	"status) and ENTRA_REDIS_PROXY_CREDENTIAL; the proxy retries every second and serves clients again as soon as a token arrives"
 
 // attrs describe the outage on a log line.
 func (e *tokenOutage) attrs() []any {
-	a := []any{"no_valid_token_since", e.since.UTC().Format(time.RFC3339), "remedy", e.remedy()}
+	a := []any{"no_valid_token_since", e.since.UTC().Format(time.RFC3339), "remedy", outageRemedy}
 	if e.last != nil {
 		a = append(a, "last_entra_error", e.last.Error())
 	}
@@ -601,7 +595,7 @@ func (s *Server) dialUpstream(ctx context.Context) (*pooled, error) {
 	if o := s.outage(); o != nil {
 		return nil, o
 	}
-	tok, err := s.waitToken(ctx)
+	tok, err := waitToken(ctx, s.opts.Tokens)
 	if err != nil {
 		return nil, err
 	}

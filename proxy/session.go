@@ -292,6 +292,10 @@ func (s *session) recyclable(cerr error) bool {
 		s.led.idle() && !s.resp2Sub.Load() && s.cut.Load() == nil
 }
 
+// stopping reports whether the reply loop is asked to leave its upstream between frames (for the pool
+// or a maintenance move): a deadline it sets must not undo that stop.
+func (s *session) stopping() bool { return s.recycling.Load() || s.moving.Load() }
+
 // finish logs the connection's end and releases what it held.
 func (s *session) finish() {
 	s.cl.in.release()
@@ -384,7 +388,7 @@ func (s *session) refuse(err error) {
 	if o := (*tokenOutage)(nil); errors.As(err, &o) {
 		s.srv.obs.ClientRejected("no_token")
 		s.srv.noToken.add("", append(o.attrs(), "client", s.client.RemoteAddr().String())...)
-		err = fmt.Errorf("%w; %s", err, o.remedy())
+		err = fmt.Errorf("%w; %s", err, outageRemedy)
 	} else if s.nodeDown(err) {
 		return
 	} else {

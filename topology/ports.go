@@ -12,8 +12,8 @@ var ErrNoPort = errors.New("no free port left in the cluster port range")
 
 // Ports hands out the local listeners' ports from a range, one per node id: a node keeps its
 // port while it exists, so that clients that cached the topology keep reaching the same node.
-// A new node takes the lowest free port. It is not safe for concurrent use: its owner is the
-// one goroutine that follows the topology.
+// A new node takes the lowest free port. It is not safe for concurrent use: its owner
+// (proxy.NodePorts) holds a lock around every call.
 type Ports struct {
 	first, last int
 	byID        map[string]int
@@ -54,7 +54,7 @@ func (p *Ports) Assign(id string) (int, error) {
 	return 0, fmt.Errorf("%w (%d-%d, %d nodes): widen ENTRA_REDIS_PROXY_CLUSTER_PORTS", ErrNoPort, p.first, p.last, len(p.byID))
 }
 
-// Release frees id's port once its node is gone and its listener closed.
+// Release frees id's port, so that another node can be given it.
 func (p *Ports) Release(id string) {
 	if port, ok := p.byID[id]; ok {
 		delete(p.byID, id)

@@ -402,9 +402,9 @@ func Redirect(m Map, frame []byte) (out []byte, unknown string, changed bool) {
 	return append(out, "\r\n"...), "", true
 }
 
-// Endpoint rewrites one node endpoint "host:port" as redis writes it in a redirect or a push
-// (Redis Enterprise's MOVING, SMIGRATING/SMIGRATED carry one; OSS redis 7.2 sends none): an empty
-// host means the connected one, an IPv6 host has no brackets. It returns the node's local
+// Endpoint rewrites one node endpoint "host:port" as redis writes it in a redirect (Redirect is its
+// caller; Redis Enterprise's MOVING and SMIGRATING/SMIGRATED pushes carry the same form, but the proxy
+// never lets an app turn those on): an empty host means the connected one, an IPv6 host has no brackets. It returns the node's local
 // listener in the same form, or ok false: when endpoint is not host:port, and when Local does not
 // know the node, which unknown then names (net.JoinHostPort) for a topology refresh.
 func Endpoint(m Map, endpoint string) (local, unknown string, ok bool) {

@@ -120,16 +120,15 @@ func configError(err error) error {
 var credentials = []string{"default", "managed-identity", "workload-identity", "azure-cli", "client-secret", "client-certificate"}
 
 func (c *Config) validate() error {
-	v := func(name string) string { return envPrefix + "_" + name }
 	if err := c.validateCaches(); err != nil {
 		return err
 	}
 	if err := c.validateAdminListen(); err != nil {
-		return fmt.Errorf("%s: %v", v("ADMIN_LISTEN"), err)
+		return fmt.Errorf("%s: %v", envName("ADMIN_LISTEN"), err)
 	}
 	if c.HTTPListen != "" {
 		if _, _, err := net.SplitHostPort(c.HTTPListen); err != nil {
-			return fmt.Errorf("%s: %q is not host:port", v("HTTP_LISTEN"), c.HTTPListen)
+			return fmt.Errorf("%s: %q is not host:port", envName("HTTP_LISTEN"), c.HTTPListen)
 		}
 	}
 	known := false
@@ -137,19 +136,19 @@ func (c *Config) validate() error {
 		known = known || c.Credential == k
 	}
 	if !known {
-		return fmt.Errorf("%s: %q is not one of %s", v("CREDENTIAL"), c.Credential, strings.Join(credentials, ", "))
+		return fmt.Errorf("%s: %q is not one of %s", envName("CREDENTIAL"), c.Credential, strings.Join(credentials, ", "))
 	}
 	if c.MIClientID != "" && c.MIResourceID != "" {
-		return fmt.Errorf("%s and %s: set one, not both", v("MANAGED_IDENTITY_CLIENT_ID"), v("MANAGED_IDENTITY_RESOURCE_ID"))
+		return fmt.Errorf("%s and %s: set one, not both", envName("MANAGED_IDENTITY_CLIENT_ID"), envName("MANAGED_IDENTITY_RESOURCE_ID"))
 	}
 	if c.MIResourceID != "" && c.Credential != "managed-identity" {
-		return fmt.Errorf("%s: needs %s=managed-identity", v("MANAGED_IDENTITY_RESOURCE_ID"), v("CREDENTIAL"))
+		return fmt.Errorf("%s: needs %s=managed-identity", envName("MANAGED_IDENTITY_RESOURCE_ID"), envName("CREDENTIAL"))
 	}
 	if c.Scope == "" {
-		return fmt.Errorf("%s: must not be empty", v("SCOPE"))
+		return fmt.Errorf("%s: must not be empty", envName("SCOPE"))
 	}
 	if strings.ContainsAny(c.Username, " \r\n") {
-		return fmt.Errorf("%s: must not contain spaces or line breaks", v("USERNAME"))
+		return fmt.Errorf("%s: must not contain spaces or line breaks", envName("USERNAME"))
 	}
 	for _, d := range []struct {
 		name string
@@ -159,29 +158,29 @@ func (c *Config) validate() error {
 		{"RECONNECT_TIMEOUT", c.ReconnectTimeout, 0},
 		{"MIN_SIGTERM_DELAY", c.MinSigtermDelay, 0}, {"MAX_SIGTERM_DELAY", c.MaxSigtermDelay, 0}} {
 		if d.d < d.min {
-			return fmt.Errorf("%s: %v is too small (at least %v)", v(d.name), d.d, d.min)
+			return fmt.Errorf("%s: %v is too small (at least %v)", envName(d.name), d.d, d.min)
 		}
 	}
 	if c.IdlePing >= 10*time.Minute {
-		return fmt.Errorf("%s: %v is not below Azure's 10 minute idle timeout", v("UPSTREAM_IDLE_PING"), c.IdlePing)
+		return fmt.Errorf("%s: %v is not below Azure's 10 minute idle timeout", envName("UPSTREAM_IDLE_PING"), c.IdlePing)
 	}
 	if c.MaxConnections < 0 {
-		return fmt.Errorf("%s: must be 0 (only the open-file limit's) or more", v("MAX_CONNECTIONS"))
+		return fmt.Errorf("%s: must be 0 (only the open-file limit's) or more", envName("MAX_CONNECTIONS"))
 	}
 	if c.PoolSize < 0 || c.PoolSize > 10000 {
-		return fmt.Errorf("%s: must be between 0 (off) and 10000", v("POOL_SIZE"))
+		return fmt.Errorf("%s: must be between 0 (off) and 10000", envName("POOL_SIZE"))
 	}
 	if c.PoolMax < 0 || c.PoolMax > 10000 {
-		return fmt.Errorf("%s: must be between 0 (the pool keeps POOL_SIZE) and 10000", v("POOL_MAX"))
+		return fmt.Errorf("%s: must be between 0 (the pool keeps POOL_SIZE) and 10000", envName("POOL_MAX"))
 	}
 	if c.LogFormat != "text" && c.LogFormat != "json" {
-		return fmt.Errorf("%s: %q is not text or json", v("LOG_FORMAT"), c.LogFormat)
+		return fmt.Errorf("%s: %q is not text or json", envName("LOG_FORMAT"), c.LogFormat)
 	}
 	if _, err := parseLevel(c.LogLevel); err != nil {
-		return fmt.Errorf("%s: %v", v("LOG_LEVEL"), err)
+		return fmt.Errorf("%s: %v", envName("LOG_LEVEL"), err)
 	}
 	if c.MaxBulkBytes < 1 || c.MaxBulkBytes > 1<<40 {
-		return fmt.Errorf("%s: must be between 1B and 1TiB", v("MAX_BULK_BYTES"))
+		return fmt.Errorf("%s: must be between 1B and 1TiB", envName("MAX_BULK_BYTES"))
 	}
 	return c.validateCluster()
 }
@@ -189,22 +188,21 @@ func (c *Config) validate() error {
 // validateCluster checks CLUSTER and CLUSTER_PORTS: node listeners listen on their cache's LISTEN
 // host, on ports other than any LISTEN's.
 func (c *Config) validateCluster() error {
-	v := func(name string) string { return envPrefix + "_" + name }
 	if c.Cluster != "auto" && c.Cluster != "on" && c.Cluster != "off" {
-		return fmt.Errorf("%s: %q is not auto, on or off", v("CLUSTER"), c.Cluster)
+		return fmt.Errorf("%s: %q is not auto, on or off", envName("CLUSTER"), c.Cluster)
 	}
 	first, last, err := topology.ParsePortRange(c.ClusterPorts)
 	if err != nil {
-		return fmt.Errorf("%s: %v", v("CLUSTER_PORTS"), err)
+		return fmt.Errorf("%s: %v", envName("CLUSTER_PORTS"), err)
 	}
 	for _, k := range c.caches {
 		unix := strings.HasPrefix(k.Listen, "unix:")
 		if c.Cluster == "on" && unix {
-			return fmt.Errorf("%s: on needs each listen address (%s) as host:port (node listeners listen on its host)", v("CLUSTER"), k.Listen)
+			return fmt.Errorf("%s: on needs each listen address (%s) as host:port (node listeners listen on its host)", envName("CLUSTER"), k.Listen)
 		}
 		if _, port, err := net.SplitHostPort(k.Listen); err == nil && !unix {
 			if p, _ := strconv.Atoi(port); p >= first && p <= last && c.Cluster != "off" {
-				return fmt.Errorf("%s: %s holds the listen port %d (of %s): move the listener out of the range, or the range (CLUSTER_PORTS) away from it", v("CLUSTER_PORTS"), c.ClusterPorts, p, k.Listen)
+				return fmt.Errorf("%s: %s holds the listen port %d (of %s): move the listener out of the range, or the range (CLUSTER_PORTS) away from it", envName("CLUSTER_PORTS"), c.ClusterPorts, p, k.Listen)
 			}
 		}
 	}
@@ -213,15 +211,14 @@ func (c *Config) validateCluster() error {
 
 // validateCaches derives c.caches from UPSTREAMS, or from UPSTREAM and LISTEN, and checks each entry.
 func (c *Config) validateCaches() error {
-	v := func(name string) string { return envPrefix + "_" + name }
 	if c.Upstreams == "" {
 		host, port, err := splitUpstream(c.Upstream)
 		if err != nil {
-			return fmt.Errorf("%s: %v (or set %s)", v("UPSTREAM"), err, v("UPSTREAMS"))
+			return fmt.Errorf("%s: %v (or set %s)", envName("UPSTREAM"), err, envName("UPSTREAMS"))
 		}
 		c.Upstream = net.JoinHostPort(host, port)
 		if err := c.validateListen(c.Listen); err != nil {
-			return fmt.Errorf("%s: %v", v("LISTEN"), err)
+			return fmt.Errorf("%s: %v", envName("LISTEN"), err)
 		}
 		c.caches = []cache{{Listen: c.Listen, Upstream: c.Upstream}}
 		return nil
@@ -229,33 +226,33 @@ func (c *Config) validateCaches() error {
 	switch {
 	case c.Upstream != "":
 		return fmt.Errorf("%s and %s are both set: use one. UPSTREAMS serves several caches (LISTEN=HOST[:PORT],...); "+
-			"for one cache unset it, or move UPSTREAM into it with its LISTEN", v("UPSTREAMS"), v("UPSTREAM"))
+			"for one cache unset it, or move UPSTREAM into it with its LISTEN", envName("UPSTREAMS"), envName("UPSTREAM"))
 	case c.listenSet:
-		return fmt.Errorf("%s: not used with %s, whose entries name their listen addresses (LISTEN=HOST[:PORT]): unset it", v("LISTEN"), v("UPSTREAMS"))
+		return fmt.Errorf("%s: not used with %s, whose entries name their listen addresses (LISTEN=HOST[:PORT]): unset it", envName("LISTEN"), envName("UPSTREAMS"))
 	case c.TLSServerName != "":
 		return fmt.Errorf("%s: not used with %s, where each cache is verified by its own host name: unset it, and "+
-			"reach private endpoints by their privatelink DNS names", v("TLS_SERVER_NAME"), v("UPSTREAMS"))
+			"reach private endpoints by their privatelink DNS names", envName("TLS_SERVER_NAME"), envName("UPSTREAMS"))
 	}
 	listens, upstreams := map[string]bool{}, map[string]bool{}
 	for _, e := range strings.Split(c.Upstreams, ",") {
 		e = strings.TrimSpace(e)
 		listen, up, ok := strings.Cut(e, "=")
 		if !ok || listen == "" || up == "" {
-			return fmt.Errorf("%s: entry %q is not LISTEN=HOST[:PORT] (e.g. 127.0.0.1:6378=mycache.redis.cache.windows.net)", v("UPSTREAMS"), e)
+			return fmt.Errorf("%s: entry %q is not LISTEN=HOST[:PORT] (e.g. 127.0.0.1:6378=mycache.redis.cache.windows.net)", envName("UPSTREAMS"), e)
 		}
 		host, port, err := splitUpstream(up)
 		if err != nil {
-			return fmt.Errorf("%s: entry %q: cache %v", v("UPSTREAMS"), e, err)
+			return fmt.Errorf("%s: entry %q: cache %v", envName("UPSTREAMS"), e, err)
 		}
 		up = net.JoinHostPort(host, port)
 		if err := c.validateListen(listen); err != nil {
-			return fmt.Errorf("%s: entry %q: listen address %v", v("UPSTREAMS"), e, err)
+			return fmt.Errorf("%s: entry %q: listen address %v", envName("UPSTREAMS"), e, err)
 		}
 		if listens[listen] {
-			return fmt.Errorf("%s: listen address %s is in two entries: give each cache its own", v("UPSTREAMS"), listen)
+			return fmt.Errorf("%s: listen address %s is in two entries: give each cache its own", envName("UPSTREAMS"), listen)
 		}
 		if upstreams[up] {
-			return fmt.Errorf("%s: cache %s is in two entries: serve it once (several clients can share a listener)", v("UPSTREAMS"), up)
+			return fmt.Errorf("%s: cache %s is in two entries: serve it once (several clients can share a listener)", envName("UPSTREAMS"), up)
 		}
 		listens[listen], upstreams[up] = true, true
 		c.caches = append(c.caches, cache{Listen: listen, Upstream: up})
@@ -346,3 +343,6 @@ func (c *Config) poolCeiling() int {
 	}
 	return max(c.PoolSize, c.PoolMax)
 }
+
+// envName is the environment variable of a setting, for messages.
+func envName(name string) string { return envPrefix + "_" + name }

@@ -323,11 +323,8 @@ func serve(signals <-chan os.Signal, cfg *Config, log *slog.Logger) int {
 		}
 		t.Stop()
 	}
-	clients := 0
-	for _, sv := range caches {
-		clients += sv.srv.Clients()
-	}
-	log.Info("waiting for open connections to finish", "connections", clients, "max_wait", cfg.MaxSigtermDelay.String())
+	// The budget counts every listener's clients, cluster node listeners' included.
+	log.Info("waiting for open connections to finish", "connections", budget.Clients(), "max_wait", cfg.MaxSigtermDelay.String())
 	drainCtx, cancel := context.WithTimeout(forced, cfg.MaxSigtermDelay)
 	var cut atomic.Int64
 	var drains sync.WaitGroup // every cache drains at once, within the same MAX_SIGTERM_DELAY

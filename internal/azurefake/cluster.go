@@ -47,7 +47,6 @@ func (e *Env) clusterConfig(n *clusterNode) string {
 	fmt.Fprintf(&b, `cluster-enabled yes
 cluster-config-file nodes.conf
 cluster-node-timeout %d
-repl-diskless-sync-delay 0
 repl-ping-replica-period 1
 tls-cluster yes
 tls-replication yes

@@ -40,6 +40,8 @@ type redisProc struct {
 // redisConfig renders redis.conf for a server working in dir. Everything Azure-like is here:
 // TLS only, no default user, no persistence, the commands Options.RenameCommands takes away.
 func (e *Env) redisConfig(dir string, port int) string {
+	// repl-diskless-sync-delay 0: a primary sends a new replica its data at once (the default waits 5 s
+	// for more replicas), so failover tests take seconds.
 	q := strconv.Quote
 	var b strings.Builder
 	fmt.Fprintf(&b, `# written by azurefake
@@ -58,6 +60,7 @@ dir %s
 logfile %s
 user default off
 user %s on >%s ~* %s+@all
+repl-diskless-sync-delay 0
 `, port, q(e.path("server.pem")), q(e.path("server-key.pem")), q(e.CAFile),
 		q(dir), q(filepath.Join(dir, "redis.log")), adminUser, e.adminPassword, e.allChannels())
 	for _, r := range e.renames {

@@ -21,14 +21,8 @@ import (
 // replicaSyncLimit bounds the wait for the replica to be in sync (at start, and before a failover).
 const replicaSyncLimit = 10 * time.Second
 
-// noSyncDelay makes a primary send a new replica its data at once (the default waits 5 s for more replicas).
-const noSyncDelay = "repl-diskless-sync-delay 0"
-
 // startReplicaLocked starts the replica of the server on e.port. The caller holds e.redisMu.
 func (e *Env) startReplicaLocked(ctx context.Context) error {
-	if err := e.admin.Do(ctx, "CONFIG", "SET", "repl-diskless-sync-delay", "0").Err(); err != nil {
-		return fmt.Errorf("CONFIG SET repl-diskless-sync-delay: %w", err)
-	}
 	dir := e.path("replica")
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("create %s: %w", dir, err)
@@ -40,8 +34,8 @@ func (e *Env) startReplicaLocked(ctx context.Context) error {
 			return perr
 		}
 		n := &clusterNode{dir: dir, port: port, addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port))}
-		extra := fmt.Sprintf("replicaof 127.0.0.1 %d\ntls-replication yes\nmasteruser %s\nmasterauth %s\n%s\n",
-			e.port, adminUser, strconv.Quote(e.adminPassword), noSyncDelay)
+		extra := fmt.Sprintf("replicaof 127.0.0.1 %d\ntls-replication yes\nmasteruser %s\nmasterauth %s\n",
+			e.port, adminUser, strconv.Quote(e.adminPassword))
 		if n.proc, err = e.launch(ctx, dir, port, extra); err == nil {
 			n.admin = redis.NewClient(e.adminOptions(n.addr, 3))
 			e.replica = n
