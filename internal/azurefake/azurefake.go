@@ -328,6 +328,7 @@ func (e *Env) StopRedis() error {
 // since Entra tokens outlive a cache restart, re-creates the ACL users of unexpired tokens.
 // It does nothing if redis-server runs. With Options.Cluster it starts every stopped node
 // (StopNode, StopRedis) the same way; each rejoins the cluster from its nodes.conf.
+// With Options.Replica only the primary starts again: the replica StopRedis stopped stays down.
 func (e *Env) StartRedis(ctx context.Context) error {
 	e.redisMu.Lock()
 	defer e.redisMu.Unlock()
